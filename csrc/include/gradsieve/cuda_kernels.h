@@ -1,0 +1,65 @@
+// The torch-free interface of gradsieve's CUDA kernels (csrc/cuda/*.cu).
+//
+// Everything here is raw pointers, element counts and a cudaStream_t, so the device code compiles
+// with nvcc alone (CI proves that on machines with no GPU and a CPU-only torch). The launchers in
+// csrc/cuda_launch/ turn tensors into these arguments. Scratch memory follows CUB's convention:
+// call the *_workspace_bytes function, allocate that many bytes (the launchers use torch's caching
+// allocator), and pass the buffer in. Every function returns the first CUDA error it met.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace gradsieve {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Exact selection of the k largest |x| (see radix_key.h for the key order and the NaN policy), the
+// tie rule "lower index first" and output in ascending index order.
+//   values: k entries of x's dtype; indices: k int64. k may be 0 (nothing is launched).
+size_t topk_abs_workspace_bytes(int64_t n);
+cudaError_t topk_abs(const void* x, DType dtype, int64_t n, int64_t k, void* values,
+                     int64_t* indices, void* workspace, size_t workspace_bytes,
+                     cudaStream_t stream);
+
+// out (0-d, x's dtype) = the order statistic of |x| at rank floor(q * (n - 1)), ascending; NaN when
+// any entry of x is NaN or n == 0 (torch.quantile's rule).
+size_t quantile_abs_workspace_bytes(int64_t n);
+cudaError_t quantile_abs(const void* x, DType dtype, int64_t n, double q, void* out,
+                         void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// acc = residual + scale * grad (float32, residual updated in place); values (float32) and indices
+// (int64) of the top-k |acc|; residual keeps acc with the selected entries set to zero.
+size_t ef_topk_workspace_bytes(int64_t n);
+cudaError_t ef_topk(float* residual, const void* grad, DType grad_dtype, int64_t n, int64_t k,
+                    float scale, float* values, int64_t* indices, void* workspace,
+                    size_t workspace_bytes, cudaStream_t stream);
+
+// Entries with |x| >= *threshold (a device float), at most `capacity` of them, the largest first
+// when more pass. values/indices must be zero-filled by the caller (padding); *count (device int64)
+// receives the number that passed.
+size_t threshold_select_workspace_bytes(int64_t n);
+cudaError_t threshold_select(const void* x, DType dtype, int64_t n, const float* threshold,
+                             int64_t capacity, void* values, int64_t* indices, int64_t* count,
+                             void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// Per-chunk absmax int8 quantization. q: n int8; scales: ceil(n / chunk) float32.
+// Stochastic rounding draws uniform_from_counter(seed, offset + i) for element i.
+cudaError_t quantize_int8(const void* x, DType dtype, int64_t n, int64_t chunk, bool stochastic,
+                          uint64_t seed, uint64_t offset, int8_t* q, float* scales,
+                          cudaStream_t stream);
+cudaError_t dequantize_int8(const int8_t* q, const float* scales, int64_t n, int64_t chunk,
+                            void* out, DType out_dtype, cudaStream_t stream);
+
+// out[indices[j]] += values[j] (times scales[j / chunk] when values are int8). Duplicates add up;
+// an index outside [0, out_n) stops the kernel with a device-side assertion, as index_add_ does.
+cudaError_t sparse_accumulate(void* out, DType out_dtype, int64_t out_n, const void* indices,
+                              bool indices_int64, const void* values, DType values_dtype,
+                              bool values_int8, const float* scales, int64_t chunk, int64_t m,
+                              cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace gradsieve

@@ -1,0 +1,79 @@
+// The gradsieve operator library: schemas and the Meta (fake) kernels used for tracing. Backends
+// register their kernels in their own files (csrc/cpu, csrc/cuda_launch) with TORCH_LIBRARY_IMPL.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "validation.h"
+
+namespace gradsieve {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> topk_abs_meta(const at::Tensor& x, int64_t k) {
+  check_topk_abs(x, k);
+  return {at::empty({k}, x.options()), at::empty({k}, x.options().dtype(at::kLong))};
+}
+
+at::Tensor quantile_abs_meta(const at::Tensor& x, double q) {
+  check_quantile_abs(x, q);
+  return at::empty({}, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> ef_topk_meta(at::Tensor& residual, const at::Tensor& grad,
+                                                int64_t k, double scale) {
+  check_ef_topk(residual, grad, k, scale);
+  return {at::empty({k}, residual.options()), at::empty({k}, residual.options().dtype(at::kLong))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_meta(const at::Tensor& x,
+                                                                     const at::Tensor& threshold,
+                                                                     int64_t capacity) {
+  check_threshold_select(x, threshold, capacity);
+  return {at::empty({capacity}, x.options()), at::empty({capacity}, x.options().dtype(at::kLong)),
+          at::empty({}, x.options().dtype(at::kLong))};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_meta(const at::Tensor& x, int64_t chunk,
+                                                      bool stochastic,
+                                                      c10::optional<at::Generator> generator) {
+  check_quantize_int8(x, chunk);
+  return {at::empty(x.sizes(), x.options().dtype(at::kChar)),
+          at::empty({num_chunks(x.numel(), chunk)}, x.options().dtype(at::kFloat))};
+}
+
+at::Tensor dequantize_int8_meta(const at::Tensor& q, const at::Tensor& scales, int64_t chunk,
+                                at::ScalarType dtype) {
+  check_dequantize_int8(q, scales, chunk, dtype);
+  return at::empty(q.sizes(), q.options().dtype(dtype));
+}
+
+void sparse_accumulate_meta(at::Tensor& out, const at::Tensor& indices, const at::Tensor& values,
+                            const c10::optional<at::Tensor>& scales, int64_t chunk) {
+  check_sparse_accumulate(out, indices, values, scales, chunk);
+}
+
+}  // namespace
+}  // namespace gradsieve
+
+TORCH_LIBRARY(gradsieve, m) {
+  m.def("topk_abs(Tensor x, int k) -> (Tensor values, Tensor indices)");
+  m.def("quantile_abs(Tensor x, float q) -> Tensor");
+  m.def("ef_topk_(Tensor(a!) residual, Tensor grad, int k, float scale=1.0) -> "
+        "(Tensor values, Tensor indices)");
+  m.def("threshold_select(Tensor x, Tensor threshold, int capacity) -> "
+        "(Tensor values, Tensor indices, Tensor count)");
+  m.def("quantize_int8(Tensor x, int chunk, bool stochastic=False, Generator? generator=None) -> "
+        "(Tensor q, Tensor scales)");
+  m.def("dequantize_int8(Tensor q, Tensor scales, int chunk, ScalarType dtype) -> Tensor");
+  m.def("sparse_accumulate_(Tensor(a!) out, Tensor indices, Tensor values, Tensor? scales=None, "
+        "int chunk=0) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
+  m.impl("topk_abs", &gradsieve::topk_abs_meta);
+  m.impl("quantile_abs", &gradsieve::quantile_abs_meta);
+  m.impl("ef_topk_", &gradsieve::ef_topk_meta);
+  m.impl("threshold_select", &gradsieve::threshold_select_meta);
+  m.impl("quantize_int8", &gradsieve::quantize_int8_meta);
+  m.impl("dequantize_int8", &gradsieve::dequantize_int8_meta);
+  m.impl("sparse_accumulate_", &gradsieve::sparse_accumulate_meta);
+}

@@ -1,0 +1,133 @@
+#include "validation.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+
+namespace gradsieve {
+namespace {
+
+// Indices travel as int32 on the wire and the kernels count in 32 bits.
+constexpr int64_t kMaxNumel = std::numeric_limits<int32_t>::max();
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_float_input(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "gradsieve.", op, ": ", arg, " must be a tensor, got None");
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), "gradsieve.", op, ": ", arg,
+              " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() <= kMaxNumel, "gradsieve.", op, ": ", arg,
+              " must have at most 2^31 - 1 elements, got ", t.numel());
+}
+
+void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "gradsieve.", op, ": ", arg,
+              " must be on the same device as ", ref_arg, " (", ref.device(), "), got ",
+              t.device());
+}
+
+void check_count(const char* op, const char* arg, int64_t value, int64_t numel) {
+  TORCH_CHECK(value >= 0 && value <= numel, "gradsieve.", op, ": ", arg, " must be in [0, ",
+              numel, "] (the number of elements), got ", value);
+}
+
+}  // namespace
+
+void check_topk_abs(const at::Tensor& x, int64_t k) {
+  check_float_input("topk_abs", "x", x);
+  check_count("topk_abs", "k", k, x.numel());
+}
+
+void check_quantile_abs(const at::Tensor& x, double q) {
+  check_float_input("quantile_abs", "x", x);
+  TORCH_CHECK(q >= 0.0 && q <= 1.0, "gradsieve.quantile_abs: q must be in [0, 1], got ", q);
+}
+
+void check_ef_topk(const at::Tensor& residual, const at::Tensor& grad, int64_t k, double scale) {
+  check_float_input("ef_topk_", "grad", grad);
+  TORCH_CHECK(residual.defined() && residual.scalar_type() == at::kFloat,
+              "gradsieve.ef_topk_: residual must be a float32 tensor, got ",
+              residual.defined() ? c10::toString(residual.scalar_type()) : "None");
+  TORCH_CHECK(residual.numel() == grad.numel(),
+              "gradsieve.ef_topk_: residual must have as many elements as grad (", grad.numel(),
+              "), got ", residual.numel());
+  check_same_device("ef_topk_", "residual", residual, "grad", grad);
+  check_count("ef_topk_", "k", k, grad.numel());
+  TORCH_CHECK(std::isfinite(scale), "gradsieve.ef_topk_: scale must be finite, got ", scale);
+}
+
+void check_threshold_select(const at::Tensor& x, const at::Tensor& threshold, int64_t capacity) {
+  check_float_input("threshold_select", "x", x);
+  TORCH_CHECK(threshold.defined() && threshold.dim() == 0,
+              "gradsieve.threshold_select: threshold must be a 0-d tensor, got ",
+              threshold.defined() ? threshold.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(at::isFloatingType(threshold.scalar_type()),
+              "gradsieve.threshold_select: threshold must be a floating-point tensor, got ",
+              threshold.scalar_type());
+  check_same_device("threshold_select", "threshold", threshold, "x", x);
+  TORCH_CHECK(capacity >= 0, "gradsieve.threshold_select: capacity must be >= 0, got ", capacity);
+}
+
+void check_quantize_int8(const at::Tensor& x, int64_t chunk) {
+  check_float_input("quantize_int8", "x", x);
+  TORCH_CHECK(chunk > 0, "gradsieve.quantize_int8: chunk must be > 0, got ", chunk);
+}
+
+void check_dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_t chunk,
+                           at::ScalarType dtype) {
+  TORCH_CHECK(q.defined() && q.scalar_type() == at::kChar,
+              "gradsieve.dequantize_int8: q must be an int8 tensor, got ",
+              q.defined() ? c10::toString(q.scalar_type()) : "None");
+  TORCH_CHECK(chunk > 0, "gradsieve.dequantize_int8: chunk must be > 0, got ", chunk);
+  TORCH_CHECK(scales.defined() && scales.scalar_type() == at::kFloat,
+              "gradsieve.dequantize_int8: scales must be a float32 tensor, got ",
+              scales.defined() ? c10::toString(scales.scalar_type()) : "None");
+  TORCH_CHECK(scales.numel() == num_chunks(q.numel(), chunk),
+              "gradsieve.dequantize_int8: scales must have ceil(q.numel() / chunk) = ",
+              num_chunks(q.numel(), chunk), " elements, got ", scales.numel());
+  check_same_device("dequantize_int8", "scales", scales, "q", q);
+  TORCH_CHECK(is_float_dtype(dtype),
+              "gradsieve.dequantize_int8: dtype must be float32, float16 or bfloat16, got ", dtype);
+}
+
+void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
+                             const at::Tensor& values, const c10::optional<at::Tensor>& scales,
+                             int64_t chunk) {
+  check_float_input("sparse_accumulate_", "out", out);
+  TORCH_CHECK(indices.defined() && (indices.scalar_type() == at::kInt ||
+                                    indices.scalar_type() == at::kLong),
+              "gradsieve.sparse_accumulate_: indices must be int32 or int64, got ",
+              indices.defined() ? c10::toString(indices.scalar_type()) : "None");
+  TORCH_CHECK(values.defined(), "gradsieve.sparse_accumulate_: values must be a tensor, got None");
+  TORCH_CHECK(values.numel() == indices.numel(),
+              "gradsieve.sparse_accumulate_: values must have as many elements as indices (",
+              indices.numel(), "), got ", values.numel());
+  check_same_device("sparse_accumulate_", "indices", indices, "out", out);
+  check_same_device("sparse_accumulate_", "values", values, "out", out);
+  const bool has_scales = scales.has_value() && scales->defined();
+  if (values.scalar_type() == at::kChar) {
+    TORCH_CHECK(has_scales,
+                "gradsieve.sparse_accumulate_: scales must be given when values are int8, got None");
+    TORCH_CHECK(chunk > 0,
+                "gradsieve.sparse_accumulate_: chunk must be > 0 when values are int8, got ", chunk);
+    TORCH_CHECK(scales->scalar_type() == at::kFloat,
+                "gradsieve.sparse_accumulate_: scales must be float32, got ", scales->scalar_type());
+    TORCH_CHECK(scales->numel() == num_chunks(values.numel(), chunk),
+                "gradsieve.sparse_accumulate_: scales must have ceil(values.numel() / chunk) = ",
+                num_chunks(values.numel(), chunk), " elements, got ", scales->numel());
+    check_same_device("sparse_accumulate_", "scales", *scales, "out", out);
+  } else {
+    TORCH_CHECK(is_float_dtype(values.scalar_type()),
+                "gradsieve.sparse_accumulate_: values must be float32, float16, bfloat16 or int8, "
+                "got ", values.scalar_type());
+    TORCH_CHECK(!has_scales,
+                "gradsieve.sparse_accumulate_: scales must be None unless values are int8, got a "
+                "tensor with values of dtype ", values.scalar_type());
+  }
+}
+
+}  // namespace gradsieve

@@ -1,0 +1,24 @@
+// Argument checks shared by every backend of every gradsieve op (CPU, CUDA and Meta), so that a
+// bad call fails the same way everywhere. Messages read "gradsieve.<op>: <arg> must be ..., got ...".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace gradsieve {
+
+void check_topk_abs(const at::Tensor& x, int64_t k);
+void check_quantile_abs(const at::Tensor& x, double q);
+void check_ef_topk(const at::Tensor& residual, const at::Tensor& grad, int64_t k, double scale);
+void check_threshold_select(const at::Tensor& x, const at::Tensor& threshold, int64_t capacity);
+void check_quantize_int8(const at::Tensor& x, int64_t chunk);
+void check_dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_t chunk,
+                           at::ScalarType dtype);
+void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
+                             const at::Tensor& values, const c10::optional<at::Tensor>& scales,
+                             int64_t chunk);
+
+// Number of int8 chunks that cover n entries.
+inline int64_t num_chunks(int64_t n, int64_t chunk) { return chunk > 0 ? (n + chunk - 1) / chunk : 0; }
+
+}  // namespace gradsieve

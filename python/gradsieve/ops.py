@@ -1,0 +1,211 @@
+"""Typed Python face of the ``torch.ops.gradsieve`` operators.
+
+Every op reads its input as flattened (any shape), accepts float32, float16 and bfloat16, runs on
+CPU and, when built with CUDA, on CUDA, and never synchronises with the host. The ops rank entries
+by magnitude with one documented key order (``csrc/include/gradsieve/radix_key.h``): -0.0 equals
++0.0, NaN is larger than every number including inf, and among equal magnitudes at a cut the lower
+index wins. Selected entries come back in ascending index order.
+
+Bad arguments raise ``RuntimeError`` with a message ``gradsieve.<op>: <arg> must be ..., got ...``;
+the same checks run on every backend and in the fake (Meta) kernels used by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from gradsieve import _C  # noqa: F401  (loading the library registers the ops)
+
+__all__ = [
+    "cuda_kernels_built",
+    "dequantize_int8",
+    "ef_topk_",
+    "quantile_abs",
+    "quantize_int8",
+    "sparse_accumulate_",
+    "threshold_select",
+    "topk_abs",
+]
+
+
+def cuda_kernels_built() -> bool:
+    """Whether this build of gradsieve has CUDA kernels (it was built against a CUDA torch)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gradsieve::topk_abs", "CUDA")
+
+
+def topk_abs(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` entries of largest magnitude, by exact radix select (no sort).
+
+    Args:
+        x: Tensor[...] of float32/float16/bfloat16, read as flattened.
+        k: how many entries, ``0 <= k <= x.numel()``.
+
+    Returns:
+        ``(values, indices)``: ``indices`` Tensor[k] int64 in ascending order, ``values`` Tensor[k]
+        of x's dtype with ``values == x.flatten()[indices]`` (signed). Ties at the cut go to the
+        lower index; NaN counts as the largest magnitude.
+
+    Example::
+
+        >>> values, indices = gradsieve.topk_abs(torch.tensor([0.5, -3.0, 2.0]), 2)
+        >>> indices.tolist(), values.tolist()
+        ([1, 2], [-3.0, 2.0])
+    """
+    return torch.ops.gradsieve.topk_abs(x, k)
+
+
+def quantile_abs(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The order statistic of ``|x|`` at fraction ``q`` (a percentile threshold).
+
+    Equal to ``torch.quantile(x.abs().double(), q, interpolation="lower")`` cast back to x's dtype:
+    the ascending rank ``floor(q * (n - 1))``; NaN when x holds a NaN or is empty.
+
+    Args:
+        x: Tensor[...] of float32/float16/bfloat16.
+        q: fraction in ``[0, 1]``.
+
+    Returns:
+        Tensor[] (0-d) of x's dtype, on x's device.
+
+    Example::
+
+        >>> gradsieve.quantile_abs(torch.tensor([4.0, -1.0, 3.0, 2.0]), 0.5)
+        tensor(2.)
+    """
+    return torch.ops.gradsieve.quantile_abs(x, float(q))
+
+
+def ef_topk_(
+    residual: torch.Tensor, grad: torch.Tensor, k: int, scale: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Error feedback fused with top-k: accumulate, select, keep the rest.
+
+    ``acc = residual + scale * grad``; the top ``k`` of ``|acc|`` are returned and removed;
+    ``residual`` is left holding ``acc`` with the selected entries set to zero, so exactly
+    ``new residual + scatter(values, indices) == old residual + scale * grad``.
+
+    Args:
+        residual: Tensor[...] float32, updated in place (same numel as grad).
+        grad: Tensor[...] of float32/float16/bfloat16.
+        k: how many entries to send, ``0 <= k <= grad.numel()``.
+        scale: multiplier of grad (for example a learning rate), finite.
+
+    Returns:
+        ``(values, indices)``: Tensor[k] float32 (acc's values) and Tensor[k] int64 ascending.
+
+    Example::
+
+        >>> residual = torch.zeros(4)
+        >>> values, indices = gradsieve.ef_topk_(residual, torch.tensor([1.0, -4.0, 2.0, 0.5]), 1)
+        >>> indices.tolist(), residual.tolist()
+        ([1], [1.0, 0.0, 2.0, 0.5])
+    """
+    return torch.ops.gradsieve.ef_topk_(residual, grad, k, float(scale))
+
+
+def threshold_select(
+    x: torch.Tensor, threshold: torch.Tensor, capacity: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries with ``|x| >= threshold``, at most ``capacity`` of them, padded to ``capacity``.
+
+    When more than ``capacity`` entries pass, the ``capacity`` largest are kept (the top-k rule and
+    its tie rule). Selected entries come first in ascending index order; the padding after them
+    holds index 0 and value 0, so adding the whole payload into a dense buffer is harmless. A
+    threshold at or below 0 admits everything; a NaN threshold admits only NaN entries.
+
+    Args:
+        x: Tensor[...] of float32/float16/bfloat16.
+        threshold: Tensor[] (0-d), floating point, on x's device (no host sync is needed).
+        capacity: size of the outputs, ``>= 0``.
+
+    Returns:
+        ``(values, indices, count)``: Tensor[capacity] of x's dtype, Tensor[capacity] int64, and a
+        0-d int64 tensor with how many entries passed (larger than ``capacity`` on overflow).
+
+    Example::
+
+        >>> v, i, c = gradsieve.threshold_select(torch.tensor([0.1, 5.0, -2.0]), torch.tensor(1.0), 3)
+        >>> i.tolist(), v.tolist(), int(c)
+        ([1, 2, 0], [5.0, -2.0, 0.0], 2)
+    """
+    return torch.ops.gradsieve.threshold_select(x, threshold, capacity)
+
+
+def quantize_int8(
+    x: torch.Tensor,
+    chunk: int,
+    stochastic: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk absmax quantization to int8 codes in ``[-127, 127]``.
+
+    The flattened x is cut into chunks of ``chunk`` entries; each gets ``scale = max|x| / 127``.
+    Round to nearest gives ``|x - dequantize(quantize(x))| <= scale / 2``; stochastic rounding is
+    unbiased and reproducible for a given generator seed. A zero chunk has scale 0 and zero codes;
+    a chunk holding NaN or Inf gets scale NaN (it decodes to NaN, so an overflow stays visible).
+
+    Args:
+        x: Tensor[...] of float32/float16/bfloat16.
+        chunk: entries per scale, ``> 0``.
+        stochastic: round up with probability equal to the fractional part.
+        generator: source of randomness for stochastic rounding (default: the device's).
+
+    Returns:
+        ``(q, scales)``: int8 tensor of x's shape and Tensor[ceil(n / chunk)] float32.
+
+    Example::
+
+        >>> q, scales = gradsieve.quantize_int8(torch.tensor([1.0, -0.5, 0.25, 0.0]), chunk=2)
+        >>> q.tolist(), scales.mul(127).tolist()
+        ([127, -64, 127, 0], [1.0, 0.25])
+    """
+    return torch.ops.gradsieve.quantize_int8(x, chunk, stochastic, generator)
+
+
+def dequantize_int8(
+    q: torch.Tensor, scales: torch.Tensor, chunk: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_int8`: ``q * scales[i // chunk]`` in ``dtype``.
+
+    Args:
+        q: int8 tensor of any shape.
+        scales: Tensor[ceil(q.numel() / chunk)] float32.
+        chunk: the chunk used to quantize.
+        dtype: float32, float16 or bfloat16.
+
+    Returns:
+        Tensor of q's shape and ``dtype``.
+    """
+    return torch.ops.gradsieve.dequantize_int8(q, scales, chunk, dtype)
+
+
+def sparse_accumulate_(
+    out: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    scales: Optional[torch.Tensor] = None,
+    chunk: int = 0,
+) -> None:
+    """Adds sparse payloads into a dense buffer: ``out.flatten()[indices[j]] += values[j]``.
+
+    Duplicate indices add up (several workers choosing the same coordinate). With int8 ``values``,
+    each is dequantized on the way as ``values[j] * scales[j // chunk]``. This is the decode step
+    for the world's gathered payloads. An index outside ``[0, out.numel())`` is an error.
+
+    Args:
+        out: dense float32/float16/bfloat16 tensor, updated in place.
+        indices: int32 or int64 tensor, M entries.
+        values: M entries, float32/float16/bfloat16, or int8 with ``scales``.
+        scales: Tensor[ceil(M / chunk)] float32, only with int8 values.
+        chunk: the quantization chunk of int8 values.
+
+    Example::
+
+        >>> out = torch.zeros(4)
+        >>> gradsieve.sparse_accumulate_(out, torch.tensor([1, 3, 1]), torch.tensor([1.0, 2.0, 3.0]))
+        >>> out.tolist()
+        [0.0, 4.0, 0.0, 2.0]
+    """
+    torch.ops.gradsieve.sparse_accumulate_(out, indices, values, scales, chunk)

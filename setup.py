@@ -1,0 +1,68 @@
+"""Build of gradsieve's torch extension, gradsieve._C.
+
+The source lists are the folders below (globbed, never listed by hand); CMakeLists.txt globs the
+same folders. CUDA kernels are built when the installed torch is a CUDA build and nvcc is found
+(CUDA_HOME); otherwise the CPU ops alone are built and the build says so. Set GRADSIEVE_CPU_ONLY=1
+to skip CUDA, TORCH_CUDA_ARCH_LIST to choose the GPU targets (default "8.0;9.0"), MAX_JOBS for
+parallel compilation (default 2).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCE_DIRS = ["csrc/ops", "csrc/cpu", "csrc/python"]
+CUDA_SOURCE_DIRS = ["csrc/cuda", "csrc/cuda_launch"]
+
+
+def sources_in(folders, patterns=("*.cpp", "*.cu")):
+    found = []
+    for folder in folders:
+        for pattern in patterns:
+            found.extend(sorted(glob.glob(os.path.join(folder, pattern))))
+    return found
+
+
+def cuda_build_reason():
+    """Returns None when the CUDA kernels can be built, else why not."""
+    if os.environ.get("GRADSIEVE_CPU_ONLY", "0") == "1":
+        return "GRADSIEVE_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return f"the installed torch {torch.__version__} is a CPU-only build"
+    if cpp_extension.CUDA_HOME is None:
+        return "nvcc was not found (set CUDA_HOME)"
+    return None
+
+
+def make_extension():
+    os.environ.setdefault("MAX_JOBS", "2")
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3", "-ffp-contract=off"]
+    reason = cuda_build_reason()
+    if reason is None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        print(f"gradsieve: building CPU and CUDA ops (arch {os.environ['TORCH_CUDA_ARCH_LIST']})")
+        return cpp_extension.CUDAExtension(
+            name="gradsieve._C",
+            sources=sources_in(CPU_SOURCE_DIRS + CUDA_SOURCE_DIRS),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        )
+    print(f"gradsieve: building the CPU ops only: {reason}")
+    return cpp_extension.CppExtension(
+        name="gradsieve._C",
+        sources=sources_in(CPU_SOURCE_DIRS),
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
