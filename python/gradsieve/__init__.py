@@ -1,11 +1,16 @@
 """gradsieve: gradient compression for communication-efficient data-parallel training.
 
-The compression ops live in ``torch.ops.gradsieve`` (CPU kernels always, CUDA kernels when the
-package was built against a CUDA torch) and are wrapped, typed and documented in
-:mod:`gradsieve.ops`.
+* ops: ``torch.ops.gradsieve`` (CPU kernels always, CUDA kernels in a CUDA build), wrapped in
+  :mod:`gradsieve.ops`;
+* compressors: a registry (:func:`available_compressors`, :func:`get_compressor`);
+* the DDP hook: :class:`CompressionState` and :func:`compression_hook`;
+* the N-worker :class:`Simulator`, running the same compressor code in one process.
 """
 
+from gradsieve import compressors as _compressors  # noqa: F401  (fills the registry)
 from gradsieve import ops
+from gradsieve.compressor import BucketLayout, Compressor, SparseCompressor
+from gradsieve.hook import CompressionState, compression_hook
 from gradsieve.ops import (
     cuda_kernels_built,
     dequantize_int8,
@@ -16,16 +21,27 @@ from gradsieve.ops import (
     threshold_select,
     topk_abs,
 )
+from gradsieve.registry import available_compressors, get_compressor, register_compressor
+from gradsieve.simulator import Simulator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BucketLayout",
+    "CompressionState",
+    "Compressor",
+    "Simulator",
+    "SparseCompressor",
+    "available_compressors",
+    "compression_hook",
     "cuda_kernels_built",
     "dequantize_int8",
     "ef_topk_",
+    "get_compressor",
     "ops",
     "quantile_abs",
     "quantize_int8",
+    "register_compressor",
     "sparse_accumulate_",
     "threshold_select",
     "topk_abs",

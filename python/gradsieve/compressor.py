@@ -1,0 +1,204 @@
+"""What every compressor is: a selection rule, the memory it keeps, and a codec for the wire.
+
+A compressor knows no collective and no DDP. The same object runs in the DDP hook
+(:mod:`gradsieve.hook`), in the N-worker :class:`~gradsieve.simulator.Simulator` and in direct
+calls, in three steps:
+
+1. ``compress(grad, memory, layout, step)`` on each worker: a flat float32 gradient and that
+   worker's memory for the bucket in; a packed payload (:mod:`gradsieve.wire`) and the *pending*
+   memory out. Memory is never changed here, so a step can be dropped whole.
+2. ``aggregate(gathered, layout, step)``: every worker's payload (uint8[world, nbytes]) in; their
+   average and each worker's finite flag out. Pure: every rank computes the same numbers.
+3. ``commit(memory, pending, average, layout)`` on each worker, only when every worker's
+   gradient was finite: the pending memory becomes the memory, and the result is what the
+   optimizer receives (the average, or for EF21 the updated global estimate).
+
+Dense compressors (``none``, ``fp16``, ``bf16``) skip all that: the hook all-reduces them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from gradsieve.memory import BucketMemory
+from gradsieve.options import Option, resolve
+from gradsieve.wire import VALUE_DTYPES, PayloadFormat
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketLayout:
+    """What a compressor may know about one bucket."""
+
+    numel: int
+    param_numels: Tuple[int, ...]
+    param_ndims: Tuple[int, ...]
+    world_size: int
+    index: int = 0
+    # Stable identities of the parameters (the hook's parameter keys; positions in the simulator).
+    # Bucket order can change (DDP rebuilds buckets), so anything that must not depend on it,
+    # such as DGC's random sample, works in key order.
+    param_keys: Tuple[int, ...] = ()
+
+    @property
+    def keys(self) -> Tuple[int, ...]:
+        return self.param_keys or tuple(range(len(self.param_numels)))
+
+    def param_offsets(self) -> Tuple[int, ...]:
+        offsets, total = [], 0
+        for numel in self.param_numels:
+            offsets.append(total)
+            total += numel
+        return tuple(offsets)
+
+    @staticmethod
+    def flat(numel: int, world_size: int, param_sizes: Optional[Sequence[int]] = None) -> "BucketLayout":
+        sizes = tuple(param_sizes) if param_sizes else (numel,)
+        if sum(sizes) != numel:
+            raise ValueError(f"param_sizes must add up to the gradient size {numel}, got {sum(sizes)}")
+        return BucketLayout(numel, sizes, tuple(2 for _ in sizes), world_size)
+
+
+class Segment(NamedTuple):
+    offset: int
+    numel: int
+    k: int
+
+
+class Compressed(NamedTuple):
+    payload: torch.Tensor  # uint8[nbytes]
+    pending: Dict[str, torch.Tensor]  # the memory to commit
+
+
+class Compressor:
+    """Base class of all compressors. Subclasses declare ``OPTIONS`` and implement the steps."""
+
+    name: str = "?"
+    dense: bool = False
+    OPTIONS: Mapping[str, Option] = {}
+    memory_names: Tuple[str, ...] = ()
+
+    def __init__(self, **options: Any) -> None:
+        self.options = resolve(f"compressor {self.name!r}", self.OPTIONS, options)
+        for key, value in self.options.items():
+            setattr(self, key, value)
+
+    def config(self) -> Dict[str, Any]:
+        """Everything that must agree across ranks."""
+        return {"compressor": self.name, **self.options}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({args})"
+
+    # Dense compressors: the dtype to all-reduce in (None: the bucket's own).
+    allreduce_dtype: Optional[torch.dtype] = None
+
+    def payload_format(self, layout: BucketLayout, step: int) -> PayloadFormat:
+        raise NotImplementedError
+
+    def compress(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int) -> Compressed:
+        raise NotImplementedError
+
+    def aggregate(self, gathered: torch.Tensor, layout: BucketLayout, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Average of the world's payloads (float32[numel]) and each worker's finite flag."""
+        out = torch.zeros(layout.numel, dtype=torch.float32, device=gathered.device)
+        flags = self.payload_format(layout, step).decode_sum(gathered, out)
+        return out.div_(gathered.shape[0]), flags
+
+    def commit(self, memory: BucketMemory, pending: Dict[str, torch.Tensor], average: torch.Tensor,
+               layout: BucketLayout) -> torch.Tensor:
+        for key, value in pending.items():
+            if key in self.memory_names:
+                memory.entries[key] = value
+            elif not key.startswith("_"):  # "_name": scratch for this step only
+                memory.extra[key] = value
+        return average
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook for compressors that must warn about an optimizer setting (DGC: momentum)."""
+
+
+SPARSE_OPTIONS: Dict[str, Option] = {
+    "density": Option(0.01, "fraction of entries sent per step, in (0, 1]",
+                      check=lambda v: 0.0 < v <= 1.0, allowed="in (0, 1]"),
+    "scope": Option("bucket", "select over the whole bucket, or over each parameter on its own "
+                    "(k_i = ceil(density * numel_i))", kind=str, choices=("bucket", "layer")),
+    "compress_1d": Option(True, "compress 1-D parameters (biases, norms) too; False sends them dense",
+                          kind=bool),
+    "values": Option("fp32", "value encoding on the wire", kind=str, choices=tuple(VALUE_DTYPES)),
+    "chunk": Option(256, "entries per scale for int8 values", kind=int,
+                    check=lambda v: 1 <= v <= 1 << 20, allowed="an integer in [1, 2^20]"),
+}
+
+
+class SparseCompressor(Compressor):
+    """Top-k style compressors: a fixed number of (index, value) pairs per bucket and worker.
+
+    The bucket is cut into segments (the whole bucket; each parameter with ``scope="layer"``; the
+    stretches between 1-D parameters, which go dense, with ``compress_1d=False``); each segment
+    sends ``ceil(density * numel)`` entries. Subclasses implement :meth:`select`.
+    """
+
+    OPTIONS = SPARSE_OPTIONS
+
+    def density_at(self, step: int) -> float:
+        return self.density
+
+    def segments(self, layout: BucketLayout, step: int) -> List[Segment]:
+        density = self.density_at(step)
+        pieces: List[Tuple[int, int, bool]] = []  # (offset, numel, dense)
+        offset = 0
+        for numel, ndim in zip(layout.param_numels, layout.param_ndims):
+            dense = ndim <= 1 and not self.compress_1d
+            if pieces and self.scope == "bucket" and not dense and not pieces[-1][2]:
+                start, size, _ = pieces[-1]
+                pieces[-1] = (start, size + numel, False)
+            else:
+                pieces.append((offset, numel, dense))
+            offset += numel
+        return [Segment(o, n, n if dense else min(n, math.ceil(density * n))) for o, n, dense in pieces]
+
+    def payload_format(self, layout: BucketLayout, step: int) -> PayloadFormat:
+        return self._format(sum(s.k for s in self.segments(layout, step)))
+
+    def _format(self, k: int) -> PayloadFormat:
+        # An int8 chunk larger than the payload would only add padding.
+        return PayloadFormat(k, self.values, max(1, min(self.chunk, k)))
+
+    def select(self, grad: torch.Tensor, memory: BucketMemory, segments: List[Segment], layout: BucketLayout,
+               step: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """Returns (indices int64[K], values float32[K], pending memory)."""
+        raise NotImplementedError
+
+    def absorb_rounding(self, pending: Dict[str, torch.Tensor], indices: torch.Tensor, error: torch.Tensor) -> None:
+        """Keeps the wire's rounding error (chosen minus sent) in memory. Error-feedback
+        compressors add it to their residual; others may ignore it."""
+
+    def compress(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int) -> Compressed:
+        segments = self.segments(layout, step)
+        fmt = self._format(sum(s.k for s in segments))
+        finite = torch.isfinite(grad).all()
+        indices, values, pending = self.select(grad, memory, segments, layout, step)
+        payload, sent = fmt.pack(finite, indices, values)
+        if self.values != "fp32":
+            self.absorb_rounding(pending, indices, values - sent)
+        return Compressed(payload, pending)
+
+
+def ef_select(accumulator: torch.Tensor, grad: torch.Tensor, segments: List[Segment], ops_module,
+              scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Error-feedback top-k over each segment: ``accumulator`` (float32, changed in place) +=
+    scale * grad, the top-k of every segment is taken out. Returns bucket indices and values."""
+    parts_i, parts_v = [], []
+    for seg in segments:
+        sl = slice(seg.offset, seg.offset + seg.numel)
+        values, indices = ops_module.ef_topk_(accumulator[sl], grad[sl], seg.k, scale)
+        parts_i.append(indices + seg.offset if seg.offset else indices)
+        parts_v.append(values)
+    if len(parts_i) == 1:
+        return parts_i[0], parts_v[0]
+    return torch.cat(parts_i), torch.cat(parts_v)

@@ -1,0 +1,134 @@
+"""Per-rank compressor memory (residuals, momenta, estimates).
+
+Memory is logically per parameter and stored flat per DDP bucket, in the bucket's layout, so the
+compressors work on one contiguous tensor. When a bucket's parameters change (DDP rebuilds its
+buckets after the first iteration; a restored run starts from DDP's initial layout) the per-entry
+memory is moved parameter by parameter into the new layout, so no residual is lost. Parameters
+are identified by their position in the first bucket layout this rank saw (DDP's initial layout,
+which a fresh process rebuilds identically), which is what makes a saved state loadable into a
+new process. Memory that is not per entry (for example DGC's threshold factors) lives in
+``extra``; it is kept when a bucket is rebuilt with the same parameters and reset otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclasses.dataclass
+class BucketMemory:
+    """One bucket's memory on one rank."""
+
+    keys: Tuple[int, ...]  # parameter keys, in bucket order
+    numels: Tuple[int, ...]
+    entries: Dict[str, torch.Tensor]  # name -> float32 Tensor[bucket numel]
+    extra: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    def offset_of(self, key: int) -> int:
+        return sum(self.numels[: self.keys.index(key)])
+
+    def slices(self) -> Iterable[Tuple[int, int, int]]:
+        """(parameter key, offset, numel) in bucket order."""
+        offset = 0
+        for key, numel in zip(self.keys, self.numels):
+            yield key, offset, numel
+            offset += numel
+
+
+class MemoryBank:
+    """All buckets' memory of one rank, plus per-parameter memory restored from a checkpoint."""
+
+    def __init__(self) -> None:
+        self.buckets: Dict[int, BucketMemory] = {}
+        # The memory that currently holds each parameter's entries. An old bucket's memory stays
+        # alive only while some parameter has not moved out of it yet.
+        self.owner: Dict[int, BucketMemory] = {}
+        self.restored: Dict[int, Dict[str, torch.Tensor]] = {}
+        # Bucket-coordinate memory from a checkpoint: {bucket index: (keys, tensors)}.
+        self.restored_extra: Dict[int, Tuple[Tuple[int, ...], Dict[str, torch.Tensor]]] = {}
+
+    def get(
+        self,
+        index: int,
+        keys: Sequence[int],
+        numels: Sequence[int],
+        names: Sequence[str],
+        device: torch.device,
+    ) -> BucketMemory:
+        keys, numels = tuple(keys), tuple(numels)
+        current = self.buckets.get(index)
+        if current is not None and current.keys == keys and current.numels == numels:
+            return current
+        memory = self._assemble(keys, numels, names, device)
+        if current is not None and sorted(current.keys) == sorted(keys):
+            memory.extra = current.extra  # same parameters in a new order: keep bucket-level memory
+        saved = self.restored_extra.pop(index, None)
+        if saved is not None and sorted(saved[0]) == sorted(keys):
+            memory.extra = {name: t.to(device) for name, t in saved[1].items()}
+        self.buckets[index] = memory
+        for key in keys:
+            self.owner[key] = memory
+        return memory
+
+    def _assemble(self, keys, numels, names, device) -> BucketMemory:
+        total = sum(numels)
+        entries = {name: torch.zeros(total, dtype=torch.float32, device=device) for name in names}
+        offset = 0
+        for key, numel in zip(keys, numels):
+            source = self.owner.get(key)
+            for name, tensor in entries.items():
+                if source is not None and name in source.entries:
+                    src = source.offset_of(key)
+                    tensor[offset:offset + numel].copy_(source.entries[name][src:src + numel])
+                elif key in self.restored and name in self.restored[key]:
+                    saved = self.restored[key][name]
+                    if saved.numel() != numel:
+                        raise ValueError(
+                            f"load_state_dict: parameter {key} had {saved.numel()} entries in the "
+                            f"checkpoint, the model has {numel}"
+                        )
+                    tensor[offset:offset + numel].copy_(saved.reshape(-1).to(device))
+            self.restored.pop(key, None)
+            offset += numel
+        return BucketMemory(keys, numels, entries)
+
+    # -------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> Dict[str, object]:
+        """``{"params": {parameter key: {name: tensor}}, "extra": {bucket: (keys, {name: tensor})}}``,
+        on the CPU."""
+        extra = {
+            index: (memory.keys, {name: t.detach().cpu().clone() for name, t in memory.extra.items()})
+            for index, memory in self.buckets.items()
+        }
+        return {"params": self._param_state(), "extra": {**self.restored_extra, **extra}}
+
+    def _param_state(self) -> Dict[int, Dict[str, torch.Tensor]]:
+        out: Dict[int, Dict[str, torch.Tensor]] = {
+            key: {name: t.clone() for name, t in saved.items()} for key, saved in self.restored.items()
+        }
+        for key, memory in self.owner.items():
+            offset = memory.offset_of(key)
+            numel = memory.numels[memory.keys.index(key)]
+            out[key] = {
+                name: tensor[offset:offset + numel].detach().cpu().clone()
+                for name, tensor in memory.entries.items()
+            }
+        return out
+
+    def load_state_dict(self, saved: Dict[str, object]) -> None:
+        self.buckets.clear()
+        self.owner.clear()
+        self.restored = {int(k): dict(v) for k, v in saved["params"].items()}
+        self.restored_extra = {int(k): (tuple(keys), dict(t)) for k, (keys, t) in saved["extra"].items()}
+
+    def total(self, name: str) -> Optional[torch.Tensor]:
+        """One memory over all buckets, concatenated in bucket-index order (tests and tools)."""
+        parts = [self.buckets[i].entries[name] for i in sorted(self.buckets) if name in self.buckets[i].entries]
+        return torch.cat(parts) if parts else None

@@ -1,0 +1,134 @@
+"""N workers in one process, running exactly the compressor code the DDP hook runs.
+
+The simulator packs each worker's payload, stacks them as ``all_gather_into_tensor`` would, and
+decodes with the same code, so its averages equal the hook's bit for bit (on CPU, for the sparse
+compressors). It is meant for studying algorithms (heterogeneous data, many workers) and for tests.
+
+Example::
+
+    >>> sim = gradsieve.Simulator("topk", world_size=8, density=0.01)
+    >>> grads = [torch.randn(100_000) for _ in range(8)]
+    >>> average = sim.step(grads)          # what every worker receives
+    >>> sim.memory(0, "residual").shape    # worker 0's error-feedback residual
+    torch.Size([100000])
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from gradsieve.compressor import BucketLayout, Compressor
+from gradsieve.memory import MemoryBank
+from gradsieve.registry import get_compressor
+
+
+class Simulator:
+    """Simulates ``world_size`` workers exchanging one flat gradient per step.
+
+    Args:
+        compressor: a registry name or a :class:`~gradsieve.compressor.Compressor`.
+        world_size: number of simulated workers, >= 1.
+        param_sizes: optional sizes of the parameters the flat gradient is made of (for
+            ``scope="layer"`` and ``compress_1d``); by default one 2-D parameter.
+        param_ndims: optional dimensions of those parameters (1 marks biases and norms).
+        param_keys: optional stable identities of those parameters (default: their positions);
+            the hook uses such keys so that its results do not depend on DDP's bucket order.
+        **options: compressor options (``density``, ...), validated by the registry.
+    """
+
+    def __init__(
+        self,
+        compressor: Union[str, Compressor],
+        world_size: int,
+        param_sizes: Optional[Sequence[int]] = None,
+        param_ndims: Optional[Sequence[int]] = None,
+        param_keys: Optional[Sequence[int]] = None,
+        **options,
+    ) -> None:
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"Simulator: world_size must be an integer >= 1, got {world_size!r}")
+        if isinstance(compressor, Compressor):
+            if options:
+                raise ValueError("Simulator: pass options to the compressor, not beside an instance")
+            self.compressor = compressor
+        else:
+            self.compressor = get_compressor(compressor, **options)
+        self.world_size = world_size
+        self.param_sizes = tuple(param_sizes) if param_sizes else None
+        self.param_ndims = tuple(param_ndims) if param_ndims else None
+        self.param_keys = tuple(int(k) for k in param_keys) if param_keys else ()
+        if self.param_keys and (len(set(self.param_keys)) != len(self.param_keys)
+                                or len(self.param_keys) != len(self.param_sizes or ())):
+            raise ValueError("Simulator: param_keys must be distinct, one per entry of param_sizes")
+        self.banks = [MemoryBank() for _ in range(world_size)]
+        self.steps = 0
+        self.wire_bytes = 0  # sent by all workers together
+        self.skipped_steps = 0
+
+    def layout(self, numel: int) -> BucketLayout:
+        layout = BucketLayout.flat(numel, self.world_size, self.param_sizes)
+        ndims = layout.param_ndims
+        if self.param_ndims:
+            if len(self.param_ndims) != len(layout.param_numels):
+                raise ValueError("Simulator: param_ndims must have one entry per parameter")
+            ndims = self.param_ndims
+        return BucketLayout(numel, layout.param_numels, ndims, self.world_size, 0, self.param_keys)
+
+    def step(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One exchange. ``grads``: one flat gradient per worker (same size). Returns what every
+        worker's optimizer receives (float32); NaN everywhere when any gradient was non-finite, in
+        which case no worker's memory changes."""
+        if len(grads) != self.world_size:
+            raise ValueError(f"Simulator.step: expected {self.world_size} gradients, got {len(grads)}")
+        flat = [g.detach().reshape(-1).float() for g in grads]
+        numel = flat[0].numel()
+        if any(g.numel() != numel for g in flat):
+            raise ValueError(f"Simulator.step: gradients must all have {numel} entries, got {[g.numel() for g in flat]}")
+        compressor = self.compressor
+        if compressor.dense:
+            dtype = compressor.allreduce_dtype or torch.float32
+            total = flat[0].to(dtype).clone()
+            for g in flat[1:]:
+                total += g.to(dtype)
+            self.wire_bytes += self.world_size * total.numel() * total.element_size()
+            self.steps += 1
+            return total.float().div_(self.world_size)
+        layout = self.layout(numel)
+        keys = layout.keys
+        memories = [
+            bank.get(0, keys, layout.param_numels, compressor.memory_names, flat[0].device) for bank in self.banks
+        ]
+        compressed = [compressor.compress(g, m, layout, self.steps) for g, m in zip(flat, memories)]
+        gathered = torch.stack([c.payload for c in compressed])
+        self.wire_bytes += gathered.numel()
+        average, flags = compressor.aggregate(gathered, layout, self.steps)
+        if not bool(flags.all()):
+            self.skipped_steps += 1
+            return torch.full_like(average, float("nan"))
+        results = [compressor.commit(m, c.pending, average, layout) for m, c in zip(memories, compressed)]
+        self.steps += 1
+        return results[0]
+
+    def memory(self, rank: int, name: str) -> torch.Tensor:
+        """Worker ``rank``'s memory ``name`` (for example ``"residual"``), flat."""
+        found = self.banks[rank].buckets.get(0)
+        if found is None or name not in found.entries:
+            names = list(found.entries) if found else []
+            raise KeyError(f"Simulator.memory: worker {rank} has no memory {name!r} (has {names})")
+        return found.entries[name]
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"steps": self.steps, "banks": [bank.state_dict() for bank in self.banks]}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.steps = int(state["steps"])
+        for bank, saved in zip(self.banks, state["banks"]):
+            bank.load_state_dict(saved)
+
+
+def simulate(compressor: str, grads: List[List[torch.Tensor]], **options) -> List[torch.Tensor]:
+    """Runs a whole sequence of steps (``grads[t][worker]``) and returns the averages."""
+    sim = Simulator(compressor, world_size=len(grads[0]), **options)
+    return [sim.step(step_grads) for step_grads in grads]
