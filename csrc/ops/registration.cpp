@@ -1,4 +1,5 @@
-// The gradsieve operator library: schemas and the Meta (fake) kernels used for tracing. Backends
+// The gradsieve operator library: schemas and the Meta (fake) kernels used for tracing (sizes
+// handled as SymInt, so torch.compile's dynamic shapes trace them). Backends
 // register their kernels in their own files (csrc/cpu, csrc/cuda_launch) with TORCH_LIBRARY_IMPL.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -36,14 +37,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_meta(const at::Tensor& x, int64
                                                       bool stochastic,
                                                       c10::optional<at::Generator> generator) {
   check_quantize_int8(x, chunk);
-  return {at::empty(x.sizes(), x.options().dtype(at::kChar)),
-          at::empty({num_chunks(x.numel(), chunk)}, x.options().dtype(at::kFloat))};
+  return {at::empty_symint(x.sym_sizes(), x.options().dtype(at::kChar)),
+          at::empty_symint({num_chunks(x.sym_numel(), chunk)}, x.options().dtype(at::kFloat))};
 }
 
 at::Tensor dequantize_int8_meta(const at::Tensor& q, const at::Tensor& scales, int64_t chunk,
                                 at::ScalarType dtype) {
   check_dequantize_int8(q, scales, chunk, dtype);
-  return at::empty(q.sizes(), q.options().dtype(dtype));
+  return at::empty_symint(q.sym_sizes(), q.options().dtype(dtype));
 }
 
 void sparse_accumulate_meta(at::Tensor& out, const at::Tensor& indices, const at::Tensor& values,

@@ -19,8 +19,8 @@ void check_float_input(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), "gradsieve.", op, ": ", arg, " must be a tensor, got None");
   TORCH_CHECK(is_float_dtype(t.scalar_type()), "gradsieve.", op, ": ", arg,
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() <= kMaxNumel, "gradsieve.", op, ": ", arg,
-              " must have at most 2^31 - 1 elements, got ", t.numel());
+  TORCH_CHECK(t.sym_numel() <= kMaxNumel, "gradsieve.", op, ": ", arg,
+              " must have at most 2^31 - 1 elements, got ", t.sym_numel());
 }
 
 void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
@@ -30,7 +30,7 @@ void check_same_device(const char* op, const char* arg, const at::Tensor& t, con
               t.device());
 }
 
-void check_count(const char* op, const char* arg, int64_t value, int64_t numel) {
+void check_count(const char* op, const char* arg, int64_t value, const c10::SymInt& numel) {
   TORCH_CHECK(value >= 0 && value <= numel, "gradsieve.", op, ": ", arg, " must be in [0, ",
               numel, "] (the number of elements), got ", value);
 }
@@ -39,7 +39,7 @@ void check_count(const char* op, const char* arg, int64_t value, int64_t numel) 
 
 void check_topk_abs(const at::Tensor& x, int64_t k) {
   check_float_input("topk_abs", "x", x);
-  check_count("topk_abs", "k", k, x.numel());
+  check_count("topk_abs", "k", k, x.sym_numel());
 }
 
 void check_quantile_abs(const at::Tensor& x, double q) {
@@ -52,11 +52,11 @@ void check_ef_topk(const at::Tensor& residual, const at::Tensor& grad, int64_t k
   TORCH_CHECK(residual.defined() && residual.scalar_type() == at::kFloat,
               "gradsieve.ef_topk_: residual must be a float32 tensor, got ",
               residual.defined() ? c10::toString(residual.scalar_type()) : "None");
-  TORCH_CHECK(residual.numel() == grad.numel(),
-              "gradsieve.ef_topk_: residual must have as many elements as grad (", grad.numel(),
-              "), got ", residual.numel());
+  TORCH_CHECK(residual.sym_numel() == grad.sym_numel(),
+              "gradsieve.ef_topk_: residual must have as many elements as grad (", grad.sym_numel(),
+              "), got ", residual.sym_numel());
   check_same_device("ef_topk_", "residual", residual, "grad", grad);
-  check_count("ef_topk_", "k", k, grad.numel());
+  check_count("ef_topk_", "k", k, grad.sym_numel());
   TORCH_CHECK(std::isfinite(scale), "gradsieve.ef_topk_: scale must be finite, got ", scale);
 }
 
@@ -86,9 +86,9 @@ void check_dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_
   TORCH_CHECK(scales.defined() && scales.scalar_type() == at::kFloat,
               "gradsieve.dequantize_int8: scales must be a float32 tensor, got ",
               scales.defined() ? c10::toString(scales.scalar_type()) : "None");
-  TORCH_CHECK(scales.numel() == num_chunks(q.numel(), chunk),
+  TORCH_CHECK(scales.sym_numel() == num_chunks(q.sym_numel(), chunk),
               "gradsieve.dequantize_int8: scales must have ceil(q.numel() / chunk) = ",
-              num_chunks(q.numel(), chunk), " elements, got ", scales.numel());
+              num_chunks(q.sym_numel(), chunk), " elements, got ", scales.sym_numel());
   check_same_device("dequantize_int8", "scales", scales, "q", q);
   TORCH_CHECK(is_float_dtype(dtype),
               "gradsieve.dequantize_int8: dtype must be float32, float16 or bfloat16, got ", dtype);
@@ -103,9 +103,9 @@ void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
               "gradsieve.sparse_accumulate_: indices must be int32 or int64, got ",
               indices.defined() ? c10::toString(indices.scalar_type()) : "None");
   TORCH_CHECK(values.defined(), "gradsieve.sparse_accumulate_: values must be a tensor, got None");
-  TORCH_CHECK(values.numel() == indices.numel(),
+  TORCH_CHECK(values.sym_numel() == indices.sym_numel(),
               "gradsieve.sparse_accumulate_: values must have as many elements as indices (",
-              indices.numel(), "), got ", values.numel());
+              indices.sym_numel(), "), got ", values.sym_numel());
   check_same_device("sparse_accumulate_", "indices", indices, "out", out);
   check_same_device("sparse_accumulate_", "values", values, "out", out);
   const bool has_scales = scales.has_value() && scales->defined();
@@ -116,9 +116,9 @@ void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
                 "gradsieve.sparse_accumulate_: chunk must be > 0 when values are int8, got ", chunk);
     TORCH_CHECK(scales->scalar_type() == at::kFloat,
                 "gradsieve.sparse_accumulate_: scales must be float32, got ", scales->scalar_type());
-    TORCH_CHECK(scales->numel() == num_chunks(values.numel(), chunk),
+    TORCH_CHECK(scales->sym_numel() == num_chunks(values.sym_numel(), chunk),
                 "gradsieve.sparse_accumulate_: scales must have ceil(values.numel() / chunk) = ",
-                num_chunks(values.numel(), chunk), " elements, got ", scales->numel());
+                num_chunks(values.sym_numel(), chunk), " elements, got ", scales->sym_numel());
     check_same_device("sparse_accumulate_", "scales", *scales, "out", out);
   } else {
     TORCH_CHECK(is_float_dtype(values.scalar_type()),

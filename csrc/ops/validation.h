@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Optional.h>
 
 namespace gradsieve {
@@ -18,7 +19,11 @@ void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
                              const at::Tensor& values, const c10::optional<at::Tensor>& scales,
                              int64_t chunk);
 
-// Number of int8 chunks that cover n entries.
+// Number of int8 chunks that cover n entries. The checks take sizes as SymInt (sym_numel), so the
+// same code serves concrete tensors and the symbolic shapes of torch.compile's dynamic tracing.
 inline int64_t num_chunks(int64_t n, int64_t chunk) { return chunk > 0 ? (n + chunk - 1) / chunk : 0; }
+inline c10::SymInt num_chunks(const c10::SymInt& n, int64_t chunk) {
+  return chunk > 0 ? (n + (chunk - 1)) / chunk : c10::SymInt(0);
+}
 
 }  // namespace gradsieve
