@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 #include <limits>
 #include <mutex>
 
@@ -25,6 +27,57 @@ namespace {
 
 constexpr int64_t kSerialPayload = int64_t(1) << 15;
 constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
+// The hot loops are plain float loops, cloned for AVX2 where the compiler supports function
+// multi-versioning (the loader picks the clone the machine runs), so they vectorise as wide as the
+// hardware allows without building the whole extension for one instruction set.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GRADSIEVE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GRADSIEVE_CLONES
+#endif
+
+// max |x| of a chunk as the bit pattern of |x|: for floats without sign the integer order is the
+// numeric order, and NaN/Inf patterns (>= 0x7f800000) sort above every finite value, so one
+// integer max (which vectorises, unlike a float max under IEEE rules) gives both answers.
+GRADSIEVE_CLONES uint32_t chunk_abs_bits_max(const float* __restrict x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, sizeof(b));
+    b &= 0x7fffffffu;
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+// Round half to even, exactly, for |r| < 2^22 (here |r| <= 127): adding 1.5 * 2^23 moves r where
+// the float spacing is 1. Built with -ffp-contract=off and no fast-math, so nothing reorders it.
+GRADSIEVE_CLONES void chunk_round(const float* __restrict x, int64_t n, float scale,
+                                  int8_t* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float code = (x[i] / scale + kRoundMagic) - kRoundMagic;
+    out[i] = static_cast<int8_t>(static_cast<int32_t>(std::min(127.0f, std::max(-127.0f, code))));
+  }
+}
+
+void chunk_round_stochastic(const float* x, int64_t n, float scale, uint64_t seed,
+                            uint64_t first, int8_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = x[i] / scale;
+    const float code = std::floor(r + uniform_from_counter(seed, first + static_cast<uint64_t>(i)));
+    out[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, code)));
+  }
+}
+
+// A chunk as float: float data as is, other types widened into `buffer`.
+inline const float* as_float(const float* x, int64_t, std::vector<float>&) { return x; }
+template <typename T>
+const float* as_float(const T* x, int64_t n, std::vector<float>& buffer) {
+  buffer.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(x[i]);
+  return buffer.data();
+}
 
 std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& x_in, int64_t chunk,
                                                      bool stochastic,
@@ -48,36 +101,24 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& x_in, int
     const scalar_t* data = x.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / chunk);
     at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      // fp16/bf16 chunks are widened into a float buffer, one chunk at a time, first.
+      std::vector<float> widened;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t start = c * chunk;
-        const int64_t end = std::min(n, start + chunk);
-        // Branch-free so the compiler vectorises: NaN never wins `v > amax`, and `!(v <= max)`
-        // catches both NaN and inf.
-        float amax = 0.0f;
-        int non_finite = 0;
-        for (int64_t i = start; i < end; ++i) {
-          const float v = std::fabs(static_cast<float>(data[i]));
-          non_finite |= !(v <= std::numeric_limits<float>::max());
-          amax = v > amax ? v : amax;
-        }
-        const float scale = non_finite ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+        const int64_t len = std::min(n, start + chunk) - start;
+        const float* values = as_float(data + start, len, widened);
+        const uint32_t bits = chunk_abs_bits_max(values, len);
+        float amax;
+        std::memcpy(&amax, &bits, sizeof(amax));
+        const float scale =
+            bits >= 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
         out_s[c] = scale;
         if (!(scale > 0.0f)) {  // zero chunk, or non-finite: zero codes
-          std::fill(out_q + start, out_q + end, int8_t(0));
+          std::fill(out_q + start, out_q + start + len, int8_t(0));
         } else if (stochastic) {
-          for (int64_t i = start; i < end; ++i) {
-            const float r = static_cast<float>(data[i]) / scale;
-            const float code = std::floor(r + uniform_from_counter(seed, static_cast<uint64_t>(i)));
-            out_q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, code)));
-          }
+          chunk_round_stochastic(values, len, scale, seed, static_cast<uint64_t>(start), out_q + start);
         } else {
-          for (int64_t i = start; i < end; ++i) {
-            const float r = static_cast<float>(data[i]) / scale;
-            // Round half to even, exactly, for |r| < 2^22 (here |r| <= 127): adding 1.5 * 2^23
-            // moves r where the float spacing is 1. Built with -ffp-contract=off, no fast-math.
-            const float code = (r + kRoundMagic) - kRoundMagic;
-            out_q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, code)));
-          }
+          chunk_round(values, len, scale, out_q + start);
         }
       }
     });
@@ -95,9 +136,15 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q_in, const at::Tensor& scales_
   const float* s = scales.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_int8", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, q.numel(), int64_t(1) << 15, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        o[i] = static_cast<scalar_t>(static_cast<float>(codes[i]) * s[i / chunk]);
+    const int64_t n = q.numel();
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / chunk);
+    at::parallel_for(0, num_chunks(n, chunk), grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const float scale = s[c];
+        const int64_t end = std::min(n, (c + 1) * chunk);
+        for (int64_t i = c * chunk; i < end; ++i) {
+          o[i] = static_cast<scalar_t>(static_cast<float>(codes[i]) * scale);
+        }
       }
     });
   });
