@@ -1,0 +1,124 @@
+"""gradsieve-train: tiny runs of every workload, its outputs, and its errors on bad arguments."""
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+
+from gradsieve import train as train_cli
+from gradsieve import workloads
+
+PYTHON = sys.executable
+
+
+def run_cli(*args, timeout=240):
+    return subprocess.run([PYTHON, "-m", "gradsieve.train", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def fake_cifar(root, per_batch=8):
+    """A CIFAR-10 folder in the real pickle format with a few random images per batch."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name in workloads.CIFAR_NAMES:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+@pytest.mark.parametrize("workload,extra", [
+    ("digits", ["--compare", "none,topk,dgc,ef21", "--steps", "12"]),
+    ("charlm", ["--compare", "none,topk", "--steps", "4", "--batch-size", "4"]),
+    ("linreg", ["--compare", "none,topk,ef21", "--steps", "20", "--density", "0.1"]),
+    ("cifar10", ["--compressor", "topk", "--steps", "2", "--batch-size", "4", "--heterogeneous"]),
+])
+def test_tiny_run_of_each_workload(tmp_path, workload, extra):
+    if workload == "cifar10":
+        extra = extra + ["--data-dir", fake_cifar(str(tmp_path / "data"))]
+    out = tmp_path / "out"
+    result = run_cli("--workload", workload, "--out", str(out), "--no-progress", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compressor" in result.stdout and "bytes/step" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["workload"] == workload and metrics["config"]["world_size"] == 2
+    names = [r["compressor"] for r in metrics["runs"]]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["compressor"] for r in rows] == names
+    for run in metrics["runs"]:
+        assert len(run["history"]["loss"]) == run["steps"]
+        assert all(np.isfinite(run["history"]["loss"]))
+        assert run["wire_bytes_per_step"] > 0
+        if run["compressor"] != "none":
+            assert run["compression_ratio"] > 1.5
+    for png in ("loss_vs_step.png", "loss_vs_bytes.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_same_numbers_and_dense_baseline_first(tmp_path):
+    args = ["--compare", "none,topk", "--steps", "15", "--no-progress", "--seed", "3"]
+    first = run_cli(*args, "--out", str(tmp_path / "a"))
+    second = run_cli(*args, "--out", str(tmp_path / "b"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:]
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())["runs"]
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())["runs"]
+    assert [r["history"]["loss"] for r in a] == [r["history"]["loss"] for r in b]
+    # The dense run sends fp32 every step: its ratio is exactly 1.
+    assert a[0]["compressor"] == "none" and a[0]["compression_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--compressor", "tpok"], "unknown compressor 'tpok'"),
+    (["--density", "0"], "density must be in (0, 1]"),
+    (["--opt", "values=int4"], "values must be one of"),
+    (["--opt", "nonsense"], "--opt must be KEY=VALUE"),
+    (["--opt", "colour=red"], "colour are not accepted by any of topk"),
+    (["--compare", "none,none"], "names a compressor twice"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "5", "--epochs", "1"], "give --steps or --epochs"),
+    (["--workload", "mnist"], "invalid choice: 'mnist'"),
+    (["--workload", "cifar10"], "cifar10 needs --data-dir"),
+    (["--workload", "cifar10", "--data-dir", "/nonexistent"], "no CIFAR-10 under '/nonexistent'"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+])
+def test_bad_arguments_give_one_line_error(args, message):
+    result = run_cli(*args, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradsieve-train: error:"), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_runs_routes_options_and_dgc_momentum():
+    args = train_cli.resolve_args(train_cli.build_parser().parse_args(
+        ["--compare", "none,topk,dgc", "--opt", "values=int8", "--density", "0.05"]))
+    runs = {r.compressor: r.options for r in train_cli.plan_runs(args)}
+    assert runs["none"] == {}
+    assert runs["topk"] == {"values": "int8", "density": 0.05}
+    # SGD momentum moves into dgc's momentum correction; the optimizer then runs without it.
+    assert runs["dgc"] == {"values": "int8", "density": 0.05, "momentum": 0.9}
+    spec = train_cli.RunSpec("dgc", runs["dgc"])
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert train_cli._optimizer(args, spec, params).param_groups[0]["momentum"] == 0.0
+
+
+def test_heterogeneous_digits_shards_are_skewed():
+    even = [workloads.make_workload("digits", r, 2, 0) for r in range(2)]
+    skewed = [workloads.make_workload("digits", r, 2, 0, heterogeneous=True) for r in range(2)]
+    for w in even:
+        assert 0.4 < float((w.y % 2 == 0).float().mean()) < 0.6
+    # Rank 0 holds mostly even digits, rank 1 mostly odd ones.
+    assert float((skewed[0].y % 2 == 0).float().mean()) > 0.75
+    assert float((skewed[1].y % 2 == 1).float().mean()) > 0.75
+    assert len(skewed[0].y) == len(skewed[1].y)
