@@ -1,5 +1,6 @@
 """Runs a test function on N gloo worker processes (torch.multiprocessing), collecting results."""
 
+import gc
 import os
 import socket
 
@@ -22,6 +23,9 @@ def _entry(rank, fn, world_size, port, out_dir, args):
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # DDP models left in reference cycles would otherwise be freed at interpreter exit, after
+        # the process group, whose gloo threads then die joinable (std::terminate, SIGABRT).
+        gc.collect()
         dist.destroy_process_group()
 
 

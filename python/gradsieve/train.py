@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -230,7 +231,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         _sync(device)
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = workload.loss(ddp(x), y)
+        output = ddp(x)
+        loss = workload.loss(output, y)
         loss.backward()
         optimizer.step()
         value = loss.item()  # also waits for the step
@@ -241,7 +243,11 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         if bar is not None:
             bar.update(1)
             if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{value:.4f}", sent=_human_bytes(state.wire_bytes))
+                shown = {"loss": f"{value:.4f}"}
+                if workload.has_accuracy:
+                    with torch.no_grad():
+                        shown["acc"] = f"{workload.batch_accuracy(output, y):.3f}"
+                bar.set_postfix(**shown, sent=_human_bytes(state.wire_bytes))
     eval_loss, accuracy = workload.evaluate(model, device)
     if bar is not None:
         bar.set_postfix(loss=f"{losses[-1]:.4f}", eval=f"{eval_loss:.4f}",
@@ -289,6 +295,8 @@ def run_rank(rank: int, world: int, local_rank: int, args: argparse.Namespace, r
         if rank == 0:
             report(args, results, world, workload.has_accuracy, backend)
     finally:
+        # Free the DDP models (they may sit in reference cycles) while the process group lives.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -71,6 +71,10 @@ class Workload:
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output.float(), target)
 
+    def batch_accuracy(self, output: torch.Tensor, target: torch.Tensor) -> float:
+        """Fraction of the batch's predictions that are right (classifiers and charlm)."""
+        return (output.argmax(-1) == target).float().mean().item()
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> Tuple[float, Optional[float]]:
         """(loss, accuracy or None) on the held-out data, the same on every rank."""
