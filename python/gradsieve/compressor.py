@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -186,19 +186,29 @@ class SparseCompressor(Compressor):
         payload, sent = fmt.pack(finite, indices, values)
         if self.values != "fp32":
             self.absorb_rounding(pending, indices, values - sent)
+        pending["_wire_values"] = sent  # the values as they went on the wire (float32[K])
         return Compressed(payload, pending)
+
+
+def per_segment(segments: List[Segment],
+                pick: Callable[[int, slice, int], Tuple[torch.Tensor, torch.Tensor]]
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``pick(number, piece, k) -> (values, indices)`` on every segment (``piece``: the
+    segment's slice of the bucket, ``indices`` local to it) and returns all the selected entries
+    as (bucket indices, values)."""
+    parts_i, parts_v = [], []
+    for number, seg in enumerate(segments):
+        values, indices = pick(number, slice(seg.offset, seg.offset + seg.numel), seg.k)
+        parts_i.append(indices + seg.offset if seg.offset else indices)
+        parts_v.append(values)
+    if len(parts_i) == 1:
+        return parts_i[0], parts_v[0]
+    return torch.cat(parts_i), torch.cat(parts_v)
 
 
 def ef_select(accumulator: torch.Tensor, grad: torch.Tensor, segments: List[Segment], ops_module,
               scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Error-feedback top-k over each segment: ``accumulator`` (float32, changed in place) +=
     scale * grad, the top-k of every segment is taken out. Returns bucket indices and values."""
-    parts_i, parts_v = [], []
-    for seg in segments:
-        sl = slice(seg.offset, seg.offset + seg.numel)
-        values, indices = ops_module.ef_topk_(accumulator[sl], grad[sl], seg.k, scale)
-        parts_i.append(indices + seg.offset if seg.offset else indices)
-        parts_v.append(values)
-    if len(parts_i) == 1:
-        return parts_i[0], parts_v[0]
-    return torch.cat(parts_i), torch.cat(parts_v)
+    return per_segment(segments, lambda _, piece, k: ops_module.ef_topk_(
+        accumulator[piece], grad[piece], k, scale))

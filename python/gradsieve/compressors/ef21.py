@@ -11,7 +11,7 @@ The estimates start at zero.
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SparseCompressor
+from gradsieve.compressor import SparseCompressor, per_segment
 from gradsieve.registry import register_compressor
 
 
@@ -30,12 +30,7 @@ class EF21Compressor(SparseCompressor):
     def select(self, grad, memory, segments, layout, step):
         estimate = memory.entries["estimate"]
         change = grad - estimate
-        parts_i, parts_v = [], []
-        for seg in segments:
-            values, indices = ops.topk_abs(change[seg.offset:seg.offset + seg.numel], seg.k)
-            parts_i.append(indices + seg.offset)
-            parts_v.append(values)
-        indices, values = torch.cat(parts_i), torch.cat(parts_v)
+        indices, values = per_segment(segments, lambda _, piece, k: ops.topk_abs(change[piece], k))
         return indices, values, {"estimate": estimate.clone(), "_ef21_indices": indices, "_ef21_values": values}
 
     def absorb_rounding(self, pending, indices, error):
