@@ -1,4 +1,5 @@
-// Radix select on |x| for the CUDA backend: topk_abs, quantile_abs, ef_topk_ and threshold_select.
+// Radix select on |x| for the CUDA backend: topk_abs, quantile_abs, ef_topk_, threshold_select,
+// and select_by_score (the selection of regtopk_select_, csrc/cuda/regtopk.cu).
 //
 // Algorithm. Keys are the order-preserving magnitudes of radix_key.h. Three histogram passes (11,
 // 11 and 10 bits, most significant digit first) each count, in shared memory, the digit of every
@@ -237,13 +238,15 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) tile_counts[blockIdx.x] = total;
 }
 
-// Writes the selected entries of one tile at their global ranks. With kClearSelected (ef_topk_)
-// the selected entries of x (the residual) are set to zero.
+// Writes the selected entries of one tile at their global ranks. The values written are x's, or,
+// when a separate `source` is given (select_by_score: x is then the score), source's. With
+// kClearSelected (ef_topk_, select_by_score) the selected entries of x, or of source when given,
+// are set to zero.
 template <typename T, typename V, bool kClearSelected>
 __global__ void __launch_bounds__(kThreads)
     tile_write_kernel(T* __restrict__ x, int64_t n, const SelectState* st,
                       const unsigned long long* __restrict__ tile_offsets, V* __restrict__ values,
-                      int64_t* __restrict__ indices) {
+                      int64_t* __restrict__ indices, float* __restrict__ source) {
   using Load = cub::BlockLoad<T, kThreads, kItems, cub::BLOCK_LOAD_TRANSPOSE>;
   using Scan = cub::BlockScan<unsigned long long, kThreads>;
   __shared__ union {
@@ -287,9 +290,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (take) {
       const int64_t i = start + local;
-      values[pos] = static_cast<V>(items[j]);
       indices[pos] = i;
-      if (kClearSelected) x[i] = from_float<T>(0.0f);
+      if (source != nullptr) {
+        values[pos] = static_cast<V>(source[i]);
+        if (kClearSelected) source[i] = 0.0f;
+      } else {
+        values[pos] = static_cast<V>(items[j]);
+        if (kClearSelected) x[i] = from_float<T>(0.0f);
+      }
     }
   }
 }
@@ -323,7 +331,7 @@ cudaError_t find_kth(const T* x, int64_t n, int first_pass, const Workspace& w,
 // Count per tile, scan, write: the selection pass shared by every op that outputs entries.
 template <typename T, typename V, bool kClearSelected>
 cudaError_t write_selection(T* x, int64_t n, const Workspace& w, V* values, int64_t* indices,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, float* source = nullptr) {
   const int64_t tiles = num_tiles(n);
   tile_count_kernel<T><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(x, n, w.state,
                                                                               w.tile_counts);
@@ -332,7 +340,7 @@ cudaError_t write_selection(T* x, int64_t n, const Workspace& w, V* values, int6
                                                   w.tile_offsets, static_cast<int>(tiles), stream);
   if (err != cudaSuccess) return err;
   tile_write_kernel<T, V, kClearSelected><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-      x, n, w.state, w.tile_offsets, values, indices);
+      x, n, w.state, w.tile_offsets, values, indices, source);
   return cudaGetLastError();
 }
 
@@ -387,6 +395,19 @@ cudaError_t ef_topk_typed(float* residual, const G* grad, int64_t n, int64_t k, 
   return write_selection<float, float, true>(residual, n, w, values, indices, stream);
 }
 
+// The top k of a float score buffer; the values come from (and are cleared in) `source`.
+cudaError_t select_by_score_impl(const float* score, float* source, int64_t n, int64_t k,
+                                 float* values, int64_t* indices, const Workspace& w,
+                                 cudaStream_t stream) {
+  cudaMemsetAsync(w.hist, 0, sizeof(unsigned) * RadixDigits::kMaxBins, stream);
+  init_state_kernel<<<1, 1, 0, stream>>>(w.state, static_cast<unsigned long long>(k), nullptr);
+  cudaError_t err = find_kth(score, n, 0, w, stream);
+  if (err != cudaSuccess) return err;
+  finalize_kernel<<<1, 1, 0, stream>>>(w.state, false, true, 0, nullptr);
+  return write_selection<float, float, true>(const_cast<float*>(score), n, w, values, indices,
+                                             stream, source);
+}
+
 template <typename T>
 cudaError_t threshold_select_typed(const T* x, int64_t n, const float* threshold,
                                    int64_t capacity, T* values, int64_t* indices, int64_t* count,
@@ -415,6 +436,7 @@ size_t topk_abs_workspace_bytes(int64_t n) { return workspace_bytes_for(n); }
 size_t quantile_abs_workspace_bytes(int64_t n) { return workspace_bytes_for(n); }
 size_t ef_topk_workspace_bytes(int64_t n) { return workspace_bytes_for(n); }
 size_t threshold_select_workspace_bytes(int64_t n) { return workspace_bytes_for(n); }
+size_t select_by_score_workspace_bytes(int64_t n) { return workspace_bytes_for(n); }
 
 cudaError_t topk_abs(const void* x, DType dtype, int64_t n, int64_t k, void* values,
                      int64_t* indices, void* workspace, size_t workspace_bytes,
@@ -469,6 +491,14 @@ cudaError_t ef_topk(float* residual, const void* grad, DType grad_dtype, int64_t
                            values, indices, w, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t select_by_score(const float* score, float* source, int64_t n, int64_t k,
+                            float* values, int64_t* indices, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream) {
+  if (k == 0 || n == 0) return cudaSuccess;
+  if (workspace_bytes < workspace_bytes_for(n)) return cudaErrorInvalidValue;
+  return select_by_score_impl(score, source, n, k, values, indices, carve(workspace, n), stream);
 }
 
 cudaError_t threshold_select(const void* x, DType dtype, int64_t n, const float* threshold,

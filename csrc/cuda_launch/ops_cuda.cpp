@@ -87,6 +87,49 @@ std::tuple<at::Tensor, at::Tensor> ef_topk_cuda(at::Tensor& residual, const at::
   return {values, indices};
 }
 
+std::tuple<at::Tensor, at::Tensor> regtopk_select_cuda(at::Tensor& residual,
+                                                       const at::Tensor& grad_in,
+                                                       const at::Tensor& prev_indices_in,
+                                                       const at::Tensor& prev_sent_in,
+                                                       const at::Tensor& prev_agg_in, double mu,
+                                                       int64_t k, int64_t world_size,
+                                                       c10::optional<double> q) {
+  check_regtopk_select(residual, grad_in, prev_indices_in, prev_sent_in, prev_agg_in, mu, k,
+                       world_size, q);
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor prev_indices = prev_indices_in.contiguous();
+  const at::Tensor prev_sent = prev_sent_in.contiguous();
+  const at::Tensor prev_agg = prev_agg_in.contiguous();
+  at::Tensor acc = residual.is_contiguous() ? residual : residual.contiguous();
+  at::Tensor values = at::empty({k}, acc.options());
+  at::Tensor indices = at::empty({k}, acc.options().dtype(at::kLong));
+  const int64_t n = grad.numel();
+  const size_t bytes = cuda::regtopk_select_workspace_bytes(n);
+  at::Tensor ws = workspace(bytes, grad);
+  cuda::RegTopKArgs args{};
+  args.residual = acc.data_ptr<float>();
+  args.grad = grad.data_ptr();
+  args.grad_dtype = to_dtype(grad.scalar_type());
+  args.n = n;
+  args.prev_indices = prev_indices.data_ptr();
+  args.prev_indices_int64 = prev_indices.scalar_type() == at::kLong;
+  args.prev_sent = prev_sent.data_ptr<float>();
+  args.prev_agg = prev_agg.data_ptr<float>();
+  args.m = prev_indices.numel();
+  args.mu = mu;
+  args.world_size = world_size;
+  args.has_q = q.has_value();
+  args.q = q.value_or(0.0);
+  args.k = k;
+  args.values = values.data_ptr<float>();
+  args.indices = indices.data_ptr<int64_t>();
+  check_cuda(cuda::regtopk_select(args, ws.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream()),
+             "regtopk_select_");
+  if (!acc.is_same(residual)) residual.copy_(acc);
+  return {values, indices};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_cuda(const at::Tensor& x_in,
                                                                      const at::Tensor& threshold,
                                                                      int64_t capacity) {
@@ -179,6 +222,7 @@ TORCH_LIBRARY_IMPL(gradsieve, CUDA, m) {
   m.impl("topk_abs", &gradsieve::cuda_launch::topk_abs_cuda);
   m.impl("quantile_abs", &gradsieve::cuda_launch::quantile_abs_cuda);
   m.impl("ef_topk_", &gradsieve::cuda_launch::ef_topk_cuda);
+  m.impl("regtopk_select_", &gradsieve::cuda_launch::regtopk_select_cuda);
   m.impl("threshold_select", &gradsieve::cuda_launch::threshold_select_cuda);
   m.impl("quantize_int8", &gradsieve::cuda_launch::quantize_int8_cuda);
   m.impl("dequantize_int8", &gradsieve::cuda_launch::dequantize_int8_cuda);

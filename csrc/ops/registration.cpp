@@ -25,6 +25,16 @@ std::tuple<at::Tensor, at::Tensor> ef_topk_meta(at::Tensor& residual, const at::
   return {at::empty({k}, residual.options()), at::empty({k}, residual.options().dtype(at::kLong))};
 }
 
+std::tuple<at::Tensor, at::Tensor> regtopk_select_meta(at::Tensor& residual, const at::Tensor& grad,
+                                                       const at::Tensor& prev_indices,
+                                                       const at::Tensor& prev_sent,
+                                                       const at::Tensor& prev_agg, double mu,
+                                                       int64_t k, int64_t world_size,
+                                                       c10::optional<double> q) {
+  check_regtopk_select(residual, grad, prev_indices, prev_sent, prev_agg, mu, k, world_size, q);
+  return {at::empty({k}, residual.options()), at::empty({k}, residual.options().dtype(at::kLong))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_meta(const at::Tensor& x,
                                                                      const at::Tensor& threshold,
                                                                      int64_t capacity) {
@@ -60,6 +70,9 @@ TORCH_LIBRARY(gradsieve, m) {
   m.def("quantile_abs(Tensor x, float q) -> Tensor");
   m.def("ef_topk_(Tensor(a!) residual, Tensor grad, int k, float scale=1.0) -> "
         "(Tensor values, Tensor indices)");
+  m.def("regtopk_select_(Tensor(a!) residual, Tensor grad, Tensor prev_indices, Tensor prev_sent, "
+        "Tensor prev_agg, float mu, int k, int world_size, float? q=None) -> "
+        "(Tensor values, Tensor indices)");
   m.def("threshold_select(Tensor x, Tensor threshold, int capacity) -> "
         "(Tensor values, Tensor indices, Tensor count)");
   m.def("quantize_int8(Tensor x, int chunk, bool stochastic=False, Generator? generator=None) -> "
@@ -73,6 +86,7 @@ TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
   m.impl("topk_abs", &gradsieve::topk_abs_meta);
   m.impl("quantile_abs", &gradsieve::quantile_abs_meta);
   m.impl("ef_topk_", &gradsieve::ef_topk_meta);
+  m.impl("regtopk_select_", &gradsieve::regtopk_select_meta);
   m.impl("threshold_select", &gradsieve::threshold_select_meta);
   m.impl("quantize_int8", &gradsieve::quantize_int8_meta);
   m.impl("dequantize_int8", &gradsieve::dequantize_int8_meta);

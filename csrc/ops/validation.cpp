@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
 
 namespace gradsieve {
 namespace {
@@ -58,6 +59,44 @@ void check_ef_topk(const at::Tensor& residual, const at::Tensor& grad, int64_t k
   check_same_device("ef_topk_", "residual", residual, "grad", grad);
   check_count("ef_topk_", "k", k, grad.sym_numel());
   TORCH_CHECK(std::isfinite(scale), "gradsieve.ef_topk_: scale must be finite, got ", scale);
+}
+
+void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
+                          const at::Tensor& prev_indices, const at::Tensor& prev_sent,
+                          const at::Tensor& prev_agg, double mu, int64_t k, int64_t world_size,
+                          c10::optional<double> q) {
+  constexpr const char* op = "regtopk_select_";
+  check_float_input(op, "grad", grad);
+  TORCH_CHECK(residual.defined() && residual.scalar_type() == at::kFloat,
+              "gradsieve.regtopk_select_: residual must be a float32 tensor, got ",
+              residual.defined() ? c10::toString(residual.scalar_type()) : "None");
+  TORCH_CHECK(residual.sym_numel() == grad.sym_numel(),
+              "gradsieve.regtopk_select_: residual must have as many elements as grad (",
+              grad.sym_numel(), "), got ", residual.sym_numel());
+  check_same_device(op, "residual", residual, "grad", grad);
+  TORCH_CHECK(prev_indices.defined() && (prev_indices.scalar_type() == at::kInt ||
+                                         prev_indices.scalar_type() == at::kLong),
+              "gradsieve.regtopk_select_: prev_indices must be int32 or int64, got ",
+              prev_indices.defined() ? c10::toString(prev_indices.scalar_type()) : "None");
+  check_same_device(op, "prev_indices", prev_indices, "grad", grad);
+  const std::pair<const char*, const at::Tensor*> per_entry[] = {{"prev_sent", &prev_sent},
+                                                                  {"prev_agg", &prev_agg}};
+  for (const auto& [arg, t] : per_entry) {
+    TORCH_CHECK(t->defined() && t->scalar_type() == at::kFloat, "gradsieve.regtopk_select_: ",
+                arg, " must be a float32 tensor, got ",
+                t->defined() ? c10::toString(t->scalar_type()) : "None");
+    TORCH_CHECK(t->sym_numel() == prev_indices.sym_numel(), "gradsieve.regtopk_select_: ", arg,
+                " must have as many elements as prev_indices (", prev_indices.sym_numel(),
+                "), got ", t->sym_numel());
+    check_same_device(op, arg, *t, "grad", grad);
+  }
+  check_count(op, "k", k, grad.sym_numel());
+  TORCH_CHECK(std::isfinite(mu) && mu > 0.0,
+              "gradsieve.regtopk_select_: mu must be a finite number > 0, got ", mu);
+  TORCH_CHECK(world_size >= 1, "gradsieve.regtopk_select_: world_size must be >= 1, got ",
+              world_size);
+  TORCH_CHECK(!q.has_value() || *q >= 0.0,
+              "gradsieve.regtopk_select_: q must be >= 0 (inf allowed) or None, got ", *q);
 }
 
 void check_threshold_select(const at::Tensor& x, const at::Tensor& threshold, int64_t capacity) {

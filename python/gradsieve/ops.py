@@ -24,6 +24,7 @@ __all__ = [
     "ef_topk_",
     "quantile_abs",
     "quantize_int8",
+    "regtopk_select_",
     "sparse_accumulate_",
     "threshold_select",
     "topk_abs",
@@ -103,6 +104,70 @@ def ef_topk_(
         ([1], [1.0, 0.0, 2.0, 0.5])
     """
     return torch.ops.gradsieve.ef_topk_(residual, grad, k, float(scale))
+
+
+def regtopk_select_(
+    residual: torch.Tensor,
+    grad: torch.Tensor,
+    prev_indices: torch.Tensor,
+    prev_sent: torch.Tensor,
+    prev_agg: torch.Tensor,
+    mu: float,
+    k: int,
+    world_size: int,
+    q: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RegTop-k selection fused with error feedback (Bereyhi et al., arXiv 2409.14893).
+
+    ``a = residual + grad``; each entry gets the score ``w_j * |a_j|`` and the ``k`` entries of
+    largest score are returned (``a``'s values, unchanged) and removed, so that
+    ``new residual + scatter(values, indices) == residual + grad`` exactly, as with
+    :func:`ef_topk_`. The weight regularises the entries this worker sent last step by how their
+    contribution aggregated:
+
+    * entry ``prev_indices[j]`` (sent last step with value ``prev_sent[j]``, where the world's
+      average was ``prev_agg[j]``): ``w = tanh(|prev_agg[j] * world_size / prev_sent[j]| / mu)``,
+      i.e. ``tanh(|1 + Delta| / mu)`` with the posterior distortion
+      ``1 + Delta = g_agg / (omega * sent)``, ``omega = 1 / world_size``. An entry whose
+      contributions cancelled across workers (``prev_agg == 0``) gets weight 0;
+    * every other entry: ``w = tanh(|1 + q| / mu)`` (``Delta = q``), exactly 1 when ``q`` is None.
+
+    Edge cases, identical on CPU and CUDA: empty ``prev_*`` (the first step) is plain top-k of
+    ``|a|``; ``prev_sent[j] == 0`` or a NaN ratio counts as not sent; an infinite ratio gives
+    weight 1; an index listed twice takes the lower of its scores. ``mu -> 0`` gives plain top-k
+    (except where ``prev_agg == 0``). A NaN score ranks above everything (any NaN or infinite
+    ``a`` ranks above every finite one), ties at the cut go to the lower index. The weight is
+    computed in float64 and rounded once to float32; the score is a float32 product.
+
+    Args:
+        residual: Tensor[...] float32, updated in place (same numel as grad).
+        grad: Tensor[...] of float32/float16/bfloat16.
+        prev_indices: Tensor[M] int64 or int32, positions in ``[0, grad.numel())`` sent last step.
+        prev_sent: Tensor[M] float32, the values sent there (as they went on the wire).
+        prev_agg: Tensor[M] float32, the averaged gradient every worker received there.
+        mu: regularisation, a finite number > 0 (the paper uses 1 to 5).
+        k: how many entries to send, ``0 <= k <= grad.numel()``.
+        world_size: number of workers N, ``>= 1``.
+        q: the distortion of the entries not sent last step, ``>= 0`` (inf allowed); None: their
+            weight is exactly 1.
+
+    Returns:
+        ``(values, indices)``: Tensor[k] float32 (``a``'s values) and Tensor[k] int64 ascending.
+
+    Example::
+
+        >>> # Last step this worker sent 3.0 at entry 0 and the other worker -3.0: they cancelled.
+        >>> residual = torch.zeros(4)
+        >>> values, indices = gradsieve.regtopk_select_(
+        ...     residual, torch.tensor([3.0, -2.0, 0.5, 1.0]), torch.tensor([0]),
+        ...     torch.tensor([3.0]), torch.tensor([0.0]), mu=1.0, k=1, world_size=2)
+        >>> indices.tolist(), values.tolist(), residual.tolist()
+        ([1], [-2.0], [3.0, 0.0, 0.5, 1.0])
+    """
+    return torch.ops.gradsieve.regtopk_select_(
+        residual, grad, prev_indices, prev_sent, prev_agg, float(mu), k, world_size,
+        None if q is None else float(q),
+    )
 
 
 def threshold_select(

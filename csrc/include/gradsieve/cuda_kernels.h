@@ -38,6 +38,42 @@ cudaError_t ef_topk(float* residual, const void* grad, DType grad_dtype, int64_t
                     float scale, float* values, int64_t* indices, void* workspace,
                     size_t workspace_bytes, cudaStream_t stream);
 
+// The selection of error feedback by a separate score: the k largest |score| (key order and NaN
+// policy of radix_key.h; scores are normally >= 0), ties to the lower index, ascending indices.
+// values (float32) receive source[indices], and those entries of source are set to zero.
+size_t select_by_score_workspace_bytes(int64_t n);
+cudaError_t select_by_score(const float* score, float* source, int64_t n, int64_t k,
+                            float* values, int64_t* indices, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream);
+
+// RegTop-k (arXiv 2409.14893) fused with error feedback, the arguments of regtopk_select_:
+// acc = residual + grad (residual updated in place); the k entries of largest score
+// w_j * |acc_j| (weights: gradsieve/regtopk_weight.h, from the m entries sent last step) are
+// returned in values (float32, acc's values) and indices (int64, ascending) and zeroed in the
+// residual. An index listed more than once in prev_indices takes its lowest score; an index
+// outside [0, n) stops the kernel with a device-side assertion.
+struct RegTopKArgs {
+  float* residual;           // n float32, in and out
+  const void* grad;          // n entries of grad_dtype
+  DType grad_dtype;
+  int64_t n;
+  const void* prev_indices;  // m int32 or int64
+  bool prev_indices_int64;
+  const float* prev_sent;    // m float32: the values sent last step
+  const float* prev_agg;     // m float32: the world's average there
+  int64_t m;
+  double mu;                 // > 0
+  int64_t world_size;        // >= 1
+  bool has_q;                // false: entries not sent last step weigh exactly 1
+  double q;
+  int64_t k;
+  float* values;             // k float32
+  int64_t* indices;          // k int64
+};
+size_t regtopk_select_workspace_bytes(int64_t n);
+cudaError_t regtopk_select(const RegTopKArgs& args, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
+
 // Entries with |x| >= *threshold (a device float), at most `capacity` of them, the largest first
 // when more pass. values/indices must be zero-filled by the caller (padding); *count (device int64)
 // receives the number that passed.

@@ -1,0 +1,111 @@
+// CPU kernel of regtopk_select_: error feedback whose selection ranks entries by the RegTop-k score
+// (Bereyhi et al., arXiv 2409.14893) instead of by |acc|; the weights are in regtopk_weight.h.
+//
+// Pass 1, parallel: acc = residual + grad (written back to the residual) and the radix key of the
+// score w_unsent * |acc| for every entry (one read of grad, one read and write of the residual, one
+// write of the keys). Then, serially over the m entries sent last step (m is the previous k, a
+// small fraction of n), their keys are replaced by the keys of w_j * |acc_j|; an index listed more
+// than once keeps its lowest key. The exact radix select of radix_select_cpu.h then runs on the
+// keys (4 passes over them) and writes acc's value at each selected index, zeroing it in the
+// residual. Ties at the cut go to the lower index; indices come out in ascending order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../ops/validation.h"
+#include "gradsieve/regtopk_weight.h"
+#include "radix_select_cpu.h"
+
+namespace gradsieve {
+namespace cpu {
+namespace {
+
+template <typename index_t>
+void check_prev_index_range(const index_t* idx, int64_t m, int64_t n) {
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t i = static_cast<int64_t>(idx[j]);
+    TORCH_CHECK(i >= 0 && i < n, "gradsieve.regtopk_select_: prev_indices must lie in [0, ", n,
+                ") (grad.numel()), got prev_indices[", j, "] = ", i);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
+                                                      const at::Tensor& grad_in,
+                                                      const at::Tensor& prev_indices_in,
+                                                      const at::Tensor& prev_sent_in,
+                                                      const at::Tensor& prev_agg_in, double mu,
+                                                      int64_t k, int64_t world_size,
+                                                      c10::optional<double> q) {
+  check_regtopk_select(residual, grad_in, prev_indices_in, prev_sent_in, prev_agg_in, mu, k,
+                       world_size, q);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor prev_indices = prev_indices_in.contiguous();
+  const at::Tensor prev_sent = prev_sent_in.contiguous();
+  const at::Tensor prev_agg = prev_agg_in.contiguous();
+  const int64_t n = grad.numel();
+  const int64_t m = prev_indices.numel();
+  // Checked before anything is written: a bad call leaves the residual as it was.
+  AT_DISPATCH_INDEX_TYPES(prev_indices.scalar_type(), "regtopk_select_", [&] {
+    check_prev_index_range(prev_indices.data_ptr<index_t>(), m, n);
+  });
+
+  // A non-contiguous residual is worked on in a contiguous copy and written back at the end.
+  at::Tensor acc = residual.is_contiguous() ? residual : residual.contiguous();
+  at::Tensor values = at::empty({k}, acc.options());
+  at::Tensor indices = at::empty({k}, acc.options().dtype(at::kLong));
+  float* r = acc.data_ptr<float>();
+  std::vector<uint32_t> keys(static_cast<size_t>(n));
+  uint32_t* key = keys.data();
+  const float w_unsent = RegTopKWeight::unsent(q.has_value(), q.value_or(0.0), mu);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "regtopk_select_",
+                                  [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float a = r[i] + static_cast<float>(g[i]);
+        r[i] = a;
+        key[i] = AbsKeyTraits::from_float(w_unsent * std::fabs(a));
+      }
+    });
+  });
+
+  const float* sent = prev_sent.data_ptr<float>();
+  const float* agg = prev_agg.data_ptr<float>();
+  const double world = static_cast<double>(world_size);
+  AT_DISPATCH_INDEX_TYPES(prev_indices.scalar_type(), "regtopk_select_", [&] {
+    const index_t* idx = prev_indices.data_ptr<index_t>();
+    // Every listed index first gets the largest key, then the lowest of its entries' keys.
+    for (int64_t j = 0; j < m; ++j) key[idx[j]] = AbsKeyTraits::kNanKey;
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = static_cast<int64_t>(idx[j]);
+      const float w = RegTopKWeight::sent(sent[j], agg[j], world, mu, w_unsent);
+      key[i] = std::min(key[i], AbsKeyTraits::from_float(w * std::fabs(r[i])));
+    }
+  });
+
+  if (k > 0) {
+    const auto key_at = [key](int64_t i) { return key[i]; };
+    const KthLargest kth = find_kth_largest(n, k, key_at);
+    float* out_v = values.data_ptr<float>();
+    int64_t* out_i = indices.data_ptr<int64_t>();
+    write_selection(n, kth.key, kth.need_equal, key_at, [&](int64_t pos, int64_t i) {
+      out_v[pos] = r[i];
+      out_i[pos] = i;
+      r[i] = 0.0f;
+    });
+  }
+  if (!acc.is_same(residual)) residual.copy_(acc.view(residual.sizes()));
+  return {values, indices};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace gradsieve
+
+TORCH_LIBRARY_IMPL(gradsieve, CPU, m) {
+  m.impl("regtopk_select_", &gradsieve::cpu::regtopk_select_cpu);
+}
