@@ -49,16 +49,17 @@ def worker(rank, world):
         "none": ("none", {}),
         "topk": ("topk", {"density": 0.01}),
         "dgc": ("dgc", {"density": 0.01, "momentum": 0.9}),
+        "regtopk": ("regtopk", {"density": 0.01, "mu": 4.0}),
     }
     return {name: train_digits(rank, world, c, o) for name, (c, o) in runs.items()}
 
 
-def test_topk_and_dgc_at_density_001_match_dense_accuracy_on_digits(tmp_path):
+def test_topk_dgc_regtopk_at_density_001_match_dense_accuracy_on_digits(tmp_path):
     results = run_workers(worker, 2, tmp_path)
     accuracy = {name: acc for name, (acc, _) in results[0].items()}
     assert all(results[1][name][0] == acc for name, acc in accuracy.items())  # ranks agree
     assert accuracy["none"] > 0.9, accuracy
-    for name in ("topk", "dgc"):
+    for name in ("topk", "dgc", "regtopk"):
         assert accuracy[name] >= accuracy["none"] - 0.02, accuracy
         stats = results[0][name][1]
         # 1% of the entries as (int32 index, fp32 value) plus a header: ~50x fewer bytes.

@@ -37,10 +37,11 @@ def fake_cifar(root, per_batch=8):
 
 
 @pytest.mark.parametrize("workload,extra", [
-    ("digits", ["--compare", "none,topk,dgc,ef21", "--steps", "12"]),
-    ("charlm", ["--compare", "none,topk", "--steps", "4", "--batch-size", "4"]),
-    ("linreg", ["--compare", "none,topk,ef21", "--steps", "20", "--density", "0.1"]),
-    ("cifar10", ["--compressor", "topk", "--steps", "2", "--batch-size", "4", "--heterogeneous"]),
+    ("digits", ["--compare", "none,topk,dgc,ef21,regtopk", "--steps", "12"]),
+    ("charlm", ["--compare", "none,topk,regtopk", "--steps", "4", "--batch-size", "4"]),
+    ("linreg", ["--compare", "none,topk,ef21,regtopk", "--steps", "20", "--density", "0.1"]),
+    ("cifar10", ["--compare", "topk,regtopk", "--steps", "2", "--batch-size", "4",
+                 "--heterogeneous"]),
 ])
 def test_tiny_run_of_each_workload(tmp_path, workload, extra):
     if workload == "cifar10":
