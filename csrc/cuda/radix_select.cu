@@ -239,10 +239,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Writes the selected entries of one tile at their global ranks. The values written are x's, or,
-// when a separate `source` is given (select_by_score: x is then the score), source's. With
-// kClearSelected (ef_topk_, select_by_score) the selected entries of x, or of source when given,
-// are set to zero.
-template <typename T, typename V, bool kClearSelected>
+// with kFromSource (select_by_score: x is then the score), those of `source`. With kClearSelected
+// (ef_topk_, select_by_score) the selected entries of x, or of source with kFromSource, are set
+// to zero. kFromSource is a template argument, not a null test, so that the other ops' kernels
+// keep their register count (ptxas: 64 instead of 80 for the 16-bit types).
+template <typename T, typename V, bool kClearSelected, bool kFromSource = false>
 __global__ void __launch_bounds__(kThreads)
     tile_write_kernel(T* __restrict__ x, int64_t n, const SelectState* st,
                       const unsigned long long* __restrict__ tile_offsets, V* __restrict__ values,
@@ -291,7 +292,7 @@ __global__ void __launch_bounds__(kThreads)
     if (take) {
       const int64_t i = start + local;
       indices[pos] = i;
-      if (source != nullptr) {
+      if constexpr (kFromSource) {
         values[pos] = static_cast<V>(source[i]);
         if (kClearSelected) source[i] = 0.0f;
       } else {
@@ -329,7 +330,7 @@ cudaError_t find_kth(const T* x, int64_t n, int first_pass, const Workspace& w,
 }
 
 // Count per tile, scan, write: the selection pass shared by every op that outputs entries.
-template <typename T, typename V, bool kClearSelected>
+template <typename T, typename V, bool kClearSelected, bool kFromSource = false>
 cudaError_t write_selection(T* x, int64_t n, const Workspace& w, V* values, int64_t* indices,
                             cudaStream_t stream, float* source = nullptr) {
   const int64_t tiles = num_tiles(n);
@@ -339,7 +340,8 @@ cudaError_t write_selection(T* x, int64_t n, const Workspace& w, V* values, int6
   cudaError_t err = cub::DeviceScan::ExclusiveSum(w.scan_tmp, scan_bytes, w.tile_counts,
                                                   w.tile_offsets, static_cast<int>(tiles), stream);
   if (err != cudaSuccess) return err;
-  tile_write_kernel<T, V, kClearSelected><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+  tile_write_kernel<T, V, kClearSelected, kFromSource>
+      <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
       x, n, w.state, w.tile_offsets, values, indices, source);
   return cudaGetLastError();
 }
@@ -404,8 +406,9 @@ cudaError_t select_by_score_impl(const float* score, float* source, int64_t n, i
   cudaError_t err = find_kth(score, n, 0, w, stream);
   if (err != cudaSuccess) return err;
   finalize_kernel<<<1, 1, 0, stream>>>(w.state, false, true, 0, nullptr);
-  return write_selection<float, float, true>(const_cast<float*>(score), n, w, values, indices,
-                                             stream, source);
+  // With kFromSource the score is only read; the cast serves the shared kernel signature.
+  return write_selection<float, float, true, true>(const_cast<float*>(score), n, w, values,
+                                                   indices, stream, source);
 }
 
 template <typename T>
