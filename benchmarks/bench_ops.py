@@ -4,6 +4,7 @@ For each size n and density k/n it times, on CPU and (when present) CUDA:
   topk_abs        vs torch.topk(x.abs(), k) (default, and sorted=False)
   quantile_abs    vs torch.kthvalue(x.abs(), i)
   ef_topk_        vs the same error-feedback steps in eager torch with torch.topk
+  regtopk_select_ vs the same RegTop-k steps in eager torch (weights, torch.topk of the score)
   quantize_int8   vs eager per-chunk absmax quantization
 Timings are medians over repeats after warm-up (CUDA: device events). On CUDA each row also shows
 the memory-bandwidth floor: the bytes the op must move divided by the device-to-device copy
@@ -72,6 +73,18 @@ def eager_ef_topk(residual: torch.Tensor, grad: torch.Tensor, k: int):
     return values, idx
 
 
+def eager_regtopk(residual, grad, prev_indices, prev_sent, prev_agg, mu, k, world_size):
+    acc = residual + grad.float()
+    score = acc.abs()
+    weight = torch.tanh((prev_agg * world_size / prev_sent).abs() / mu)
+    score[prev_indices] = weight * score[prev_indices]
+    _, idx = torch.topk(score, k, sorted=False)
+    values = acc[idx]
+    acc[idx] = 0
+    residual.copy_(acc)
+    return values, idx
+
+
 def eager_quantize(x: torch.Tensor, chunk: int):
     flat = x.reshape(-1).float()
     blocks = flat.view(-1, chunk)
@@ -114,6 +127,16 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
         base = timer(device, lambda: eager_ef_topk(residual_eager, grad, k), repeats)
         add("ef_topk_", density, ours, {"eager_ef_topk": base}, n * (elem + 8) + k * 16)
 
+        # RegTop-k with last step's k entries: what the regtopk compressor runs every step.
+        prev = torch.randperm(n, device=device)[:k]
+        prev_sent = torch.randn(k, device=device)
+        prev_agg = torch.randn(k, device=device) * 0.5
+        args = (prev, prev_sent, prev_agg, 4.0, k, 8)
+        ours = timer(device, lambda: gradsieve.regtopk_select_(residual, grad, *args), repeats)
+        base = timer(device, lambda: eager_regtopk(residual_eager, grad, *args), repeats)
+        add("regtopk_select_", density, ours, {"eager_regtopk": base},
+            n * (elem + 8) + k * (8 + 8) + k * 12)
+
     rank = n - max(1, int(n * densities[0]))
     ours = timer(device, lambda: gradsieve.quantile_abs(x, rank / (n - 1)), repeats)
     base = timer(device, lambda: torch.kthvalue(x.abs(), rank + 1), repeats)
@@ -141,17 +164,17 @@ def machine_description(devices: List[str]) -> Dict[str, object]:
 
 
 def print_table(rows):
-    header = f"{'device':6} {'op':14} {'n':>11} {'k/n':>6} {'gradsieve ms':>13} {'baseline':>15} " \
+    header = f"{'device':6} {'op':15} {'n':>11} {'k/n':>6} {'gradsieve ms':>13} {'baseline':>15} " \
              f"{'baseline ms':>12} {'speedup':>8} {'floor ms':>9} {'x floor':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
         density = "" if r["density"] != r["density"] else f"{r['density']:g}"
         floor = f"{r['floor_ms']:9.3f} {r['x_floor']:8.2f}" if "floor_ms" in r else f"{'-':>9} {'-':>8}"
-        print(f"{r['device']:6} {r['op']:14} {r['n']:>11} {density:>6} {r['gradsieve_ms']:13.3f} "
+        print(f"{r['device']:6} {r['op']:15} {r['n']:>11} {density:>6} {r['gradsieve_ms']:13.3f} "
               f"{r['baseline']:>15} {r['baseline_ms']:12.3f} {r['speedup']:7.2f}x {floor}")
         if "topk_unsorted_ms" in r:
-            print(f"{'':6} {'':14} {'':>11} {'':>6} {'':>13} {'sorted=False':>15} "
+            print(f"{'':6} {'':15} {'':>11} {'':>6} {'':>13} {'sorted=False':>15} "
                   f"{r['topk_unsorted_ms']:12.3f} {r['speedup_vs_topk_unsorted']:7.2f}x")
 
 
