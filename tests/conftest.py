@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -14,6 +15,17 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 requires_cuda = pytest.mark.skipif(
     not HAS_CUDA, reason="needs a GPU and a CUDA build of gradsieve"
 )
+
+
+@pytest.fixture(scope="module")
+def quiet_fake_tensor_log():
+    """Silences FakeTensor's log for a module whose tests make Meta kernels raise on purpose (it
+    logs a full C++ stack trace for each)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)
 
 
 def devices():

@@ -15,7 +15,6 @@ opcheck compares with ``torch.testing.assert_close`` without ``equal_nan``, so i
 ``special=False`` only.
 """
 
-import logging
 import math
 import re
 from typing import Any, Callable, List, NamedTuple, Tuple
@@ -25,6 +24,9 @@ import torch
 
 import gradsieve
 from conftest import DTYPES, HAS_CUDA, make_input, requires_cuda
+
+# Meta kernels raise on purpose in these tests; FakeTensor would log a stack trace for each.
+pytestmark = pytest.mark.usefixtures("quiet_fake_tensor_log")
 
 OPS = torch.ops.gradsieve
 OP_NAMES = [
@@ -231,15 +233,6 @@ def _opcheck_params():
             params.append(pytest.param(op, i, id=f"{op}-{sample.name}"))
     return params
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_fake_tensor_log():
-    # FakeTensor logs a full C++ stack trace for every Meta kernel that raises (expected here).
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------- 1 opcheck

@@ -8,7 +8,6 @@
 3. the compressor in the DDP hook on 2 gloo workers (hook == simulator, checkpoint restore).
 """
 
-import logging
 import math
 import re
 
@@ -26,6 +25,8 @@ from gradsieve.compressor import BucketLayout
 from gradsieve.memory import MemoryBank
 
 OP = torch.ops.gradsieve.regtopk_select_
+# Meta kernels raise on purpose in these tests; FakeTensor would log a stack trace for each.
+pytestmark = pytest.mark.usefixtures("quiet_fake_tensor_log")
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Two float32 roundings (the weight, then the product) separate the op's score from the float64
 # reference: entries whose float64 scores are this close to the cut may be swapped.
@@ -335,15 +336,6 @@ ERROR_CASES = [
     ("q-nan", lambda d: _call(d, q=math.nan), P + "q must be >= 0 (inf allowed) or None, got nan"),
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_fake_tensor_log():
-    # FakeTensor logs a C++ stack trace for every Meta kernel that raises (expected here).
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"] + (["cuda"] if HAS_CUDA else []))

@@ -141,5 +141,20 @@ void write_selection(int64_t n, uint32_t cut, int64_t need, const KeyAt& key_at,
   });
 }
 
+// The selection step of error feedback: the k entries of largest key_at(i) (k >= 0) leave the
+// accumulator r: their values go to out_values and their indices to out_indices (ascending), and
+// they are set to zero in r.
+template <typename KeyAt>
+void take_top_k(float* r, int64_t n, int64_t k, const KeyAt& key_at, float* out_values,
+                int64_t* out_indices) {
+  if (k <= 0) return;
+  const KthLargest kth = find_kth_largest(n, k, key_at);
+  write_selection(n, kth.key, kth.need_equal, key_at, [&](int64_t pos, int64_t i) {
+    out_values[pos] = r[i];
+    out_indices[pos] = i;
+    r[i] = 0.0f;
+  });
+}
+
 }  // namespace cpu
 }  // namespace gradsieve

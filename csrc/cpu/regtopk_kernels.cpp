@@ -108,17 +108,8 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
     }
   });
 
-  if (k > 0) {
-    const auto key_at = [key](int64_t i) { return key[i]; };
-    const KthLargest kth = find_kth_largest(n, k, key_at);
-    float* out_v = values.data_ptr<float>();
-    int64_t* out_i = indices.data_ptr<int64_t>();
-    write_selection(n, kth.key, kth.need_equal, key_at, [&](int64_t pos, int64_t i) {
-      out_v[pos] = r[i];
-      out_i[pos] = i;
-      r[i] = 0.0f;
-    });
-  }
+  take_top_k(r, n, k, [key](int64_t i) { return key[i]; }, values.data_ptr<float>(),
+             indices.data_ptr<int64_t>());
   if (!acc.is_same(residual)) residual.copy_(acc.view(residual.sizes()));
   return {values, indices};
 }

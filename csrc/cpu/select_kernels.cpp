@@ -86,17 +86,8 @@ std::tuple<at::Tensor, at::Tensor> ef_topk_cpu(at::Tensor& residual, const at::T
       }
     });
   });
-  if (k > 0) {
-    const MagnitudeKeys<float> keys{r};
-    const KthLargest kth = find_kth_largest(n, k, keys);
-    float* out_v = values.data_ptr<float>();
-    int64_t* out_i = indices.data_ptr<int64_t>();
-    write_selection(n, kth.key, kth.need_equal, keys, [&](int64_t pos, int64_t i) {
-      out_v[pos] = r[i];
-      out_i[pos] = i;
-      r[i] = 0.0f;
-    });
-  }
+  take_top_k(r, n, k, MagnitudeKeys<float>{r}, values.data_ptr<float>(),
+             indices.data_ptr<int64_t>());
   if (!acc.is_same(residual)) residual.copy_(acc.view(residual.sizes()));
   return {values, indices};
 }
