@@ -1,4 +1,5 @@
-"""Runs a test function on N gloo worker processes (torch.multiprocessing), collecting results."""
+"""Runs a test function on N gloo worker processes (torch.multiprocessing), collecting results;
+recording_hook, the compression hook that also keeps what went in and came out of each bucket."""
 
 import gc
 import os
@@ -8,6 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import gradsieve
 
 
 def free_port() -> int:
@@ -40,3 +43,20 @@ def run_workers(fn, world_size, tmp_path, *args):
     out_dir = str(tmp_path)
     mp.spawn(_entry, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def recording_hook():
+    """compression_hook that also keeps each bucket's input (this rank's gradient) and output."""
+    inputs, outputs = [], []
+
+    def hook(state, bucket):
+        inputs.append(bucket.buffer().detach().clone())
+
+        def keep(f):
+            outputs.append(f.value().detach().clone())
+            return f.value()
+
+        return gradsieve.compression_hook(state, bucket).then(keep)
+
+    hook.inputs, hook.outputs = inputs, outputs
+    return hook

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradsieve
-from distributed import run_workers
+from distributed import recording_hook, run_workers
 
 STEPS = 6
 
@@ -25,23 +25,6 @@ def batch(rank, step, dtype=torch.float32):
 
 def flat_params(model):
     return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
-
-
-def recording_hook():
-    """compression_hook that also keeps each bucket's input (this rank's gradient) and output."""
-    inputs, outputs = [], []
-
-    def hook(state, bucket):
-        inputs.append(bucket.buffer().detach().clone())
-
-        def keep(f):
-            outputs.append(f.value().detach().clone())
-            return f.value()
-
-        return gradsieve.compression_hook(state, bucket).then(keep)
-
-    hook.inputs, hook.outputs = inputs, outputs
-    return hook
 
 
 def train(rank, model, state, steps, hook=None, lr=0.1, start=0, dtype=torch.float32):

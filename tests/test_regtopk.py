@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradsieve
 from conftest import DTYPES, HAS_CUDA, devices, make_input, requires_cuda
-from distributed import run_workers
+from distributed import recording_hook, run_workers
 from gradsieve.compressor import BucketLayout
 from gradsieve.memory import MemoryBank
 
@@ -753,21 +753,11 @@ def train(model, state, rank, steps, start=0, hook=None, opt_state=None):
 
 
 def worker_record(rank, world, options):
-    inputs, outputs = [], []
-
-    def hook(state, bucket):
-        inputs.append(bucket.buffer().detach().clone())
-
-        def keep(fut):
-            outputs.append(fut.value().detach().clone())
-            return fut.value()
-
-        return gradsieve.compression_hook(state, bucket).then(keep)
-
+    hook = recording_hook()
     state = gradsieve.CompressionState("regtopk", warmup_steps=1, **options)
     train(small_model(), state, rank, HOOK_STEPS, hook=hook)
     (bucket,) = state.memory.buckets.values()  # the model fits in one bucket
-    return {"inputs": inputs, "outputs": outputs, "keys": bucket.keys, "numels": bucket.numels,
+    return {"inputs": hook.inputs, "outputs": hook.outputs, "keys": bucket.keys, "numels": bucket.numels,
             "prev": bucket.extra["prev_indices"].numel()}
 
 
