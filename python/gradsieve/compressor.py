@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -60,6 +61,24 @@ class BucketLayout:
         if sum(sizes) != numel:
             raise ValueError(f"param_sizes must add up to the gradient size {numel}, got {sum(sizes)}")
         return BucketLayout(numel, sizes, tuple(2 for _ in sizes), world_size)
+
+
+def entries_for(fraction: float, numel: int) -> int:
+    """``ceil(fraction * numel)`` of the decimal number the user wrote, capped at ``numel``.
+
+    The float product rounds: ``0.55 * 100`` is 55.00000000000001 and ``math.ceil`` makes it 56.
+    Here the fraction is read back from its shortest decimal form (``repr``: "0.55" -> 55/100),
+    so density 0.55 of 100 entries is 55 and 0.07 of 100 is 7, exactly.
+
+    Example::
+
+        >>> entries_for(0.55, 100), entries_for(0.07, 100), entries_for(0.001, 1500)
+        (55, 7, 2)
+    """
+    if numel <= 0:
+        return 0
+    exact = Fraction(repr(float(fraction))) * numel
+    return min(numel, max(0, math.ceil(exact)))
 
 
 class Segment(NamedTuple):
@@ -160,7 +179,7 @@ class SparseCompressor(Compressor):
             else:
                 pieces.append((offset, numel, dense))
             offset += numel
-        return [Segment(o, n, n if dense else min(n, math.ceil(density * n))) for o, n, dense in pieces]
+        return [Segment(o, n, n if dense else entries_for(density, n)) for o, n, dense in pieces]
 
     def payload_format(self, layout: BucketLayout, step: int) -> PayloadFormat:
         return self._format(sum(s.k for s in self.segments(layout, step)))
