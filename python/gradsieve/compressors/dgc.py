@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SPARSE_OPTIONS, SparseCompressor
+from gradsieve.compressor import SPARSE_OPTIONS, SparseCompressor, entries_for
 from gradsieve.options import Option
 from gradsieve.registry import register_compressor
 
@@ -88,8 +88,8 @@ class DGCCompressor(SparseCompressor):
                                                                   layout.param_numels)
                       if seg.offset <= o < end]
             inside.sort()
-            target = min(seg.numel, max(seg.k * 4, int(math.ceil(self.sample_fraction * seg.numel)), 256))
-            counts = [max(1, math.ceil(target * n / seg.numel)) for _, _, n in inside]
+            target = min(seg.numel, max(seg.k * 4, entries_for(self.sample_fraction, seg.numel), 256))
+            counts = [max(1, -(-target * n // seg.numel)) for _, _, n in inside]
             base = torch.tensor([o for (_, o, _), c in zip(inside, counts) for _ in range(c)], device=device)
             span = torch.tensor([n for (_, _, n), c in zip(inside, counts) for _ in range(c)], device=device)
             plan = cache[key] = (base, span, inside[0][0])
