@@ -1,5 +1,6 @@
 """The DDP communication hook on real gloo process groups (2 CPU workers)."""
 
+import warnings
 
 import pytest
 import torch
@@ -284,6 +285,11 @@ def test_dgc_warns_about_optimizer_momentum():
     model = small_model()
     with pytest.warns(UserWarning, match="momentum twice"):
         state.watch_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    # Without momentum correction dgc adds no momentum: Adam's moments are the only ones.
+    plain = gradsieve.CompressionState("dgc", density=0.01, momentum=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.watch_optimizer(torch.optim.Adam(model.parameters(), lr=0.1))
 
 
 def test_dgc_density_warmup_schedule():
@@ -315,3 +321,29 @@ def test_ef21_converges_on_heterogeneous_least_squares_where_topk_stalls():
     assert run("ef21") < 1e-3
     # Error-feedback top-k keeps oscillating far from the optimum (|x - target| ~ 5 here).
     assert run("topk") > 1.0
+
+
+@pytest.mark.parametrize("values", ["fp32", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 7, 667])
+def test_payload_decodes_for_any_world_size_and_odd_k(values, world, k):
+    # A payload of odd length (int8, fp16, bf16 values with odd k) once failed to decode at world
+    # size 1: a [1, L] slice keeps the row stride L, which view(int32) rejects.
+    from gradsieve.wire import PayloadFormat
+
+    numel = 5000
+    fmt = PayloadFormat(k, values, chunk=3 if values == "int8" else 256)
+    g = torch.Generator().manual_seed(k * 10 + world)
+    payloads, expected = [], torch.zeros(numel)
+    for _ in range(world):
+        indices = torch.randperm(numel, generator=g)[:k]
+        chosen = torch.randn(k, generator=g)
+        payload, sent = fmt.pack(torch.tensor(True), indices, chosen)
+        assert payload.numel() == fmt.nbytes
+        expected.index_add_(0, indices, sent)
+        payloads.append(payload)
+    gathered = torch.stack(payloads)
+    out = torch.zeros(numel)
+    flags = fmt.decode_sum(gathered, out)
+    assert flags.tolist() == [True] * world
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)

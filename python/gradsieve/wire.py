@@ -89,20 +89,27 @@ class PayloadFormat:
             bool tensor[world]: each rank's finite flag.
         """
         world = gathered.shape[0]
-        flags = gathered[:, :HEADER_BYTES].contiguous().view(torch.int32)[:, 0] != 0
+
+        def column(start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+            # Every rank's bytes [start, start + nbytes) as one flat tensor of dtype. reshape(-1),
+            # not contiguous(): a [1, nbytes] slice counts as contiguous while its row stride is
+            # still the whole payload's, which view(dtype) rejects when that is not a multiple
+            # of the dtype's size (world size 1, odd k).
+            return gathered[:, start:start + nbytes].reshape(-1).view(dtype)
+
+        flags = column(0, HEADER_BYTES, torch.int32).view(world, -1)[:, 0] != 0
         slots = self.slots
         offset = HEADER_BYTES
-        indices = gathered[:, offset:offset + 4 * slots].contiguous().view(torch.int32).reshape(-1)
+        indices = column(offset, 4 * slots, torch.int32)
         offset += 4 * slots
         if self.values == "int8":
-            scales = gathered[:, offset:offset + 4 * self.num_scales].contiguous().view(torch.float32)
+            scales = column(offset, 4 * self.num_scales, torch.float32)
             offset += 4 * self.num_scales
-            q = gathered[:, offset:offset + slots].contiguous().view(torch.int8).reshape(-1)
-            ops.sparse_accumulate_(out, indices, q, scales.reshape(-1), self.chunk)
+            q = column(offset, slots, torch.int8)
+            ops.sparse_accumulate_(out, indices, q, scales, self.chunk)
         else:
             dtype = VALUE_DTYPES[self.values]
             size = torch.empty((), dtype=dtype).element_size()
-            values = gathered[:, offset:offset + size * slots].contiguous().view(dtype).reshape(-1)
+            values = column(offset, size * slots, dtype)
             ops.sparse_accumulate_(out, indices, values)
-        del world
         return flags

@@ -65,6 +65,8 @@ class DGCCompressor(SparseCompressor):
         return self.density
 
     def watch_optimizer(self, optimizer):
+        if not self.momentum:
+            return
         for group in optimizer.param_groups:
             if group.get("momentum", 0) or "betas" in group:
                 warnings.warn(
