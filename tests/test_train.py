@@ -13,6 +13,7 @@ import torch
 
 
 from gradsieve import train as train_cli
+from gradsieve import training
 from gradsieve import workloads
 
 PYTHON = sys.executable
@@ -42,6 +43,7 @@ def fake_cifar(root, per_batch=8):
     ("linreg", ["--compare", "none,topk,ef21,regtopk", "--steps", "20", "--density", "0.1"]),
     ("cifar10", ["--compare", "topk,regtopk", "--steps", "2", "--batch-size", "4",
                  "--heterogeneous"]),
+    ("textcls", ["--compare", "none,torch-fp16,powersgd,topk", "--steps", "6"]),
 ])
 def test_tiny_run_of_each_workload(tmp_path, workload, extra):
     if workload == "cifar10":
@@ -62,8 +64,36 @@ def test_tiny_run_of_each_workload(tmp_path, workload, extra):
         assert run["wire_bytes_per_step"] > 0
         if run["compressor"] != "none":
             assert run["compression_ratio"] > 1.5
-    for png in ("loss_vs_step.png", "loss_vs_bytes.png"):
+    for png in ("loss_vs_step.png", "loss_vs_bytes.png", "metric_vs_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_baselines_and_variants_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("--compare", "none,torch-fp16,powersgd:start_iter=3:rank=2,topk,topk:values=int8",
+                     "--steps", "8", "--eval-every", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {r["name"]: r for r in json.loads((out / "metrics.json").read_text())["runs"]}
+    assert list(runs) == ["none", "torch-fp16", "powersgd:start_iter=3:rank=2", "topk", "topk:values=int8"]
+    assert [runs[n]["source"] for n in runs] == ["torch", "torch", "torch", "gradsieve", "gradsieve"]
+    # DDP's default and torch's fp16 hook: fp32 and half the bytes, every step.
+    assert runs["none"]["compression_ratio"] == 1.0
+    assert runs["torch-fp16"]["compression_ratio"] == 2.0
+    # PowerSGD: 3 dense steps, then rank-2 factors (and the uncompressed biases) only.
+    power = runs["powersgd:start_iter=3:rank=2"]
+    dense = runs["none"]["wire_bytes_per_step"]
+    assert 3 * dense / 8 < power["wire_bytes_per_step"] < 0.5 * dense
+    assert runs["topk:values=int8"]["wire_bytes_per_step"] < runs["topk"]["wire_bytes_per_step"]
+    for run in runs.values():
+        assert [e["step"] for e in run["history"]["eval"]] == [0, 4, 8]
+        seconds = [e["seconds"] for e in run["history"]["eval"]]
+        assert seconds[0] == 0.0 and seconds[1] < seconds[2]
+        assert run["step_speedup"] is not None
+    # Progress off a terminal: lines, not carriage-return frames; no leaked semaphore at exit.
+    assert "\r" not in result.stderr
+    assert "none: step 8/8" in result.stderr
+    assert "leaked semaphore" not in result.stderr
+    assert "to target" in result.stdout
 
 
 def test_same_seed_same_numbers_and_dense_baseline_first(tmp_path):
@@ -91,6 +121,15 @@ def test_same_seed_same_numbers_and_dense_baseline_first(tmp_path):
     (["--workload", "cifar10"], "cifar10 needs --data-dir"),
     (["--workload", "cifar10", "--data-dir", "/nonexistent"], "no CIFAR-10 under '/nonexistent'"),
     (["--lr", "-1"], "--lr must be a positive number"),
+    (["--target", "accuracy=90"], "--target accuracy must be a fraction"),
+    (["--target", "f1=0.5"], "--target must be accuracy=VALUE or loss=VALUE"),
+    (["--link", "100mbps"], "--link must be RATE[,delay=D]"),
+    (["--model-size", "huge", "--workload", "charlm"], "charlm: unknown model size 'huge'; sizes: tiny"),
+    (["--model-size", "base"], "digits has one model and takes no model size"),
+    (["--compare", "topk:colour=red"], "topk has no option colour"),
+    (["--compare", "powersgd", "--opt", "rank=0"], "rank must be an integer >= 1"),
+    (["--compare", "powersgd:start_iter=1"], "start_iter must be an integer >= 2"),
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
 ])
 def test_bad_arguments_give_one_line_error(args, message):
     result = run_cli(*args, timeout=60)
@@ -111,7 +150,15 @@ def test_plan_runs_routes_options_and_dgc_momentum():
     assert runs["dgc"] == {"values": "int8", "density": 0.05, "momentum": 0.9}
     spec = train_cli.RunSpec("dgc", runs["dgc"])
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert train_cli._optimizer(args, spec, params).param_groups[0]["momentum"] == 0.0
+    assert training._optimizer(args, spec, params).param_groups[0]["momentum"] == 0.0
+    # With Adam (its own moments) dgc runs without momentum correction, unless asked for.
+    adam = train_cli.resolve_args(train_cli.build_parser().parse_args(
+        ["--workload", "textcls", "--compare", "dgc,topk"]))
+    assert adam.optimizer == "adam"
+    assert train_cli.plan_runs(adam)[0].options["momentum"] == 0.0
+    asked = train_cli.resolve_args(train_cli.build_parser().parse_args(
+        ["--workload", "textcls", "--compare", "dgc:momentum=0.5"]))
+    assert train_cli.plan_runs(asked)[0].options["momentum"] == 0.5
 
 
 def test_heterogeneous_digits_shards_are_skewed():

@@ -2,54 +2,45 @@
 
 Launches its own local workers (``--nproc``, default 2) or, started under ``torchrun``, uses the
 ranks it is given. Each compressor of ``--compare`` (or the one ``--compressor``) trains in turn
-from the same seed, model initialisation and data split; at the end rank 0 prints a table and
-writes ``metrics.json``, ``metrics.csv`` and two plots (loss against step, loss against cumulative
-bytes sent) to ``--out``.
+from the same seed, model initialisation and data split; PyTorch's own hooks (``none``: DDP's
+default all-reduce, ``torch-fp16``, ``powersgd``) run beside gradsieve's compressors as baselines.
+With ``--link RATE`` the local workers talk over a rate-limited loopback in a private network
+namespace (:mod:`gradsieve.link`). At the end rank 0 prints a table with time-to-target and the
+speed-ups against dense all-reduce, and writes ``metrics.json``, ``metrics.csv`` and three plots
+to ``--out`` (:mod:`gradsieve.report`).
+
+This module is the command line; the workers are in :mod:`gradsieve.launcher`, one run's loop in
+:mod:`gradsieve.training`.
 
 Examples::
 
     gradsieve-train --compare none,fp16,topk,dgc,ef21 --density 0.01
-    gradsieve-train --workload charlm --compressor topk --density 0.01 --opt values=int8
+    gradsieve-train --link 100mbit --workload textcls --compare none,torch-fp16,powersgd,topk
+    gradsieve-train --workload charlm --model-size base --compressor topk --opt values=int8
     torchrun --nnodes 2 --nproc-per-node 8 ... -m gradsieve.train --workload cifar10 --data-dir /data
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import gc
-import json
 import math
 import os
-import socket
-import statistics
 import sys
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from gradsieve.hook import CompressionState, compression_hook
+from gradsieve import link
+from gradsieve.baselines import BASELINES, baseline_options, is_baseline
+from gradsieve.launcher import launch, under_torchrun
 from gradsieve.registry import available_compressors, compressor_class, get_compressor
-from gradsieve.workloads import DEFAULTS, WORKLOADS, WorkloadError, check_available, epochs_to_steps, make_workload
+from gradsieve.report import Target, add_speedups, format_table, write_outputs, write_plots
+from gradsieve.training import RunSpec
+from gradsieve.workloads import (MODEL_SIZES, WORKLOADS, WorkloadError, check_available, defaults_for,
+                                 resolve_model_size)
 
 PROG = "gradsieve-train"
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """One training run of a comparison."""
-
-    compressor: str
-    options: Dict[str, Any]
-
-    @property
-    def label(self) -> str:
-        if "density" in self.options:
-            return f"{self.compressor} {self.options['density']:g}"
-        return self.compressor
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,14 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workload", default="digits", choices=WORKLOADS,
                    help="digits: sklearn's 8x8 digits, small CNN; charlm: character transformer on the "
-                        "Python standard library's sources; linreg: heterogeneous linear regression; "
-                        "cifar10: ResNet-18, needs --data-dir")
-    p.add_argument("--compressor", default="topk", help="a registered compressor: " + ", ".join(available_compressors()))
+                        "Python standard library's sources; textcls: hashed n-gram classifier whose "
+                        "gradient is one large embedding table (communication-bound); linreg: "
+                        "heterogeneous linear regression; cifar10: ResNet-18, needs --data-dir")
+    p.add_argument("--model-size", default=None,
+                   help="model size of the workload (" + "; ".join(
+                       f"{w}: {'|'.join(s)}" for w, s in MODEL_SIZES.items() if s) + ")")
+    p.add_argument("--compressor", default="topk",
+                   help="a registered compressor (" + ", ".join(available_compressors())
+                        + ") or one of PyTorch's own hooks (" + ", ".join(BASELINES) + ")")
     p.add_argument("--compare", default=None,
-                   help="comma-separated compressors trained in turn from the same seed (replaces --compressor)")
+                   help="comma-separated compressors and torch baselines trained in turn from the same "
+                        "seed (replaces --compressor); 'none' is DDP's default all-reduce")
     p.add_argument("--density", type=float, default=0.01, help="fraction of entries sent (sparse compressors)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="compressor option, repeatable (e.g. values=int8, scope=layer, momentum=0.9)")
+                   help="compressor option, repeatable (e.g. values=int8, scope=layer, momentum=0.9; "
+                        "powersgd: rank=4, start_iter=N); a key goes to every run that accepts it")
     p.add_argument("--warmup-steps", type=int, default=1, help="dense all-reduce steps before compression")
     p.add_argument("--nproc", type=int, default=2, help="local worker processes (ignored under torchrun)")
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
@@ -88,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skewed data per rank (label mix; separate files for charlm)")
     p.add_argument("--data-dir", default=None, help="dataset folder (cifar10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--link", default=None, metavar="RATE[,delay=D]",
+                   help="run the local workers over an emulated link: a private network namespace whose "
+                        "loopback the kernel rate-limits (e.g. 10mbit, 100mbit, 1gbit; 'unlimited' for "
+                        "the namespace alone). The rate is shared by all workers' traffic. Needs root "
+                        "or unprivileged user namespaces")
+    p.add_argument("--target", default=None, metavar="METRIC=VALUE",
+                   help="goal for time-to-target: accuracy=0.9 (or 90%%) or loss=1.5 on the held-out data "
+                        "(default per workload)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate every N steps (default: a twentieth of the steps); sets time-to-target's "
+                        "resolution")
     p.add_argument("--out", default=None, help="output folder (default runs/<workload>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -115,36 +125,69 @@ def parse_options(items: Sequence[str]) -> Dict[str, Any]:
     return options
 
 
+def split_compare(text: str) -> List[tuple]:
+    """``--compare`` items: ``name`` or ``name:key=value[:key=value...]`` (a variant with options of
+    its own, e.g. ``topk:values=int8``). Returns (item, name, options) triples."""
+    items = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, *pairs = item.split(":")
+        items.append((item, name.strip(), parse_options(pairs) if pairs else {}))
+    return items
+
+
 def plan_runs(args: argparse.Namespace) -> List[RunSpec]:
     """The runs asked for, each validated by the registry (ValueError names what is wrong)."""
-    names = [n.strip() for n in args.compare.split(",") if n.strip()] if args.compare else [args.compressor]
-    if not names:
+    items = split_compare(args.compare) if args.compare else [(args.compressor, args.compressor, {})]
+    if not items:
         raise ValueError("--compare must name at least one compressor")
-    if len(set(names)) != len(names):
+    seen = [item for item, _, _ in items]
+    if len(set(seen)) != len(seen):
         raise ValueError(f"--compare names a compressor twice: {args.compare}")
     given = parse_options(args.opt)
-    if "density" in given:
-        raise ValueError("give the density with --density, not --opt")
+    if "density" in given or any("density" in own for _, _, own in items):
+        raise ValueError("give the density with --density, not as an option")
     used = set()
     runs = []
-    for name in names:
-        declared = compressor_class(name).OPTIONS  # ValueError for an unknown name
+    for item, name, own in items:
+        if is_baseline(name):
+            declared = BASELINES[name].OPTIONS
+        else:
+            declared = compressor_class(name).OPTIONS  # ValueError for an unknown name
+        unknown = sorted(set(own) - set(declared))
+        if unknown:
+            raise ValueError(f"--compare {item}: {name} has no option {', '.join(unknown)}; "
+                             f"allowed: {', '.join(sorted(declared)) or 'none'}")
         options = {key: value for key, value in given.items() if key in declared}
         used.update(options)
+        options.update(own)
+        variant = ":".join(f"{k}={v}" for k, v in own.items())
+        if is_baseline(name):
+            baseline_options(name, options)  # validates values and ranges
+            runs.append(RunSpec(name, options, variant))
+            continue
         if "density" in declared:
             options["density"] = args.density
-        if "momentum" in declared and "momentum" not in options and args.optimizer == "sgd" and args.momentum:
-            options["momentum"] = args.momentum  # dgc: momentum correction replaces SGD's momentum
+        if "momentum" in declared and "momentum" not in options:
+            # dgc: momentum correction replaces SGD's momentum; Adam keeps its own moments, so
+            # dgc runs without (momentum twice is what its optimizer check warns about).
+            if args.optimizer == "sgd" and args.momentum:
+                options["momentum"] = args.momentum
+            elif args.optimizer == "adam":
+                options["momentum"] = 0.0
         get_compressor(name, **options)  # validates values and ranges
-        runs.append(RunSpec(name, options))
+        runs.append(RunSpec(name, options, variant))
     unused = sorted(set(given) - used)
     if unused:
-        raise ValueError(f"option(s) {', '.join(unused)} are not accepted by any of {', '.join(names)}")
+        raise ValueError(f"option(s) {', '.join(unused)} are not accepted by any of "
+                         f"{', '.join(name for _, name, _ in items)}")
     return runs
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    defaults = DEFAULTS[args.workload]
+    args.model_size = resolve_model_size(args.workload, args.model_size)  # WorkloadError names the sizes
+    defaults = defaults_for(args.workload, args.model_size)
     for field in ("batch_size", "lr", "optimizer", "momentum"):
         if getattr(args, field) is None:
             setattr(args, field, getattr(defaults, field))
@@ -168,284 +211,83 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--batch-size must be >= 0, got {args.batch_size}")
     if args.batch_size == 0 and args.workload != "linreg":
         raise ValueError("--batch-size 0 (full batch) is only for linreg")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
+    if args.target is None:
+        args.target_metric, args.target_value = defaults.target_metric, defaults.target_value
+    else:
+        target = Target.parse(args.target)
+        args.target_metric, args.target_value = target.metric, target.value
+    if args.link is not None:
+        link.LinkSpec.parse(args.link)  # ValueError on a malformed rate
     if args.out is None:
         args.out = os.path.join("runs", args.workload)
     return args
 
 
-# ------------------------------------------------------------------------------------- workers
-def _device_and_backend(args: argparse.Namespace, local_rank: int) -> tuple:
-    backend = args.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > local_rank else "gloo"
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise WorkloadError("--backend nccl needs CUDA GPUs, none is available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), backend
-    return torch.device("cpu"), backend
+# -------------------------------------------------------------------------------------- report
+def workload_title(args: argparse.Namespace, world: int) -> str:
+    name = args.workload + (f" {args.model_size}" if args.model_size else "")
+    title = f"{name}, {world} workers" + (", heterogeneous" if args.heterogeneous else "")
+    if args.link:
+        title += f", {link.LinkSpec.parse(args.link).describe()}"
+    return title
 
 
-def _optimizer(args, spec: RunSpec, params) -> torch.optim.Optimizer:
-    if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.lr)
-    momentum = 0.0 if "momentum" in spec.options else args.momentum
-    return torch.optim.SGD(params, lr=args.lr, momentum=momentum)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.manual_seed(args.seed)  # the same initial model on every rank and in every run
-    model = workload.model().to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = CompressionState(spec.compressor, warmup_steps=args.warmup_steps, **spec.options)
-    ddp.register_comm_hook(state, compression_hook)
-    optimizer = _optimizer(args, spec, ddp.parameters())
-    state.watch_optimizer(optimizer)
-    steps = args.steps or epochs_to_steps(args.epochs, workload.shard_size, args.batch_size)
-    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)  # same batches in every run
-
-    losses, cum_bytes, step_times = [], [], []
-    bar = None
-    if rank == 0 and not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=f"{spec.label:>12}", unit="step", leave=True, dynamic_ncols=True)
-    for step in range(steps):
-        x, y = workload.batch(generator, args.batch_size)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        _sync(device)
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        output = ddp(x)
-        loss = workload.loss(output, y)
-        loss.backward()
-        optimizer.step()
-        value = loss.item()  # also waits for the step
-        _sync(device)
-        step_times.append(time.perf_counter() - started)
-        losses.append(value)
-        cum_bytes.append(state.wire_bytes)
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
-                shown = {"loss": f"{value:.4f}"}
-                if workload.has_accuracy:
-                    with torch.no_grad():
-                        shown["acc"] = f"{workload.batch_accuracy(output, y):.3f}"
-                bar.set_postfix(**shown, sent=_human_bytes(state.wire_bytes))
-    eval_loss, accuracy = workload.evaluate(model, device)
-    if bar is not None:
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", eval=f"{eval_loss:.4f}",
-                        acc="-" if accuracy is None else f"{accuracy:.3f}", sent=_human_bytes(state.wire_bytes))
-        bar.close()
-
-    # Every rank's training losses, averaged per step: the loss of the global batch.
-    gathered: List[Any] = [None] * world
-    dist.all_gather_object(gathered, losses)
-    mean_losses = [sum(ls[i] for ls in gathered) / world for i in range(steps)]
-    stats = state.stats()
-    timed = step_times[min(len(step_times) - 1, max(1, args.warmup_steps)):]
-    tail = mean_losses[-max(1, steps // 10):]
-    return {
-        "compressor": spec.compressor,
-        "label": spec.label,
-        "options": dict(spec.options),
-        "density": spec.options.get("density"),
-        "steps": steps,
-        "eval_loss": eval_loss,
-        "accuracy": accuracy,
-        "train_loss": sum(tail) / len(tail),
-        "wire_bytes_per_step": stats["wire_bytes"] / steps,
-        "dense_bytes_per_step": stats["dense_bytes"] / steps,
-        "compression_ratio": stats["compression_ratio"],
-        "time_per_step_s": statistics.median(timed),
-        "compress_s_per_step": stats["compress_s"] / steps,
-        "decode_s_per_step": stats["decode_s"] / steps,
-        "skipped_steps": stats["skipped_steps"],
-        "history": {"loss": mean_losses, "cum_bytes": cum_bytes},
-    }
-
-
-def run_rank(rank: int, world: int, local_rank: int, args: argparse.Namespace, runs: List[RunSpec]) -> None:
-    device, backend = _device_and_backend(args, local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    try:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-        workload = make_workload(args.workload, rank, world, args.seed, args.heterogeneous, args.data_dir)
-        results = []
-        for spec in runs:
-            results.append(train_one(args, spec, workload, rank, world, device))
-            dist.barrier()
-        if rank == 0:
-            report(args, results, world, workload.has_accuracy, backend)
-    finally:
-        # Free the DDP models (they may sit in reference cycles) while the process group lives.
-        gc.collect()
-        dist.destroy_process_group()
-
-
-def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace, runs: List[RunSpec]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    run_rank(local_rank, world, local_rank, args, runs)
-    # Done and written: leave without interpreter finalisation, so that gloo's threads cannot meet
-    # the interpreter's teardown (a suspected cause of a rare abort seen in the tests).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# -------------------------------------------------------------------------------------- output
-def format_table(results: List[Dict[str, Any]], has_accuracy: bool) -> str:
-    dense = next((r for r in results if r["compressor"] == "none"), None)
-    header = ["compressor", "density", "train loss", "eval loss", "accuracy", "bytes/step",
-              "vs fp32", "ms/step"]
-    rows = []
-    for r in results:
-        rows.append([
-            r["compressor"],
-            "-" if r["density"] is None else f"{r['density']:g}",
-            f"{r['train_loss']:.4f}",
-            f"{r['eval_loss']:.4g}",
-            f"{100 * r['accuracy']:.1f}%" if has_accuracy and r["accuracy"] is not None else "-",
-            _human_bytes(r["wire_bytes_per_step"]),
-            f"{r['compression_ratio']:.1f}x",
-            f"{1000 * r['time_per_step_s']:.1f}",
-        ])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
-    out = [line, "-" * len(line)]
-    for row in rows:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    if dense is None:
-        out.append("(no dense run: add 'none' to --compare for the baseline)")
-    return "\n".join(out)
-
-
-def _smooth(values: List[float], window: int) -> List[float]:
-    if window <= 1:
-        return values
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def write_plots(out: str, results: List[Dict[str, Any]], title: str) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for kind in ("step", "bytes"):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        for r in results:
-            loss = r["history"]["loss"]
-            y = _smooth(loss, max(1, len(loss) // 30))
-            if kind == "step":
-                ax.plot(range(1, len(y) + 1), y, label=r["label"])
-            else:
-                x = [max(b, 1) / 2**20 for b in r["history"]["cum_bytes"]]
-                ax.plot(x, y, label=r["label"])
-        if kind == "step":
-            ax.set_xlabel("step")
-        else:
-            ax.set_xlabel("cumulative MiB sent per rank")
-            ax.set_xscale("log")
-        ax.set_ylabel("training loss (moving average)")
-        positive = all(v > 0 for r in results for v in r["history"]["loss"])
-        if positive:
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out, f"loss_vs_{kind}.png")
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def report(args: argparse.Namespace, results: List[Dict[str, Any]], world: int, has_accuracy: bool,
-           backend: str) -> None:
-    os.makedirs(args.out, exist_ok=True)
+def report(args: argparse.Namespace, results: List[Dict[str, Any]], world: int, workload, backend: str) -> None:
+    """Rank 0, after every run: speed-ups, metrics files, plots and the table."""
+    target = Target(args.target_metric, args.target_value)
+    if target.metric == "accuracy" and not workload.has_accuracy:
+        target = None
+    add_speedups(results, target)
     config = {
-        "workload": args.workload, "world_size": world, "backend": backend, "seed": args.seed,
-        "heterogeneous": args.heterogeneous, "batch_size": args.batch_size, "lr": args.lr,
+        "workload": args.workload, "model_size": args.model_size, "world_size": world, "backend": backend,
+        "seed": args.seed, "heterogeneous": args.heterogeneous, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "momentum": args.momentum, "warmup_steps": args.warmup_steps,
-        "torch": torch.__version__,
+        "eval_every": args.eval_every, "link": args.link,
+        "target": None if target is None else dataclasses.asdict(target),
+        "torch": torch.__version__, "cpu_count": os.cpu_count(),
     }
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"config": config, "runs": results}, f, indent=1)
-    columns = [k for k in results[0] if k not in ("history", "options")] + ["options"]
-    with open(os.path.join(args.out, "metrics.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in results:
-            writer.writerow({**{k: r[k] for k in columns if k != "options"}, "options": json.dumps(r["options"])})
-    title = f"{args.workload}, {world} workers" + (", heterogeneous" if args.heterogeneous else "")
-    plots = write_plots(args.out, results, title)
+    write_outputs(args.out, config, results)
+    title = workload_title(args, world)
+    plots = write_plots(args.out, results, title, workload.has_accuracy, target)
     print()
-    print(f"{title}, {results[0]['steps']} steps, seed {args.seed}, {backend}")
-    print(format_table(results, has_accuracy))
+    print(f"{title}, {results[0]['steps']} steps, seed {args.seed}, {backend}"
+          + ("" if target is None else f"; target: {target.describe()}"))
+    print(format_table(results, workload.has_accuracy, link=bool(args.link), target=target))
     print(f"wrote {os.path.join(args.out, 'metrics.json')}, metrics.csv, " + ", ".join(os.path.basename(p) for p in plots))
 
 
 # ---------------------------------------------------------------------------------------- main
-def _under_torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args = resolve_args(args)
         runs = plan_runs(args)
-        check_available(args.workload, args.data_dir)
+        check_available(args.workload, args.data_dir, args.model_size)
     except (ValueError, WorkloadError) as err:
         parser.error(str(err))
-    if _under_torchrun():
-        run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), args, runs)
-        return 0
-    import torch.multiprocessing as mp
-
-    try:
-        mp.spawn(_spawned, args=(args.nproc, _free_port(), args, runs), nprocs=args.nproc, join=True)
-    except mp.ProcessRaisedException as err:
-        lines = [line for line in str(err).strip().splitlines() if line.strip()]
-        print(f"{PROG}: error: a worker failed: {lines[-1] if lines else err}", file=sys.stderr)
-        return 1
-    except mp.ProcessExitedException as err:
-        print(f"{PROG}: error: a worker exited: {err}", file=sys.stderr)
-        return 1
-    return 0
+    if args.link:
+        spec = link.LinkSpec.parse(args.link)
+        if not link.inside():
+            if under_torchrun():
+                parser.error("--link starts local workers in a shaped namespace; under torchrun, shape "
+                             "the network yourself and leave out --link")
+            try:
+                prefix = link.enter_prefix()
+            except link.LinkError as err:
+                parser.error(str(err))
+            return link.run_inside(argv, prefix)
+        try:
+            link.configure(spec)
+        except link.LinkError as err:
+            parser.error(str(err))
+        print(f"{PROG}: link: {spec.describe()} (tbf on lo in a private network namespace, MTU {link.MTU})"
+              if spec.rate_bits else f"{PROG}: link: {spec.describe()} (private network namespace, MTU {link.MTU})",
+              flush=True)
+    return launch(args, runs, report, PROG)
 
 
 if __name__ == "__main__":

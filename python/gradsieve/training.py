@@ -1,0 +1,189 @@
+"""One training run of ``gradsieve-train`` on one rank: model, DDP, the communication under test,
+the step loop with its clock, and the evaluations that time-to-target is read from.
+
+The clock: each step is timed from drawing its batch to the end of the optimizer step (the loss is
+read, which waits for it); evaluations are not on the clock. ``seconds`` in the evaluation history
+is the training time spent up to that step, so time-to-target is what a user training without
+evaluations would wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from gradsieve import link
+from gradsieve.baselines import is_baseline, register_baseline
+from gradsieve.hook import CompressionState, compression_hook
+from gradsieve.progress import Progress
+from gradsieve.workloads import epochs_to_steps
+
+__all__ = ["RunSpec", "train_one", "eval_steps"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run of a comparison: a gradsieve compressor or one of torch's baselines."""
+
+    compressor: str
+    options: Dict[str, Any]
+    variant: str = ""  # the options given in --compare as name:key=value (e.g. "values=int8")
+
+    @property
+    def name(self) -> str:
+        """How the table names the run: the compressor, its variant, PowerSGD's rank."""
+        name = self.compressor + (f":{self.variant}" if self.variant else "")
+        if self.compressor == "powersgd" and "rank=" not in self.variant:
+            name += f" r{self.options.get('rank', 1)}"
+        return name
+
+    @property
+    def label(self) -> str:
+        """The name with the density, for plots and progress."""
+        if "density" in self.options:
+            return f"{self.name} {self.options['density']:g}"
+        return self.name
+
+    @property
+    def from_torch(self) -> bool:
+        return is_baseline(self.compressor)
+
+
+def eval_steps(steps: int, every: int) -> List[int]:
+    """The steps after which the model is evaluated: 0 (the initial model), every ``every`` steps,
+    and the last step."""
+    points = list(range(0, steps, max(1, every)))
+    if points[-1] != steps:
+        points.append(steps)
+    return points
+
+
+def _optimizer(args, spec: RunSpec, params) -> torch.optim.Optimizer:
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.lr)
+    momentum = 0.0 if "momentum" in spec.options else args.momentum
+    return torch.optim.SGD(params, lr=args.lr, momentum=momentum)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
+    """Trains ``spec`` from the seed's initial model; returns rank 0's record of the run (the
+    losses are every rank's, averaged)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(args.seed)  # the same initial model on every rank and in every run
+    model = workload.model().to(device)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    steps = args.steps or epochs_to_steps(args.epochs, workload.shard_size, args.batch_size)
+    if spec.from_torch:
+        state, after_step = register_baseline(spec.compressor, ddp, spec.options, steps)
+    else:
+        state = CompressionState(spec.compressor, warmup_steps=args.warmup_steps, **spec.options)
+        ddp.register_comm_hook(state, compression_hook)
+        after_step = None
+    optimizer = _optimizer(args, spec, ddp.parameters())
+    if not spec.from_torch:
+        state.watch_optimizer(optimizer)
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)  # same batches in every run
+    evaluate_at = set(eval_steps(steps, args.eval_every or max(1, steps // 20)))
+
+    losses, cum_bytes, step_times, evals = [], [], [], []
+    clock = 0.0
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        loss, accuracy = workload.evaluate(model, device)
+        model.train()
+        evals.append({"step": step, "seconds": clock, "loss": loss, "accuracy": accuracy})
+
+    progress = Progress(steps, spec.label) if rank == 0 and not args.no_progress else None
+    if 0 in evaluate_at:
+        evaluate(0)
+    link_before = link.tx_bytes() if args.link else None
+    for step in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        x, y = workload.batch(generator, args.batch_size)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        output = ddp(x)
+        loss = workload.loss(output, y)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()  # also waits for the step
+        _sync(device)
+        elapsed = time.perf_counter() - started
+        clock += elapsed
+        step_times.append(elapsed)
+        if after_step is not None:
+            after_step()
+        losses.append(value)
+        cum_bytes.append(state.wire_bytes)
+        if step + 1 in evaluate_at:
+            evaluate(step + 1)
+        if progress is not None:
+            shown = {"loss": f"{value:.4f}"}
+            if evals and evals[-1]["step"] == step + 1:
+                shown["eval"] = f"{evals[-1]['loss']:.4f}"
+                if evals[-1]["accuracy"] is not None:
+                    shown["acc"] = f"{evals[-1]['accuracy']:.3f}"
+            shown["sent"] = human_bytes(state.wire_bytes)
+            progress.update(1, **shown)
+    link_after = link.tx_bytes() if args.link else None
+    eval_loss, accuracy = evals[-1]["loss"], evals[-1]["accuracy"]
+    if progress is not None:
+        progress.close(loss=f"{losses[-1]:.4f}", eval=f"{eval_loss:.4f}",
+                       acc="-" if accuracy is None else f"{accuracy:.3f}", sent=human_bytes(state.wire_bytes))
+
+    # Every rank's training losses, averaged per step: the loss of the global batch.
+    gathered: List[Any] = [None] * world
+    dist.all_gather_object(gathered, losses)
+    mean_losses = [sum(ls[i] for ls in gathered) / world for i in range(steps)]
+    stats = state.stats()
+    warm = max(args.warmup_steps, 1)
+    timed = step_times[min(len(step_times) - 1, warm):]
+    tail = mean_losses[-max(1, steps // 10):]
+    link_bytes: Optional[float] = None
+    if link_before is not None and link_after is not None:
+        link_bytes = (link_after - link_before) / steps
+    record = {
+        "compressor": spec.compressor,
+        "name": spec.name,
+        "label": spec.label,
+        "source": "torch" if spec.from_torch else "gradsieve",
+        "options": dict(spec.options),
+        "density": spec.options.get("density"),
+        "steps": steps,
+        "eval_loss": eval_loss,
+        "accuracy": accuracy,
+        "train_loss": sum(tail) / len(tail),
+        "wire_bytes_per_step": stats["wire_bytes"] / steps,
+        "dense_bytes_per_step": stats["dense_bytes"] / steps,
+        "compression_ratio": stats["compression_ratio"],
+        "link_bytes_per_step": link_bytes,
+        "time_per_step_s": statistics.median(timed),
+        "train_seconds": clock,
+        "compress_s_per_step": None if stats["compress_s"] is None else stats["compress_s"] / steps,
+        "decode_s_per_step": None if stats["decode_s"] is None else stats["decode_s"] / steps,
+        "skipped_steps": stats["skipped_steps"],
+        "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals},
+    }
+    del ddp, model, optimizer
+    return record

@@ -1,0 +1,228 @@
+"""The emulated link of ``gradsieve-train --link``: parsing, the tc commands, and, where this machine
+allows private network namespaces, the shaped path itself: its rate, a dense step's lower bound,
+and a teardown that leaves nothing behind (normal end, Ctrl-C, a killed worker)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from gradsieve import link
+
+PYTHON = sys.executable
+
+
+def _namespace_prefix():
+    try:
+        return link.enter_prefix()
+    except link.LinkError as err:
+        return str(err)
+
+
+PREFIX = _namespace_prefix()
+requires_netns = pytest.mark.skipif(isinstance(PREFIX, str),
+                                    reason=f"no private network namespace here: {PREFIX}")
+
+
+# ------------------------------------------------------------------------------------- parsing
+@pytest.mark.parametrize("text,rate,delay", [
+    ("100mbit", 100_000_000, 0.0),
+    ("1gbit", 1_000_000_000, 0.0),
+    ("10MBIT", 10_000_000, 0.0),
+    ("2.5mbit", 2_500_000, 0.0),
+    ("500kbit", 500_000, 0.0),
+    ("100mbit,delay=5ms", 100_000_000, 0.005),
+    ("100mbit, delay=250us", 100_000_000, 0.00025),
+    ("unlimited", None, 0.0),
+])
+def test_parse(text, rate, delay):
+    spec = link.LinkSpec.parse(text)
+    assert spec.rate_bits == rate and spec.delay_s == pytest.approx(delay)
+
+
+@pytest.mark.parametrize("text", ["100", "100mbps", "fast", "100mbit,delay=5", "100mbit,jitter=1ms",
+                                  "unlimited,delay=1ms", "1bit", ""])
+def test_parse_rejects(text):
+    with pytest.raises(ValueError, match="--link"):
+        link.LinkSpec.parse(text)
+
+
+def test_tc_commands_shape_lo_with_a_burst_above_one_packet():
+    cmds = link.LinkSpec.parse("100mbit").tc_commands()
+    assert cmds[0] == ["ip", "link", "set", "lo", "mtu", "9000", "up"]
+    tbf = cmds[1]
+    assert tbf[:6] == ["tc", "qdisc", "add", "dev", "lo", "root"] and "tbf" in tbf
+    assert tbf[tbf.index("rate") + 1] == "100000000bit"
+    assert int(tbf[tbf.index("burst") + 1]) > link.MTU
+    assert len(cmds) == 2  # no delay: no netem
+    assert "netem" in link.LinkSpec.parse("1gbit,delay=2ms").tc_commands()[-1]
+    assert link.LinkSpec.parse("unlimited").tc_commands() == [cmds[0]]
+
+
+def test_no_tools_or_no_permission_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(link.shutil, "which", lambda tool: None if tool == "tc" else "/usr/bin/" + tool)
+    with pytest.raises(link.LinkError, match="needs tc"):
+        link.enter_prefix()
+    monkeypatch.setattr(link.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(link, "_probe", lambda prefix: "unshare: unshare failed: Operation not permitted")
+    with pytest.raises(link.LinkError, match="CAP_NET_ADMIN.*run as root"):
+        link.enter_prefix()
+
+
+def test_configure_refuses_the_namespace_it_was_started_in(monkeypatch):
+    # The marker names this process's own namespace: not a private one, so nothing is shaped.
+    monkeypatch.setenv(link.INSIDE_ENV, str(os.stat("/proc/self/ns/net").st_ino))
+    assert not link.inside()
+    with pytest.raises(link.LinkError, match="refusing"):
+        link.configure(link.LinkSpec.parse("10mbit"))
+
+
+# ------------------------------------------------------------------------------ the real path
+def _netns_of(pid):
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _foreign_netns_processes():
+    """Processes of this machine that are in a network namespace other than ours."""
+    mine = _netns_of("self")
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            ns = _netns_of(entry)
+            if ns is not None and ns != mine:
+                found.append(int(entry))
+    return found
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _host_lo_qdisc():
+    return subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
+
+
+def _run_in_namespace(code, timeout=120):
+    env = dict(os.environ, **{link.INSIDE_ENV: str(_netns_of("self"))})
+    return subprocess.run([*PREFIX, PYTHON, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+SEND_RECV = """
+    import json, os, sys, time
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    from gradsieve import link
+
+    def worker(rank, port, nbytes, out):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        t = torch.ones(nbytes // 4)
+        for _ in range(2):  # the first transfer opens the connection
+            dist.barrier()
+            started = time.perf_counter()
+            if rank == 0:
+                dist.send(t, 1)
+            else:
+                dist.recv(t, 0)
+            dist.barrier()
+            seconds = time.perf_counter() - started
+        if rank == 1:
+            json.dump({"seconds": seconds}, open(out, "w"))
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        link.configure(link.LinkSpec.parse(sys.argv[1]))
+        mp.spawn(worker, args=(29512, int(sys.argv[2]), sys.argv[3]), nprocs=2)
+"""
+
+
+@requires_netns
+def test_shaped_link_moves_a_payload_at_the_set_rate(tmp_path):
+    script = tmp_path / "send_recv.py"
+    script.write_text(textwrap.dedent(SEND_RECV))
+    out = tmp_path / "result.json"
+    rate_bits, nbytes = 40_000_000, 6_000_000  # 1.2 s at the set rate
+    env = dict(os.environ, **{link.INSIDE_ENV: str(_netns_of("self"))})
+    done = subprocess.run([*PREFIX, PYTHON, str(script), f"{rate_bits}bit", str(nbytes), str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seconds = json.loads(out.read_text())["seconds"]
+    achieved = nbytes * 8 / seconds
+    assert abs(achieved - rate_bits) / rate_bits < 0.15, f"{achieved / 1e6:.1f} Mbit/s for a 40 Mbit/s link"
+
+
+@requires_netns
+def test_dense_step_takes_at_least_bytes_over_rate_and_teardown_is_clean(tmp_path):
+    before_qdisc = _host_lo_qdisc()
+    before_ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    rate_bits = 8_000_000
+    out = tmp_path / "out"
+    done = subprocess.run([PYTHON, "-m", "gradsieve.train", "--link", "8mbit", "--compare", "none",
+                           "--steps", "6", "--no-progress", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 Mbit/s shared loopback" in done.stdout
+    run = json.loads((out / "metrics.json").read_text())["runs"][0]
+    dense = run["wire_bytes_per_step"]  # each rank's fp32 gradient (digits CNN, about 150 KB)
+    # Two ranks all-reducing S bytes each must each receive at least S bytes over the one queue.
+    assert run["link_bytes_per_step"] >= 2 * dense
+    assert run["time_per_step_s"] >= 0.95 * 2 * dense * 8 / rate_bits
+    # Nothing left behind: no process in another namespace, the host's lo untouched.
+    assert _host_lo_qdisc() == before_qdisc
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before_ns
+    assert _foreign_netns_processes() == []
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    return predicate()
+
+
+def _start_long_run(tmp_path):
+    proc = subprocess.Popen([PYTHON, "-m", "gradsieve.train", "--link", "2mbit", "--compare", "none",
+                             "--steps", "500", "--no-progress", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Training has started when the workers (in the private namespace) exist.
+    workers = _wait_for(lambda: len(_foreign_netns_processes()) >= 3, 60)
+    assert workers, "the run did not start its workers"
+    time.sleep(2.0)
+    return proc
+
+
+@requires_netns
+def test_ctrl_c_tears_everything_down(tmp_path):
+    proc = _start_long_run(tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert _wait_for(lambda: _foreign_netns_processes() == [], 20)
+
+
+@requires_netns
+def test_a_killed_worker_ends_the_run_and_the_namespace(tmp_path):
+    proc = _start_long_run(tmp_path)
+    workers = [pid for pid in _foreign_netns_processes() if b"spawn_main" in _cmdline(pid)]
+    assert len(workers) == 2
+    worker = workers[-1]
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "worker" in err
+    assert _wait_for(lambda: _foreign_netns_processes() == [], 20)
