@@ -29,7 +29,10 @@ def under_torchrun() -> bool:
 def _device_and_backend(args: argparse.Namespace, local_rank: int) -> tuple:
     backend = args.backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > local_rank else "gloo"
+        # The same choice on every rank: NCCL only when each local rank has a GPU of its own (with
+        # one GPU and two local workers, rank 0 alone choosing NCCL would split the group).
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise WorkloadError("--backend nccl needs CUDA GPUs, none is available")
