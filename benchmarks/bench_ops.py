@@ -6,12 +6,18 @@ For each size n and density k/n it times, on CPU and (when present) CUDA:
   ef_topk_        vs the same error-feedback steps in eager torch with torch.topk
   regtopk_select_ vs the same RegTop-k steps in eager torch (weights, torch.topk of the score)
   quantize_int8   vs eager per-chunk absmax quantization
+  sparse_accumulate_ (8 payloads of k entries, int32 indices, fp32 values: the hook's decode of 8
+                  workers) vs index_add_ of the same payloads
 Timings are medians over repeats after warm-up (CUDA: device events). On CUDA each row also shows
 the memory-bandwidth floor: the bytes the op must move divided by the device-to-device copy
-bandwidth measured in the same run. Results are printed as a table and written to JSON and CSV.
+bandwidth measured in the same run, and its ratio `x floor`. CUDA rows at n >= 2^26 are checked
+against the targets of TARGETS (issue 17; columns `target` and `met`). Results are printed as a
+table and written to JSON and CSV.
 
-    python benchmarks/bench_ops.py --quick            # a minute on a laptop CPU
-    python benchmarks/bench_ops.py --device cuda      # n = 2^20 .. 2^28 on the GPU
+    python benchmarks/bench_ops.py --quick                       # a minute on a laptop CPU
+    python benchmarks/bench_ops.py --device cuda                 # n = 2^20 .. 2^28 on the GPU
+    python benchmarks/bench_ops.py --device cuda --sizes 26,28   # the sizes of the targets
+    python benchmarks/bench_ops.py --table-from results/bench_ops.json   # print a saved run
 """
 
 from __future__ import annotations
@@ -25,13 +31,48 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 import gradsieve
 
 CHUNK = 4096
+PAYLOADS = 8  # sparse_accumulate_: the gathered payloads of 8 workers
+
+# Targets for the CUDA kernels (issue 17: H100 or H200, float32, n = 2^26 and 2^28, k/n = 0.001 and
+# 0.01). Each criterion is (column, ">=" or "<=", bound): `speedup*` columns are baseline time over
+# gradsieve time, `x_floor` is gradsieve time over the floor, `bw_fraction` the floor over gradsieve
+# time (the fraction of the measured copy bandwidth the op reaches).
+TARGET_MIN_N = 1 << 26
+TARGETS: Dict[str, List[Tuple[str, str, float]]] = {
+    "topk_abs": [("speedup", ">=", 5.0), ("speedup_vs_topk_unsorted", ">=", 3.0), ("x_floor", "<=", 2.5)],
+    "quantile_abs": [("speedup", ">=", 5.0), ("x_floor", "<=", 2.5)],
+    "ef_topk_": [("speedup", ">=", 5.0), ("x_floor", "<=", 2.0)],
+    "regtopk_select_": [("speedup", ">=", 5.0), ("x_floor", "<=", 2.0)],
+    "quantize_int8": [("bw_fraction", ">=", 0.6)],
+    "sparse_accumulate_": [("speedup", ">=", 1.0)],
+}
+
+
+def describe_target(op: str) -> str:
+    return ", ".join(f"{column} {sign} {bound:g}" for column, sign, bound in TARGETS[op])
+
+
+def apply_targets(row: Dict[str, object]) -> None:
+    """Adds `target` (the criteria as text), `met` (bool) and `missed` (the criteria missed, with
+    the measured value) to a CUDA row at n >= TARGET_MIN_N whose op has targets; a criterion whose
+    column is absent (no floor measured) counts as missed."""
+    if row["device"] != "cuda" or row["n"] < TARGET_MIN_N or row["op"] not in TARGETS:
+        return
+    missed = []
+    for column, sign, bound in TARGETS[row["op"]]:
+        value = row.get(column)
+        if value is None or value != value:
+            missed.append(f"{column} not measured")
+        elif (sign == ">=" and value < bound) or (sign == "<=" and value > bound):
+            missed.append(f"{column} {value:.2f} {'<' if sign == '>=' else '>'} {bound:g}")
+    row.update(target=describe_target(row["op"]), met=not missed, missed=missed)
 
 
 def timer(device: str, fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -110,7 +151,8 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
             row[f"speedup_vs_{name}"] = t / ours
         if bandwidth:
             floor = floor_bytes / bandwidth
-            row.update(floor_ms=floor * 1e3, x_floor=ours / floor)
+            row.update(floor_ms=floor * 1e3, x_floor=ours / floor, bw_fraction=floor / ours)
+        apply_targets(row)
         rows.append(row)
 
     for density in densities:
@@ -136,6 +178,17 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
         base = timer(device, lambda: eager_regtopk(residual_eager, grad, *args), repeats)
         add("regtopk_select_", density, ours, {"eager_regtopk": base},
             n * (elem + 8) + k * (8 + 8) + k * 12)
+
+        # The hook's decode: the world's payloads (int32 indices, fp32 values) added into the bucket.
+        out = torch.zeros(n, device=device)
+        indices = torch.randint(0, n, (PAYLOADS * k,), device=device, dtype=torch.int32)
+        values = torch.randn(PAYLOADS * k, device=device)
+        ours = timer(device, lambda: gradsieve.sparse_accumulate_(out, indices, values), repeats)
+        base = timer(device, lambda: out.index_add_(0, indices, values), repeats)
+        # Read the payloads, read and write the entries they touch (4 bytes each: a lower bound, as
+        # scattered accesses move whole 32-byte sectors).
+        add("sparse_accumulate_", density, ours, {"index_add_": base}, PAYLOADS * k * (4 + 4 + 8))
+        del out, indices, values
 
     rank = n - max(1, int(n * densities[0]))
     ours = timer(device, lambda: gradsieve.quantile_abs(x, rank / (n - 1)), repeats)
@@ -164,18 +217,35 @@ def machine_description(devices: List[str]) -> Dict[str, object]:
 
 
 def print_table(rows):
-    header = f"{'device':6} {'op':15} {'n':>11} {'k/n':>6} {'gradsieve ms':>13} {'baseline':>15} " \
-             f"{'baseline ms':>12} {'speedup':>8} {'floor ms':>9} {'x floor':>8}"
+    """The rows as a table; CUDA rows with targets end with `met`: yes, or no and what was missed."""
+    header = f"{'device':6} {'op':18} {'n':>11} {'k/n':>6} {'gradsieve ms':>13} {'baseline':>15} " \
+             f"{'baseline ms':>12} {'speedup':>8} {'floor ms':>9} {'x floor':>8}  met"
     print(header)
     print("-" * len(header))
     for r in rows:
         density = "" if r["density"] != r["density"] else f"{r['density']:g}"
         floor = f"{r['floor_ms']:9.3f} {r['x_floor']:8.2f}" if "floor_ms" in r else f"{'-':>9} {'-':>8}"
-        print(f"{r['device']:6} {r['op']:15} {r['n']:>11} {density:>6} {r['gradsieve_ms']:13.3f} "
-              f"{r['baseline']:>15} {r['baseline_ms']:12.3f} {r['speedup']:7.2f}x {floor}")
+        met = "-" if "met" not in r else ("yes" if r["met"] else "no: " + "; ".join(r["missed"]))
+        print(f"{r['device']:6} {r['op']:18} {r['n']:>11} {density:>6} {r['gradsieve_ms']:13.3f} "
+              f"{r['baseline']:>15} {r['baseline_ms']:12.3f} {r['speedup']:7.2f}x {floor}  {met}")
         if "topk_unsorted_ms" in r:
-            print(f"{'':6} {'':15} {'':>11} {'':>6} {'':>13} {'sorted=False':>15} "
+            print(f"{'':6} {'':18} {'':>11} {'':>6} {'':>13} {'sorted=False':>15} "
                   f"{r['topk_unsorted_ms']:12.3f} {r['speedup_vs_topk_unsorted']:7.2f}x")
+    checked = [r for r in rows if "met" in r]
+    if checked:
+        print(f"targets (CUDA, n >= 2^{TARGET_MIN_N.bit_length() - 1}): "
+              f"{sum(r['met'] for r in checked)} of {len(checked)} rows met")
+
+
+def parse_sizes(text: str) -> List[int]:
+    """'26,28' -> [26, 28] (log2 of n)."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers (log2 of n), got {text!r}")
+    if not sizes or any(not 0 <= s <= 40 for s in sizes):
+        raise argparse.ArgumentTypeError(f"must be log2 sizes in [0, 40], got {text!r}")
+    return sizes
 
 
 def main(argv=None):
@@ -185,10 +255,21 @@ def main(argv=None):
     parser.add_argument("--min-log2", type=int, default=None, help="smallest n as a power of two (default 20)")
     parser.add_argument("--max-log2", type=int, default=None,
                         help="largest n as a power of two (default: 24 on CPU, 28 on CUDA; 22 with --quick)")
+    parser.add_argument("--sizes", type=parse_sizes, default=None,
+                        help="exact sizes as comma-separated powers of two, e.g. 26,28 (instead of "
+                             "--min-log2/--max-log2)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="folder for bench_ops.json and bench_ops.csv")
+    parser.add_argument("--table-from", metavar="JSON", default=None,
+                        help="print the table of a saved bench_ops.json and exit (no benchmark)")
     args = parser.parse_args(argv)
+    if args.table_from:
+        with open(args.table_from) as f:
+            print_table(json.load(f)["rows"])
+        return
+    if args.sizes and (args.min_log2 is not None or args.max_log2 is not None):
+        parser.error("--sizes replaces --min-log2/--max-log2: give one or the other")
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not (torch.cuda.is_available() and gradsieve.cuda_kernels_built()):
@@ -199,14 +280,16 @@ def main(argv=None):
 
     densities = [0.001, 0.01]
     rows = []
+    measured_bandwidth = None
     for device in devices:
         lo = args.min_log2 if args.min_log2 is not None else 20
         hi = args.max_log2 if args.max_log2 is not None else (22 if args.quick else (28 if device == "cuda" else 24))
         repeats = args.repeats or (3 if args.quick else (20 if device == "cuda" else 5))
         bandwidth = copy_bandwidth(device) if device == "cuda" else None
         if bandwidth:
+            measured_bandwidth = bandwidth
             print(f"bench_ops: {torch.cuda.get_device_name()}: device copy {bandwidth / 1e9:.0f} GB/s (read + write)")
-        for log2 in range(lo, hi + 1, 2 if args.quick else 1):
+        for log2 in args.sizes or range(lo, hi + 1, 2 if args.quick else 1):
             n = 1 << log2
             try:
                 rows.extend(bench_size(device, n, densities, repeats, bandwidth))
@@ -218,15 +301,17 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     meta = machine_description(devices)
-    if "cuda" in devices:
-        meta["copy_bandwidth_GBps"] = copy_bandwidth("cuda") / 1e9
+    if measured_bandwidth:  # the bandwidth the floors of this run were computed from
+        meta["copy_bandwidth_GBps"] = measured_bandwidth / 1e9
+    meta["targets"] = {op: describe_target(op) for op in TARGETS}
+    meta["targets_apply_to"] = f"CUDA rows with n >= 2^{TARGET_MIN_N.bit_length() - 1}"
     with open(os.path.join(args.out, "bench_ops.json"), "w") as f:
         json.dump({"machine": meta, "rows": rows}, f, indent=1)
     fields = sorted({key for r in rows for key in r})
     with open(os.path.join(args.out, "bench_ops.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "missed": "; ".join(r["missed"])} if "missed" in r else r for r in rows)
     print(f"bench_ops: wrote {args.out}/bench_ops.json and bench_ops.csv")
 
 

@@ -1,0 +1,578 @@
+"""Calls every gradsieve op on small and awkward inputs and checks each result on the CPU.
+
+Written to run under compute-sanitizer (memcheck, racecheck, synccheck, initcheck; stage 3 of
+scripts/gpu_check.sh), so it stays small: sizes 0, 1, 7, 255, 1000, 4097, 65537 (and 2^20 + 3 in
+float32 for the grid-stride paths), float32/float16/bfloat16, k = 0, 1, n / 3 and n, odd chunks,
+non-contiguous inputs, NaN/Inf and tied magnitudes, threshold_select overflow, sparse_accumulate_
+with duplicate indices and int8 payloads. Every result is compared with a reference written here
+in plain torch on the CPU (float64 where it matters), so the driver is also a correctness smoke
+test of the CUDA kernels; with ``--device cpu`` it checks the CPU kernels the same way.
+
+It prints one line per op and exits 1 if any case differs from its reference or raises.
+
+    python scripts/cuda_op_driver.py --device cuda            # about a minute under memcheck
+    python scripts/cuda_op_driver.py --device cuda --small    # racecheck / synccheck / initcheck
+    python scripts/cuda_op_driver.py --device cpu             # a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import traceback
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+import gradsieve
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SIZES = (0, 1, 7, 255, 1000, 4097, 65537)
+SMALL_SIZES = (0, 1, 7, 255, 4097)
+LARGE = (1 << 20) + 3  # float32 only, full mode: more tiles and blocks than the GPU runs at once
+# Two float32 roundings (the weight, then the product) separate regtopk_select_'s score from the
+# float64 reference: entries this close to the cut may be swapped (the rule of tests/test_regtopk.py).
+NEAR_TIE_RTOL = 1e-6
+
+Case = Tuple[str, Callable[[], None]]
+
+
+# =============================================================================== inputs
+def make_input(n: int, dtype: torch.dtype, kind: str, seed: int) -> torch.Tensor:
+    """CPU data: 'normal' (distinct magnitudes), 'ties' (seven values and signed zeros) or
+    'special' (normal with NaN, +-inf and signed zeros); rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        x = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
+        if n:
+            x[torch.randint(0, n, (max(1, n // 7),), generator=g)] = -0.0
+    else:
+        x = torch.randn(n, generator=g)
+        if kind == "special" and n:
+            picks = torch.randint(0, n, (max(1, n // 50),), generator=g)
+            specials = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0])
+            x[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
+    return x.to(dtype)
+
+
+def on_device(x: torch.Tensor, device: str, layout: str) -> torch.Tensor:
+    """x on the device, as a contiguous tensor or as a non-contiguous view holding the same
+    values in the same logical (flattened) order."""
+    if layout == "contiguous":
+        return x.to(device)
+    if layout == "strided":  # every other element of a buffer twice as long
+        base = torch.empty(2 * x.numel(), dtype=x.dtype, device=device)
+        base[::2] = x.to(device)
+        base[1::2] = 7.0
+        return base[::2]
+    if layout == "transposed":  # x = t.t() for a (cols, rows) buffer t
+        rows, cols = factor(x.numel())
+        return x.reshape(rows, cols).t().contiguous().to(device).t()
+    raise ValueError(layout)
+
+
+def factor(n: int) -> Tuple[int, int]:
+    for rows in range(int(math.isqrt(n)), 0, -1):
+        if n % rows == 0:
+            return rows, n // rows
+    return 1, n
+
+
+def counts(n: int) -> List[int]:
+    """k or capacity values to try for n elements: 0, 1, a third, all."""
+    return sorted({0, min(1, n), (n + 2) // 3, n})
+
+
+def flat64(x: torch.Tensor) -> torch.Tensor:
+    """x flattened on the CPU in float64 (exact for float32, float16 and bfloat16)."""
+    return x.detach().reshape(-1).cpu().double()
+
+
+# =============================================================================== references
+def order_best_first(score: torch.Tensor) -> torch.Tensor:
+    """All indices of a float64 score (>= 0 or NaN), best first: NaN, then larger scores, then
+    the lower index among equal scores."""
+    nan = torch.isnan(score)
+    key = torch.where(nan, torch.full_like(score, -1.0), score)
+    order = torch.sort(-key + 0.0, stable=True).indices  # + 0.0: -0.0 sorts as 0.0
+    return order[torch.sort((~nan[order]).to(torch.int8), stable=True).indices]
+
+
+def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best entries of a float64 score, in ascending index order (int64)."""
+    return torch.sort(order_best_first(score)[:k]).values
+
+
+def expect_equal(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bitwise-equal values (NaN equal to NaN), same dtype and shape."""
+    got = got.detach().cpu()
+    want = want.detach().cpu()
+    if got.dtype != want.dtype or got.shape != want.shape:
+        raise AssertionError(f"{what}: got {got.dtype}{list(got.shape)}, want {want.dtype}{list(want.shape)}")
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def expect_selection(what: str, got: torch.Tensor, score: torch.Tensor, k: int,
+                     near_tie_rtol: float = 0.0) -> None:
+    """got (int64 [k], ascending, distinct) is the top-k of score; with near_tie_rtol, entries
+    whose scores are that close to the cut may be swapped."""
+    got = got.cpu()
+    if got.dtype != torch.int64 or got.shape != (k,):
+        raise AssertionError(f"{what}: got {got.dtype}{list(got.shape)}, want int64[{k}]")
+    if k > 1 and not bool((got[1:] > got[:-1]).all()):
+        raise AssertionError(f"{what}: indices are not ascending and distinct")
+    want = top_indices(score, k)
+    if torch.equal(got, want):
+        return
+    swapped = torch.tensor(sorted(set(got.tolist()) ^ set(want.tolist())), dtype=torch.int64)
+    if near_tie_rtol and k:
+        cut = score[order_best_first(score)[k - 1]]
+        near = (score[swapped] - cut).abs() <= near_tie_rtol * cut
+        if math.isfinite(float(cut)) and bool(near.all()):
+            return
+    raise AssertionError(f"{what}: selection differs from the reference at indices {swapped[:8].tolist()}")
+
+
+def ref_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The order statistic of |x| at rank floor(q * (n - 1)); NaN if x is empty or holds a NaN."""
+    a = flat64(x).abs()
+    if a.numel() == 0 or bool(torch.isnan(a).any()):
+        return torch.tensor(math.nan, dtype=x.dtype)
+    return torch.quantile(a, q, interpolation="lower").to(x.dtype)
+
+
+def ref_threshold_select(x: torch.Tensor, threshold: float, capacity: int):
+    a = flat64(x)
+    nan = torch.isnan(a)
+    if math.isnan(threshold):
+        passing = nan
+    elif threshold <= 0:
+        passing = torch.ones_like(nan)
+    else:
+        passing = (a.abs() >= threshold) | nan
+    count = int(passing.sum())
+    if count <= capacity:
+        idx = torch.nonzero(passing).reshape(-1)
+    else:
+        idx = top_indices(a.abs(), capacity)
+    values = torch.zeros(capacity, dtype=x.dtype)
+    indices = torch.zeros(capacity, dtype=torch.int64)
+    values[: idx.numel()] = x.detach().reshape(-1).cpu()[idx]
+    indices[: idx.numel()] = idx
+    return values, indices, torch.tensor(count)
+
+
+def ref_quantize(x: torch.Tensor, chunk: int):
+    """Round-to-nearest per-chunk absmax quantization: codes (int8, x's shape), scales."""
+    flat = x.detach().reshape(-1).cpu().float()
+    n = flat.numel()
+    chunks = -(-n // chunk)
+    blocks = torch.zeros(chunks * chunk)
+    blocks[:n] = flat
+    blocks = blocks.view(chunks, chunk)
+    finite = torch.isfinite(blocks).all(dim=1)
+    scales = torch.where(finite, blocks.abs().amax(dim=1) / 127.0, torch.full((chunks,), math.nan))
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(blocks / safe[:, None]).clamp(-127, 127)
+    codes = torch.where((scales > 0)[:, None], codes, torch.zeros_like(codes))
+    return codes.reshape(-1)[:n].to(torch.int8).view(x.shape), scales
+
+
+def regtopk_reference(residual, grad, prev_indices, prev_sent, prev_agg, mu, world_size, q):
+    """(a, score): a = residual + grad in float32 (as the op computes it) and the RegTop-k score of
+    every entry in float64, from the formula of ops.regtopk_select_'s docstring."""
+    a = residual.detach().reshape(-1).cpu().float() + grad.detach().reshape(-1).cpu().float()
+    mag = a.double().abs()
+    idx = prev_indices.reshape(-1).cpu().long()
+    sent = flat64(prev_sent)
+    agg = flat64(prev_agg)
+    unsent = 1.0 if q is None else math.tanh(abs(1.0 + q) / mu)
+    ratio = agg / (sent / world_size)  # 1 + Delta = g_agg / (omega * sent)
+    known = (sent != 0) & ~torch.isnan(ratio)
+    weight = torch.where(known, torch.tanh(ratio.abs() / mu), torch.full_like(ratio, unsent))
+    score = unsent * mag
+    if idx.numel():
+        listed = weight * mag[idx]
+        # An index listed twice keeps its lower score; NaN counts as the largest.
+        lowest = torch.full_like(score, math.inf).scatter_reduce(
+            0, idx, torch.where(torch.isnan(listed), math.inf, listed), "amin")
+        numbers = torch.zeros_like(score).index_add(0, idx, (~torch.isnan(listed)).double())
+        hit = torch.zeros(score.numel(), dtype=torch.bool)
+        hit[idx] = True
+        score = torch.where(hit, torch.where(numbers > 0, lowest, math.nan), score)
+    return a, score
+
+
+# =============================================================================== cases per op
+def cases_topk_abs(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        for dtype in DTYPES:
+            for kind in kinds:
+                x_cpu = make_input(n, dtype, kind, next(seeds))
+                x = on_device(x_cpu, device, "contiguous")
+                for k in counts(n):
+                    def run(x=x, x_cpu=x_cpu, k=k):
+                        values, indices = gradsieve.topk_abs(x, k)
+                        expect_selection("indices", indices, flat64(x_cpu).abs(), k)
+                        expect_equal("values", values, x_cpu.reshape(-1)[indices.cpu()])
+                    yield f"n={n} {dtype} {kind} k={k}", run
+
+
+def cases_quantile_abs(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        for dtype in DTYPES:
+            for kind in kinds:
+                x_cpu = make_input(n, dtype, kind, next(seeds))
+                x = on_device(x_cpu, device, "contiguous")
+                for q in (0.0, 0.5, 0.999, 1.0):
+                    def run(x=x, x_cpu=x_cpu, q=q):
+                        expect_equal("quantile", gradsieve.quantile_abs(x, q), ref_quantile(x_cpu, q))
+                    yield f"n={n} {dtype} {kind} q={q}", run
+
+
+def cases_ef_topk(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        for dtype in DTYPES:
+            for kind in kinds:
+                if kind == "ties":
+                    continue
+                grad_cpu = make_input(n, dtype, kind, next(seeds))
+                residual_cpu = make_input(n, torch.float32, "normal", next(seeds)) * 0.25
+                for k in counts(n):
+                    for scale in (1.0, 0.5):  # exact products: an FMA gives the same sum
+                        def run(grad_cpu=grad_cpu, residual_cpu=residual_cpu, k=k, scale=scale):
+                            check_ef_topk(device, residual_cpu, grad_cpu, k, scale, "contiguous")
+                        yield f"n={n} {dtype} {kind} k={k} scale={scale}", run
+
+
+def check_ef_topk(device, residual_cpu, grad_cpu, k, scale, layout):
+    residual = on_device(residual_cpu, device, layout)
+    grad = on_device(grad_cpu, device, layout)
+    acc = residual_cpu.reshape(-1) + scale * grad_cpu.reshape(-1).float()
+    values, indices = gradsieve.ef_topk_(residual, grad, k, scale)
+    expect_selection("indices", indices, acc.double().abs(), k)
+    expect_equal("values", values, acc[indices.cpu()])
+    acc[indices.cpu()] = 0.0
+    expect_equal("residual", residual.reshape(-1), acc)
+
+
+def cases_regtopk_select(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        for dtype in DTYPES:
+            for kind in kinds:
+                if kind == "ties":
+                    continue
+                for index_dtype, duplicates in ((torch.int64, False), (torch.int32, True)):
+                    seed = next(seeds)
+                    g = torch.Generator().manual_seed(seed)
+                    grad_cpu = make_input(n, dtype, kind, seed)
+                    residual_cpu = make_input(n, torch.float32, "normal", seed + 1) * 0.25
+                    m = n // 10
+                    if duplicates and n:
+                        prev = torch.randint(0, n, (m + 1,), generator=g)
+                    else:
+                        prev = torch.randperm(n, generator=g)[:m]
+                    sent = torch.randn(prev.numel(), generator=g)
+                    agg = torch.randn(prev.numel(), generator=g)
+                    if prev.numel() > 2:
+                        sent[0] = 0.0  # weighted as not sent
+                        agg[1] = 0.0  # cancelled: weight 0
+                    prev = prev.to(index_dtype)
+                    for k in counts(n):
+                        for mu, world, q in ((4.0, 8, None), (0.5, 1, 0.25)):
+                            def run(grad_cpu=grad_cpu, residual_cpu=residual_cpu, prev=prev,
+                                    sent=sent, agg=agg, k=k, mu=mu, world=world, q=q):
+                                check_regtopk(device, residual_cpu, grad_cpu, prev, sent, agg, mu,
+                                              k, world, q, "contiguous")
+                            yield (f"n={n} {dtype} {kind} m={prev.numel()} {index_dtype} k={k} "
+                                   f"mu={mu} world={world} q={q}"), run
+
+
+def check_regtopk(device, residual_cpu, grad_cpu, prev, sent, agg, mu, k, world, q, layout):
+    a, score = regtopk_reference(residual_cpu, grad_cpu, prev, sent, agg, mu, world, q)
+    residual = on_device(residual_cpu, device, layout)
+    values, indices = gradsieve.regtopk_select_(
+        residual, on_device(grad_cpu, device, layout), prev.to(device), sent.to(device),
+        agg.to(device), mu, k, world, q)
+    expect_selection("indices", indices, score, k, near_tie_rtol=NEAR_TIE_RTOL)
+    expect_equal("values", values, a[indices.cpu()])
+    a[indices.cpu()] = 0.0
+    expect_equal("residual", residual.reshape(-1), a)
+
+
+def cases_threshold_select(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        for dtype in DTYPES:
+            for kind in kinds:
+                x_cpu = make_input(n, dtype, kind, next(seeds))
+                x = on_device(x_cpu, device, "contiguous")
+                for threshold in (0.0, 1.0, 1e9, math.nan):
+                    # capacity n // 4 overflows at thresholds 0 and 1
+                    for capacity in sorted({0, n // 4, n + 5}):
+                        def run(x=x, x_cpu=x_cpu, threshold=threshold, capacity=capacity):
+                            check_threshold(x, x_cpu, threshold, capacity)
+                        yield f"n={n} {dtype} {kind} threshold={threshold} capacity={capacity}", run
+
+
+def check_threshold(x, x_cpu, threshold, capacity):
+    t = torch.tensor(threshold, dtype=torch.float32, device=x.device)
+    values, indices, count = gradsieve.threshold_select(x, t, capacity)
+    want_v, want_i, want_c = ref_threshold_select(x_cpu, float(t), capacity)
+    expect_equal("count", count, want_c)
+    expect_equal("indices", indices, want_i)
+    expect_equal("values", values, want_v)
+
+
+def cases_quantize_int8(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        for dtype in DTYPES:
+            for kind in kinds:
+                if kind == "ties":
+                    continue
+                x_cpu = make_input(n, dtype, kind, next(seeds))
+                x = on_device(x_cpu, device, "contiguous")
+                for chunk in (1, 3, 256, 4096, 5000):
+                    def run(x=x, x_cpu=x_cpu, chunk=chunk):
+                        check_quantize(x, x_cpu, chunk)
+                    yield f"n={n} {dtype} {kind} chunk={chunk}", run
+
+
+def check_quantize(x, x_cpu, chunk):
+    q, scales = gradsieve.quantize_int8(x, chunk)
+    want_q, want_scales = ref_quantize(x_cpu, chunk)
+    expect_equal("scales", scales, want_scales)
+    finite_entries = torch.isfinite(want_scales).repeat_interleave(chunk)[: x_cpu.numel()]
+    expect_equal("codes", q.reshape(-1).cpu()[finite_entries], want_q.reshape(-1)[finite_entries])
+    if q.shape != x.shape:
+        raise AssertionError(f"codes: shape {list(q.shape)}, want {list(x.shape)}")
+    # Stochastic rounding: the same scales, codes floor or ceil of x / scale, reproducible.
+    make_gen = lambda: torch.Generator(device=x.device).manual_seed(1234)  # noqa: E731
+    q1, s1 = gradsieve.quantize_int8(x, chunk, True, make_gen())
+    q2, _ = gradsieve.quantize_int8(x, chunk, True, make_gen())
+    expect_equal("stochastic scales", s1, want_scales)
+    expect_equal("stochastic codes, same seed", q1, q2)
+    step = want_scales.repeat_interleave(chunk)[: x_cpu.numel()]
+    usable = step > 0
+    ratio = x_cpu.reshape(-1).float()[usable] / step[usable]
+    codes = q1.reshape(-1).cpu()[usable].float()
+    if not bool(((codes - ratio).abs() < 1 + 1e-5).all()):
+        raise AssertionError("stochastic codes: a code is more than one step from x / scale")
+    # The inverse, in every dtype.
+    for dtype in DTYPES:
+        want = (want_q.reshape(-1).float() * step).to(dtype).view(x.shape)
+        expect_equal(f"dequantize to {dtype}", gradsieve.dequantize_int8(q, scales, chunk, dtype), want)
+
+
+def cases_sparse_accumulate(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        if n == 0:
+            continue
+        for out_dtype in DTYPES:
+            for values_dtype in DTYPES + (torch.int8,):
+                # m = 3n: many duplicate indices; int32 and int64 indices alternate
+                for position, m in enumerate(sorted({0, 1, 100, 3 * n})):
+                    index_dtype = (torch.int32, torch.int64)[position % 2]
+                    seed = next(seeds)
+
+                    def run(n=n, out_dtype=out_dtype, values_dtype=values_dtype,
+                            index_dtype=index_dtype, m=m, seed=seed):
+                        check_sparse_accumulate(device, n, out_dtype, values_dtype, index_dtype, m,
+                                                seed, "contiguous")
+                    yield f"n={n} out={out_dtype} values={values_dtype} {index_dtype} m={m}", run
+
+
+def check_sparse_accumulate(device, n, out_dtype, values_dtype, index_dtype, m, seed, layout):
+    g = torch.Generator().manual_seed(seed)
+    out_cpu = torch.randn(n, generator=g).to(out_dtype)
+    indices = torch.randint(0, n, (m,), generator=g).to(index_dtype)
+    chunk, scales = 0, None
+    if values_dtype == torch.int8:
+        chunk = 3
+        values = torch.randint(-127, 128, (m,), generator=g).to(torch.int8)
+        scales = torch.rand(-(-m // chunk), generator=g)
+        contributions = values.double() * scales.double().repeat_interleave(chunk)[:m]
+    else:
+        values = torch.randn(m, generator=g).to(values_dtype)
+        contributions = values.double()
+    want = flat64(out_cpu).index_add(0, indices.long(), contributions)
+    out = on_device(out_cpu, device, layout)
+    gradsieve.sparse_accumulate_(out, indices.to(device), values.to(device),
+                                 None if scales is None else scales.to(device), chunk)
+    # Duplicates add up in an order of the backend's choosing, each sum rounded to out's dtype:
+    # allow a few roundings of the magnitudes involved.
+    magnitude = flat64(out_cpu).abs().index_add(0, indices.long(), contributions.abs())
+    hits = torch.zeros(n, dtype=torch.float64).index_add(0, indices.long(),
+                                                         torch.ones(m, dtype=torch.float64))
+    eps = torch.finfo(out_dtype).eps
+    bound = 2 * eps * (hits + 1) * magnitude + 1e-30
+    err = (flat64(out) - want).abs()
+    if out.dtype != out_dtype or not bool((err <= bound).all()):
+        worst = int(torch.argmax(err - bound))
+        raise AssertionError(f"out[{worst}] = {float(flat64(out)[worst])}, reference {float(want[worst])}")
+
+
+def cases_non_contiguous(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    """Every op on strided and transposed views (n = 1000 and 1023)."""
+    for layout, n in (("strided", 1000), ("transposed", 1023)):
+        for dtype in DTYPES:
+            seed = next(seeds)
+            x_cpu = make_input(n, dtype, "special", seed)
+            x = on_device(x_cpu, device, layout)
+            residual_cpu = make_input(n, torch.float32, "normal", seed + 1)
+            k = n // 3
+            tag = f"{layout} n={n} {dtype}"
+
+            def topk(x=x, x_cpu=x_cpu, k=k):
+                values, indices = gradsieve.topk_abs(x, k)
+                expect_selection("indices", indices, flat64(x_cpu).abs(), k)
+                expect_equal("values", values, x_cpu.reshape(-1)[indices.cpu()])
+
+            def quantile(x=x, x_cpu=x_cpu, layout=layout):
+                expect_equal("quantile", gradsieve.quantile_abs(x, 0.5), ref_quantile(x_cpu, 0.5))
+                finite = x_cpu.nan_to_num(0.0, 3.0, -3.0)
+                got = gradsieve.quantile_abs(on_device(finite, device, layout), 0.3)
+                expect_equal("quantile of finite", got, ref_quantile(finite, 0.3))
+
+            def ef(x_cpu=x_cpu, residual_cpu=residual_cpu, k=k, layout=layout):
+                check_ef_topk(device, residual_cpu, x_cpu, k, 1.0, layout)
+
+            def reg(x_cpu=x_cpu, residual_cpu=residual_cpu, k=k, layout=layout, seed=seed):
+                prev = torch.randperm(x_cpu.numel(), generator=torch.Generator().manual_seed(seed))[:50]
+                sent, agg = torch.linspace(-2, 2, 50), torch.linspace(1, -1, 50)
+                check_regtopk(device, residual_cpu, x_cpu.nan_to_num(0.0, 3.0, -3.0), prev, sent,
+                              agg, 2.0, k, 4, None, layout)
+
+            def threshold(x=x, x_cpu=x_cpu):
+                check_threshold(x, x_cpu, 1.0, 100)  # overflows: about 300 entries pass
+
+            def quantize(x=x, x_cpu=x_cpu):
+                check_quantize(x, x_cpu, 7)
+
+            def accumulate(n=n, dtype=dtype, layout=layout, seed=seed):
+                check_sparse_accumulate(device, n, dtype, torch.float32, torch.int64, 2 * n, seed, layout)
+
+            yield f"topk_abs {tag}", topk
+            yield f"quantile_abs {tag}", quantile
+            yield f"ef_topk_ {tag}", ef
+            yield f"regtopk_select_ {tag}", reg
+            yield f"threshold_select {tag}", threshold
+            yield f"quantize_int8 {tag}", quantize
+            yield f"sparse_accumulate_ {tag}", accumulate
+
+
+def cases_large(device: str, seeds: Iterator[int]) -> Iterator[Case]:
+    """float32 at 2^20 + 3: grid-stride loops and multi-tile scans."""
+    n = LARGE
+    x_cpu = make_input(n, torch.float32, "special", next(seeds))
+    x = x_cpu.to(device)
+    residual_cpu = make_input(n, torch.float32, "normal", next(seeds))
+    k = n // 100
+
+    def topk():
+        values, indices = gradsieve.topk_abs(x, k)
+        expect_selection("indices", indices, flat64(x_cpu).abs(), k)
+        expect_equal("values", values, x_cpu[indices.cpu()])
+
+    def ef():
+        check_ef_topk(device, residual_cpu, x_cpu, k, 1.0, "contiguous")
+
+    def reg():
+        prev = torch.randperm(n, generator=torch.Generator().manual_seed(5))[:k]
+        g = torch.Generator().manual_seed(6)
+        check_regtopk(device, residual_cpu, x_cpu.nan_to_num(0.0, 3.0, -3.0), prev,
+                      torch.randn(k, generator=g), torch.randn(k, generator=g), 4.0, k, 8, None,
+                      "contiguous")
+
+    def threshold():
+        check_threshold(x, x_cpu, 2.5, 1000)  # about 13000 pass: overflow
+
+    def quantize():
+        check_quantize(x, x_cpu, 3)
+
+    def accumulate():
+        check_sparse_accumulate(device, n, torch.float32, torch.int8, torch.int32, 8 * k, 7, "contiguous")
+
+    yield f"topk_abs n={n}", topk
+    yield f"ef_topk_ n={n}", ef
+    yield f"regtopk_select_ n={n}", reg
+    yield f"threshold_select n={n}", threshold
+    yield f"quantize_int8 n={n}", quantize
+    yield f"sparse_accumulate_ n={n}", accumulate
+
+
+OPS: Dict[str, Callable] = {
+    "topk_abs": cases_topk_abs,
+    "quantile_abs": cases_quantile_abs,
+    "ef_topk_": cases_ef_topk,
+    "regtopk_select_": cases_regtopk_select,
+    "threshold_select": cases_threshold_select,
+    "quantize_int8": cases_quantize_int8,  # with dequantize_int8 and stochastic rounding
+    "sparse_accumulate_": cases_sparse_accumulate,
+    "non-contiguous": cases_non_contiguous,
+}
+
+
+def run_cases(group: str, device: str, cases: Iterator[Case], show: int) -> Tuple[int, int]:
+    """Runs the cases of one group; prints its line (and the first `show` failures)."""
+    started = time.perf_counter()
+    total = failed = 0
+    for name, run in cases:
+        total += 1
+        try:
+            run()
+        except Exception as error:  # a mismatch or an op that raised: report it, keep going
+            failed += 1
+            if failed <= show:
+                detail = str(error).strip().splitlines()
+                print(f"  FAIL {group} {name}: {type(error).__name__}: {detail[0] if detail else ''}")
+                if not isinstance(error, AssertionError):
+                    traceback.print_exc(limit=3, file=sys.stdout)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    verdict = "ok" if not failed else f"FAILED {failed} of"
+    seconds = time.perf_counter() - started
+    print(f"{group:19} {device:5} {verdict} {total} cases ({seconds:.1f} s)", flush=True)
+    return total, failed
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--small", action="store_true",
+                        help="sizes up to 4097 only (racecheck and synccheck are slower than memcheck)")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma-separated groups to run (default: all of {', '.join(OPS)})")
+    parser.add_argument("--show", type=int, default=5, help="failures printed per op (default 5)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not (torch.cuda.is_available() and gradsieve.cuda_kernels_built()):
+        print("cuda_op_driver: --device cuda needs a GPU and a CUDA build of gradsieve "
+              f"(GPU: {torch.cuda.is_available()}, CUDA kernels: {gradsieve.cuda_kernels_built()})")
+        return 2
+    groups = [name for name in args.ops.split(",") if name]
+    unknown = [name for name in groups if name not in OPS]
+    if unknown:
+        parser.error(f"unknown --ops {unknown}; known: {', '.join(OPS)}")
+    sizes = SMALL_SIZES if args.small else SIZES
+    kinds = ("ties", "special") if args.small else ("normal", "ties", "special")
+    seeds = iter(range(1_000_000))
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"cuda_op_driver: gradsieve {gradsieve.__version__}, torch {torch.__version__}, {where}, "
+          f"sizes {list(sizes)}{'' if args.small else f' and {LARGE} (float32)'}", flush=True)
+
+    total = failed = 0
+    for group in groups:
+        cases = OPS[group](args.device, sizes, kinds, seeds)
+        t, f = run_cases(group, args.device, cases, args.show)
+        total, failed = total + t, failed + f
+    if not args.small and len(groups) == len(OPS):
+        t, f = run_cases("large", args.device, cases_large(args.device, seeds), args.show)
+        total, failed = total + t, failed + f
+    print(f"cuda_op_driver: {total - failed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
