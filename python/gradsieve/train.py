@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model size of the workload (" + "; ".join(
                        f"{w}: {'|'.join(s)}" for w, s in MODEL_SIZES.items() if s) + ")")
     p.add_argument("--compressor", default="topk",
-                   help="a registered compressor (" + ", ".join(available_compressors())
-                        + ") or one of PyTorch's own hooks (" + ", ".join(BASELINES) + ")")
+                   help="a registered compressor (" + ", ".join(n for n in available_compressors() if not is_baseline(n))
+                        + ") or one of PyTorch's own hooks (" + ", ".join(BASELINES) + "; 'none' is DDP's default "
+                        "all-reduce, no hook)")
     p.add_argument("--compare", default=None,
                    help="comma-separated compressors and torch baselines trained in turn from the same "
                         "seed (replaces --compressor); 'none' is DDP's default all-reduce")

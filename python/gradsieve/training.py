@@ -104,7 +104,7 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)  # same batches in every run
     evaluate_at = set(eval_steps(steps, args.eval_every or max(1, steps // 20)))
 
-    losses, cum_bytes, step_times, evals = [], [], [], []
+    losses, cum_bytes, step_times, evals, link_cum = [], [], [], [], []
     clock = 0.0
 
     def evaluate(step: int) -> None:
@@ -116,7 +116,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     progress = Progress(steps, spec.label) if rank == 0 and not args.no_progress else None
     if 0 in evaluate_at:
         evaluate(0)
-    link_before = link.tx_bytes() if args.link else None
+    # Bytes through the shaped loopback (all ranks, headers included), read by rank 0 every step.
+    link_before = link.tx_bytes() if args.link and rank == 0 else None
     for step in range(steps):
         _sync(device)
         started = time.perf_counter()
@@ -136,6 +137,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
             after_step()
         losses.append(value)
         cum_bytes.append(state.wire_bytes)
+        if link_before is not None:
+            link_cum.append(link.tx_bytes() - link_before)
         if step + 1 in evaluate_at:
             evaluate(step + 1)
         if progress is not None:
@@ -146,7 +149,6 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
                     shown["acc"] = f"{evals[-1]['accuracy']:.3f}"
             shown["sent"] = human_bytes(state.wire_bytes)
             progress.update(1, **shown)
-    link_after = link.tx_bytes() if args.link else None
     eval_loss, accuracy = evals[-1]["loss"], evals[-1]["accuracy"]
     if progress is not None:
         progress.close(loss=f"{losses[-1]:.4f}", eval=f"{eval_loss:.4f}",
@@ -160,9 +162,7 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     warm = max(args.warmup_steps, 1)
     timed = step_times[min(len(step_times) - 1, warm):]
     tail = mean_losses[-max(1, steps // 10):]
-    link_bytes: Optional[float] = None
-    if link_before is not None and link_after is not None:
-        link_bytes = (link_after - link_before) / steps
+    link_bytes: Optional[float] = link_cum[-1] / steps if link_cum else None
     record = {
         "compressor": spec.compressor,
         "name": spec.name,
@@ -183,7 +183,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "compress_s_per_step": None if stats["compress_s"] is None else stats["compress_s"] / steps,
         "decode_s_per_step": None if stats["decode_s"] is None else stats["decode_s"] / steps,
         "skipped_steps": stats["skipped_steps"],
-        "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals},
+        "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals,
+                    "link_cum_bytes": link_cum},
     }
     del ddp, model, optimizer
     return record
