@@ -94,30 +94,42 @@ def ring_allgather_s(nbytes: float, n: int, bits: float, alpha: float) -> float:
 
 
 def calibrate(rows: List[Dict]) -> Dict:
-    """Per-step costs of the measured workload at N = 2 on the unlimited link: compute (the dense
-    run's step minus nothing: its loopback all-reduce is part of it), and for each sparse
-    compressor its compress time, decode cost per entry, payload bytes and entries."""
+    """Per-step costs of the measured workload, from the N = 2 runs on the unlimited link:
+
+    * compute (forward, backward, optimizer): a sparse run's step minus its measured compress and
+      decode time (its loopback all-gather of a few KB is negligible), the median over the sparse
+      compressors;
+    * the loopback's cost per all-reduced byte: the dense step minus that compute, per byte;
+    * per all-reduce compressor, its own extra work (PowerSGD's matrix products and QR): its step
+      minus the compute and its loopback bytes;
+    * per sparse compressor, compress time, decode cost per entry, payload bytes and entries.
+    """
     unlimited = {r["name"]: r for r in rows if r["rate_bits"] is None and r["workers"] == 2}
     dense = unlimited["none"]
-    model = {"dense_bytes": dense["wire_bytes_steady"], "compute_s": dense["ms_per_step"] / 1e3,
-             "compressors": {}}
+    model = {"dense_bytes": dense["wire_bytes_steady"], "compressors": {}}
+    computes = []
     for name, r in unlimited.items():
-        if is_allreduce(r):
-            model["compressors"][name] = {"kind": "allreduce", "bytes": r["wire_bytes_steady"],
-                                          "extra_s": max(0.0, (r["ms_per_step"] - dense["ms_per_step"]) / 1e3)}
+        if is_allreduce(r) or r["compress_ms_per_step"] is None:
             continue
         k = round(r["density"] * dense["wire_bytes_steady"] / 4)
-        model["compressors"][name] = {
-            "kind": "allgather", "bytes": r["wire_bytes_steady"], "entries": k,
-            "compress_s": (r["compress_ms_per_step"] or 0.0) / 1e3,
-            "decode_s_per_entry": (r["decode_ms_per_step"] or 0.0) / 1e3 / (2 * k),
-        }
+        compress = r["compress_ms_per_step"] / 1e3
+        decode = (r["decode_ms_per_step"] or 0.0) / 1e3
+        computes.append(r["ms_per_step"] / 1e3 - compress - decode)
+        model["compressors"][name] = {"kind": "allgather", "bytes": r["wire_bytes_steady"], "entries": k,
+                                      "compress_s": compress, "decode_s_per_entry": decode / (2 * k)}
+    compute = statistics.median(computes) if computes else dense["ms_per_step"] / 1e3
+    model["compute_s"] = compute
+    model["loopback_s_per_byte"] = max(0.0, dense["ms_per_step"] / 1e3 - compute) / dense["wire_bytes_steady"]
+    for name, r in unlimited.items():
+        if is_allreduce(r):
+            loopback = model["loopback_s_per_byte"] * r["wire_bytes_steady"]
+            extra = 0.0 if name == "none" else max(0.0, r["ms_per_step"] / 1e3 - compute - loopback)
+            model["compressors"][name] = {"kind": "allreduce", "bytes": r["wire_bytes_steady"], "extra_s": extra}
     return model
 
 
 def cluster_step_s(model: Dict, name: str, n: int, bits: float, alpha: float) -> float:
-    c = model["compressors"][name] if name != "none" else {"kind": "allreduce", "bytes": model["dense_bytes"],
-                                                           "extra_s": 0.0}
+    c = model["compressors"][name]
     if c["kind"] == "allreduce":
         return model["compute_s"] + c["extra_s"] + ring_allreduce_s(c["bytes"], n, bits, alpha)
     decode = n * c["entries"] * c["decode_s_per_entry"]
