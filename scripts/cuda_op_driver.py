@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 import gradsieve
+from gradsieve.testing import make_input
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SIZES = (0, 1, 7, 255, 1000, 4097, 65537)
@@ -40,23 +41,6 @@ Case = Tuple[str, Callable[[], None]]
 
 
 # =============================================================================== inputs
-def make_input(n: int, dtype: torch.dtype, kind: str, seed: int) -> torch.Tensor:
-    """CPU data: 'normal' (distinct magnitudes), 'ties' (seven values and signed zeros) or
-    'special' (normal with NaN, +-inf and signed zeros); rounded to dtype."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "ties":
-        x = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
-        if n:
-            x[torch.randint(0, n, (max(1, n // 7),), generator=g)] = -0.0
-    else:
-        x = torch.randn(n, generator=g)
-        if kind == "special" and n:
-            picks = torch.randint(0, n, (max(1, n // 50),), generator=g)
-            specials = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0])
-            x[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
-    return x.to(dtype)
-
-
 def on_device(x: torch.Tensor, device: str, layout: str) -> torch.Tensor:
     """x on the device, as a contiguous tensor or as a non-contiguous view holding the same
     values in the same logical (flattened) order."""
@@ -210,7 +194,7 @@ def cases_topk_abs(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[
     for n in sizes:
         for dtype in DTYPES:
             for kind in kinds:
-                x_cpu = make_input(n, dtype, kind, next(seeds))
+                x_cpu = make_input(n, dtype, kind=kind, seed=next(seeds))
                 x = on_device(x_cpu, device, "contiguous")
                 for k in counts(n):
                     def run(x=x, x_cpu=x_cpu, k=k):
@@ -224,7 +208,7 @@ def cases_quantile_abs(device: str, sizes, kinds, seeds: Iterator[int]) -> Itera
     for n in sizes:
         for dtype in DTYPES:
             for kind in kinds:
-                x_cpu = make_input(n, dtype, kind, next(seeds))
+                x_cpu = make_input(n, dtype, kind=kind, seed=next(seeds))
                 x = on_device(x_cpu, device, "contiguous")
                 for q in (0.0, 0.5, 0.999, 1.0):
                     def run(x=x, x_cpu=x_cpu, q=q):
@@ -238,8 +222,8 @@ def cases_ef_topk(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[C
             for kind in kinds:
                 if kind == "ties":
                     continue
-                grad_cpu = make_input(n, dtype, kind, next(seeds))
-                residual_cpu = make_input(n, torch.float32, "normal", next(seeds)) * 0.25
+                grad_cpu = make_input(n, dtype, kind=kind, seed=next(seeds))
+                residual_cpu = make_input(n, torch.float32, kind="normal", seed=next(seeds)) * 0.25
                 for k in counts(n):
                     for scale in (1.0, 0.5):  # exact products: an FMA gives the same sum
                         def run(grad_cpu=grad_cpu, residual_cpu=residual_cpu, k=k, scale=scale):
@@ -267,8 +251,8 @@ def cases_regtopk_select(device: str, sizes, kinds, seeds: Iterator[int]) -> Ite
                 for index_dtype, duplicates in ((torch.int64, False), (torch.int32, True)):
                     seed = next(seeds)
                     g = torch.Generator().manual_seed(seed)
-                    grad_cpu = make_input(n, dtype, kind, seed)
-                    residual_cpu = make_input(n, torch.float32, "normal", seed + 1) * 0.25
+                    grad_cpu = make_input(n, dtype, kind=kind, seed=seed)
+                    residual_cpu = make_input(n, torch.float32, kind="normal", seed=seed + 1) * 0.25
                     m = n // 10
                     if duplicates and n:
                         prev = torch.randint(0, n, (m + 1,), generator=g)
@@ -306,7 +290,7 @@ def cases_threshold_select(device: str, sizes, kinds, seeds: Iterator[int]) -> I
     for n in sizes:
         for dtype in DTYPES:
             for kind in kinds:
-                x_cpu = make_input(n, dtype, kind, next(seeds))
+                x_cpu = make_input(n, dtype, kind=kind, seed=next(seeds))
                 x = on_device(x_cpu, device, "contiguous")
                 for threshold in (0.0, 1.0, 1e9, math.nan):
                     # capacity n // 4 overflows at thresholds 0 and 1
@@ -331,7 +315,7 @@ def cases_quantize_int8(device: str, sizes, kinds, seeds: Iterator[int]) -> Iter
             for kind in kinds:
                 if kind == "ties":
                     continue
-                x_cpu = make_input(n, dtype, kind, next(seeds))
+                x_cpu = make_input(n, dtype, kind=kind, seed=next(seeds))
                 x = on_device(x_cpu, device, "contiguous")
                 for chunk in (1, 3, 256, 4096, 5000):
                     def run(x=x, x_cpu=x_cpu, chunk=chunk):
@@ -418,9 +402,9 @@ def cases_non_contiguous(device: str, sizes, kinds, seeds: Iterator[int]) -> Ite
     for layout, n in (("strided", 1000), ("transposed", 1023)):
         for dtype in DTYPES:
             seed = next(seeds)
-            x_cpu = make_input(n, dtype, "special", seed)
+            x_cpu = make_input(n, dtype, kind="special", seed=seed)
             x = on_device(x_cpu, device, layout)
-            residual_cpu = make_input(n, torch.float32, "normal", seed + 1)
+            residual_cpu = make_input(n, torch.float32, kind="normal", seed=seed + 1)
             k = n // 3
             tag = f"{layout} n={n} {dtype}"
 
@@ -465,9 +449,9 @@ def cases_non_contiguous(device: str, sizes, kinds, seeds: Iterator[int]) -> Ite
 def cases_large(device: str, seeds: Iterator[int]) -> Iterator[Case]:
     """float32 at 2^20 + 3: grid-stride loops and multi-tile scans."""
     n = LARGE
-    x_cpu = make_input(n, torch.float32, "special", next(seeds))
+    x_cpu = make_input(n, torch.float32, kind="special", seed=next(seeds))
     x = x_cpu.to(device)
-    residual_cpu = make_input(n, torch.float32, "normal", next(seeds))
+    residual_cpu = make_input(n, torch.float32, kind="normal", seed=next(seeds))
     k = n // 100
 
     def topk():

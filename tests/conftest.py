@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import gradsieve  # noqa: E402
+from gradsieve.testing import make_input  # noqa: E402,F401  (the tests import it from here)
 
 HAS_CUDA = torch.cuda.is_available() and gradsieve.cuda_kernels_built()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -30,24 +31,3 @@ def quiet_fake_tensor_log():
 
 def devices():
     return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
-
-
-def make_input(n, dtype=torch.float32, device="cpu", kind="normal", seed=0):
-    """Test data: 'normal' (distinct magnitudes), 'ties' (few distinct values, signed zeros),
-    'special' (normal with NaN, +-inf and signed zeros sprinkled in)."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "ties":
-        x = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
-        if n:
-            x[torch.randint(0, n, (max(1, n // 7),), generator=g)] = -0.0
-    else:
-        x = torch.randn(n, generator=g)
-        if kind == "special" and n:
-            picks = torch.randint(0, n, (max(1, n // 50),), generator=g)
-            specials = torch.tensor([math_nan(), float("inf"), float("-inf"), -0.0, 0.0])
-            x[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
-    return x.to(dtype).to(device)
-
-
-def math_nan():
-    return float("nan")
