@@ -27,8 +27,9 @@ def test_tiny_sweep_and_cost_model(tmp_path):
         (rate, name) for rate in ("20mbit", "unlimited") for name in ("none", "powersgd r1", "topk:values=int8")}
     by = {(r["rate"], r["name"]): r for r in rows}
     dense = by[("20mbit", "none")]
-    # Two ranks' ring all-reduce: about twice the gradient crosses the shared queue per step.
-    assert 2 * dense["wire_bytes_steady"] <= dense["link_bytes_steady"] < 2.2 * dense["wire_bytes_steady"]
+    # Two ranks' ring all-reduce: about twice the gradient crosses the shared queue per step (the
+    # average over the run: a single step's reading can catch the other rank mid-transfer).
+    assert 2 * dense["wire_bytes_steady"] <= dense["link_bytes_per_step"] < 2.2 * dense["wire_bytes_steady"]
     assert by[("20mbit", "topk:values=int8")]["step_speedup"] > 2
     assert (out / "bench_network.png").read_bytes()[:4] == b"\x89PNG"
 

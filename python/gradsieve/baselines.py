@@ -18,9 +18,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Mapping
 
-import torch
-import torch.distributed as dist
-
 from gradsieve.options import Option, resolve
 
 __all__ = ["BASELINES", "ByteCount", "is_baseline", "baseline_options", "register_baseline"]

@@ -15,9 +15,13 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
+from gradsieve import link
 from gradsieve.training import human_bytes
 
-__all__ = ["Target", "time_to_target", "add_speedups", "format_table", "write_outputs", "write_plots"]
+__all__ = ["Target", "time_to_target", "add_speedups", "format_table", "write_outputs", "write_plots",
+           "report_comparison"]
 
 METRICS = ("accuracy", "loss")
 
@@ -219,3 +223,36 @@ def write_outputs(out: str, config: Dict[str, Any], results: List[Dict[str, Any]
         writer.writeheader()
         for r in results:
             writer.writerow({**{k: r[k] for k in columns if k != "options"}, "options": json.dumps(r["options"])})
+
+
+def workload_title(args, world: int) -> str:
+    name = args.workload + (f" {args.model_size}" if args.model_size else "")
+    title = f"{name}, {world} workers" + (", heterogeneous" if args.heterogeneous else "")
+    if args.link:
+        title += f", {link.LinkSpec.parse(args.link).describe()}"
+    return title
+
+
+def report_comparison(args, results: List[Dict[str, Any]], world: int, workload, backend: str) -> None:
+    """``gradsieve-train``'s report on rank 0 after every run: speed-ups, metrics files, plots and
+    the table."""
+    target = Target(args.target_metric, args.target_value)
+    if target.metric == "accuracy" and not workload.has_accuracy:
+        target = None
+    add_speedups(results, target)
+    config = {
+        "workload": args.workload, "model_size": args.model_size, "world_size": world, "backend": backend,
+        "seed": args.seed, "heterogeneous": args.heterogeneous, "batch_size": args.batch_size, "lr": args.lr,
+        "optimizer": args.optimizer, "momentum": args.momentum, "warmup_steps": args.warmup_steps,
+        "eval_every": args.eval_every, "link": args.link,
+        "target": None if target is None else dataclasses.asdict(target),
+        "torch": torch.__version__, "cpu_count": os.cpu_count(),
+    }
+    write_outputs(args.out, config, results)
+    title = workload_title(args, world)
+    plots = write_plots(args.out, results, title, workload.has_accuracy, target)
+    print()
+    print(f"{title}, {results[0]['steps']} steps, seed {args.seed}, {backend}"
+          + ("" if target is None else f"; target: {target.describe()}"))
+    print(format_table(results, workload.has_accuracy, link=bool(args.link), target=target))
+    print(f"wrote {os.path.join(args.out, 'metrics.json')}, metrics.csv, " + ", ".join(os.path.basename(p) for p in plots))

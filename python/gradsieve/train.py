@@ -23,19 +23,16 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
 from gradsieve import link
 from gradsieve.baselines import BASELINES, baseline_options, is_baseline
 from gradsieve.launcher import launch, under_torchrun
 from gradsieve.registry import available_compressors, compressor_class, get_compressor
-from gradsieve.report import Target, add_speedups, format_table, write_outputs, write_plots
+from gradsieve.report import Target, report_comparison
 from gradsieve.training import RunSpec
 from gradsieve.workloads import (MODEL_SIZES, WORKLOADS, WorkloadError, check_available, defaults_for,
                                  resolve_model_size)
@@ -226,39 +223,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-# -------------------------------------------------------------------------------------- report
-def workload_title(args: argparse.Namespace, world: int) -> str:
-    name = args.workload + (f" {args.model_size}" if args.model_size else "")
-    title = f"{name}, {world} workers" + (", heterogeneous" if args.heterogeneous else "")
-    if args.link:
-        title += f", {link.LinkSpec.parse(args.link).describe()}"
-    return title
-
-
-def report(args: argparse.Namespace, results: List[Dict[str, Any]], world: int, workload, backend: str) -> None:
-    """Rank 0, after every run: speed-ups, metrics files, plots and the table."""
-    target = Target(args.target_metric, args.target_value)
-    if target.metric == "accuracy" and not workload.has_accuracy:
-        target = None
-    add_speedups(results, target)
-    config = {
-        "workload": args.workload, "model_size": args.model_size, "world_size": world, "backend": backend,
-        "seed": args.seed, "heterogeneous": args.heterogeneous, "batch_size": args.batch_size, "lr": args.lr,
-        "optimizer": args.optimizer, "momentum": args.momentum, "warmup_steps": args.warmup_steps,
-        "eval_every": args.eval_every, "link": args.link,
-        "target": None if target is None else dataclasses.asdict(target),
-        "torch": torch.__version__, "cpu_count": os.cpu_count(),
-    }
-    write_outputs(args.out, config, results)
-    title = workload_title(args, world)
-    plots = write_plots(args.out, results, title, workload.has_accuracy, target)
-    print()
-    print(f"{title}, {results[0]['steps']} steps, seed {args.seed}, {backend}"
-          + ("" if target is None else f"; target: {target.describe()}"))
-    print(format_table(results, workload.has_accuracy, link=bool(args.link), target=target))
-    print(f"wrote {os.path.join(args.out, 'metrics.json')}, metrics.csv, " + ", ".join(os.path.basename(p) for p in plots))
-
-
 # ---------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -288,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: link: {spec.describe()} (tbf on lo in a private network namespace, MTU {link.MTU})"
               if spec.rate_bits else f"{PROG}: link: {spec.describe()} (private network namespace, MTU {link.MTU})",
               flush=True)
-    return launch(args, runs, report, PROG)
+    return launch(args, runs, report_comparison, PROG)
 
 
 if __name__ == "__main__":

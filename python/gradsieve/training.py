@@ -186,5 +186,4 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals,
                     "link_cum_bytes": link_cum},
     }
-    del ddp, model, optimizer
     return record
