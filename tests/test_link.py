@@ -195,20 +195,42 @@ def _wait_for(predicate, timeout):
     return predicate()
 
 
-def _start_long_run(tmp_path):
+def _interruptible():
+    # A shell that starts its jobs in the background (CI may) ignores SIGINT for them, and the
+    # ignored disposition is inherited: give the run the default one, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def long_run(tmp_path):
+    """A gradsieve-train run over a slow link that would take minutes, in its own session; killed
+    with its whole process group at the end of the test whatever happened."""
+    assert _foreign_netns_processes() == [], "processes of an earlier run are still alive"
     proc = subprocess.Popen([PYTHON, "-m", "gradsieve.train", "--link", "2mbit", "--compare", "none",
                              "--steps", "500", "--no-progress", "--out", str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    # Training has started when the workers (in the private namespace) exist.
-    workers = _wait_for(lambda: len(_foreign_netns_processes()) >= 3, 60)
-    assert workers, "the run did not start its workers"
-    time.sleep(2.0)
-    return proc
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_interruptible)
+    try:
+        # Training has started when the workers (in the private namespace) exist.
+        workers = _wait_for(lambda: len(_foreign_netns_processes()) >= 3, 60)
+        assert workers, "the run did not start its workers"
+        time.sleep(2.0)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        for pid in _foreign_netns_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _wait_for(lambda: _foreign_netns_processes() == [], 20)
 
 
 @requires_netns
-def test_ctrl_c_tears_everything_down(tmp_path):
-    proc = _start_long_run(tmp_path)
+def test_ctrl_c_tears_everything_down(long_run):
+    proc = long_run
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     proc.communicate(timeout=60)
     assert proc.returncode != 0
@@ -216,8 +238,8 @@ def test_ctrl_c_tears_everything_down(tmp_path):
 
 
 @requires_netns
-def test_a_killed_worker_ends_the_run_and_the_namespace(tmp_path):
-    proc = _start_long_run(tmp_path)
+def test_a_killed_worker_ends_the_run_and_the_namespace(long_run):
+    proc = long_run
     workers = [pid for pid in _foreign_netns_processes() if b"spawn_main" in _cmdline(pid)]
     assert len(workers) == 2
     worker = workers[-1]
@@ -240,3 +262,11 @@ def test_delay_runs_with_netem_or_stops_with_one_line(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         assert "1 ms delay" in done.stdout
     assert _foreign_netns_processes() == []
+
+
+@requires_netns
+def test_a_killed_launcher_takes_the_namespace_with_it(long_run):
+    proc = long_run
+    proc.kill()  # SIGKILL: no handler runs; the kernel's parent-death signals do the teardown
+    proc.communicate(timeout=30)
+    assert _wait_for(lambda: _foreign_netns_processes() == [], 20)

@@ -194,7 +194,8 @@ def run_inside(argv: Sequence[str], prefix: Sequence[str]) -> int:
     # per connection. Quiet c10d's C++ warnings unless the user asked for a log level.
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     cmd = [*prefix, sys.executable, "-m", "gradsieve.train", *argv]
-    proc = subprocess.Popen(cmd, env=env)
+    # The re-run process dies with this one (and its workers with it), even on SIGKILL.
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
     try:
         return proc.wait()
     except KeyboardInterrupt:
