@@ -91,13 +91,16 @@ def _netns_of(pid):
 
 
 def _foreign_netns_processes():
-    """Processes of this machine that are in a network namespace other than ours."""
+    """Processes of ours (this interpreter's, or gradsieve's) in a network namespace other than
+    this one's: a run's private namespace while it lives. Other software's namespaces on the
+    machine do not count."""
     mine = _netns_of("self")
+    ours = (os.fsencode(PYTHON), b"gradsieve")
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             ns = _netns_of(entry)
-            if ns is not None and ns != mine:
+            if ns is not None and ns != mine and any(tag in _cmdline(entry) for tag in ours):
                 found.append(int(entry))
     return found
 
