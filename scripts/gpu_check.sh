@@ -103,6 +103,22 @@ run_limited() {
 
 py() { "$PY" "$@"; }
 
+# conclude STAGE RC LOG TAIL_LINES WHAT LIMIT DRY_NOTE PASS_NOTE: the verdict of a stage that ran a
+# driver (WHAT) under run_limited: timed out, failed (with the log's tail), skipped in a dry run
+# (the driver's CPU mode passed), or passed.
+conclude() {
+  local stage=$1 rc=$2 log=$3 lines=$4 what=$5 limit=$6 dry_note=$7 pass_note=$8
+  if [ "$rc" != 0 ]; then
+    show_tail "$log" "$lines"
+    if [ "$rc" = 124 ]; then finish "$stage" timed-out "${what%% *} ran past $limit s"
+    else finish "$stage" failed "$what exited $rc (see $(basename "$log"))"; fi
+  elif [ "$DRY" = 1 ]; then
+    finish "$stage" skipped "needs CUDA ($DRY_REASON); $dry_note"
+  else
+    finish "$stage" passed "$pass_note"
+  fi
+}
+
 # ------------------------------------------------------------------------------------ the machine
 if ! MACHINE=$(py - 2> "$SCRATCH/probe.err" <<'EOF'
 import torch
@@ -367,15 +383,8 @@ stage_bench() {
   [ -s "$SCRATCH/bench/bench_ops.json" ] && cp "$SCRATCH/bench/bench_ops.json" "$OUT/bench_ops.json"
   local met
   met=$(grep -m 1 '^targets (CUDA' "$log")
-  if [ "$rc" != 0 ]; then
-    show_tail "$log"
-    if [ "$rc" = 124 ]; then finish bench timed-out "bench_ops.py ran past $limit s"
-    else finish bench failed "bench_ops.py ${args[*]} exited $rc (see bench_ops.log)"; fi
-  elif [ "$DRY" = 1 ]; then
-    finish bench skipped "needs CUDA ($DRY_REASON); bench_ops.py ran on CPU at n = 2^12"
-  else
-    finish bench passed "n = 2^26 and 2^28; ${met:-no target rows}"
-  fi
+  conclude bench "$rc" "$log" 25 "bench_ops.py ${args[*]}" "$limit" \
+    "bench_ops.py ran on CPU at n = 2^12" "n = 2^26 and 2^28; ${met:-no target rows}"
 }
 
 # ------------------------------------------------------------------------------------ 5 hook
@@ -385,15 +394,8 @@ stage_hook() {
   echo "== $PY benchmarks/bench_hook.py ${args[*]}" > "$log"
   run_limited "$limit" "$log" "$PY" benchmarks/bench_hook.py "${args[@]}" --out "$OUT"
   rc=$?
-  if [ "$rc" != 0 ]; then
-    show_tail "$log" 15
-    if [ "$rc" = 124 ]; then finish hook timed-out "bench_hook.py ran past $limit s"
-    else finish hook failed "bench_hook.py ${args[*]} exited $rc (see bench_hook.log)"; fi
-  elif [ "$DRY" = 1 ]; then
-    finish hook skipped "needs CUDA ($DRY_REASON); bench_hook.py --quick ran on CPU (gloo)"
-  else
-    finish hook passed "ResNet-50 gradient, NCCL world size 1"
-  fi
+  conclude hook "$rc" "$log" 15 "bench_hook.py ${args[*]}" "$limit" \
+    "bench_hook.py --quick ran on CPU (gloo)" "ResNet-50 gradient, NCCL world size 1"
 }
 
 # ------------------------------------------------------------------------------------ run
