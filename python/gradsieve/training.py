@@ -149,6 +149,14 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
                     shown["acc"] = f"{evals[-1]['accuracy']:.3f}"
             shown["sent"] = human_bytes(state.wire_bytes)
             progress.update(1, **shown)
+    link_bytes: Optional[float] = None
+    if args.link:
+        # A rank's send returns once its bytes are in the socket buffer: the last step's may still
+        # be queued when rank 0 reads the counter. After a barrier every rank has received all it
+        # was sent, so the run's total is complete (the barrier adds a few bytes).
+        dist.barrier()
+        if link_before is not None:
+            link_bytes = (link.tx_bytes() - link_before) / steps
     eval_loss, accuracy = evals[-1]["loss"], evals[-1]["accuracy"]
     if progress is not None:
         progress.close(loss=f"{losses[-1]:.4f}", eval=f"{eval_loss:.4f}",
@@ -162,7 +170,6 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     warm = max(args.warmup_steps, 1)
     timed = step_times[min(len(step_times) - 1, warm):]
     tail = mean_losses[-max(1, steps // 10):]
-    link_bytes: Optional[float] = link_cum[-1] / steps if link_cum else None
     record = {
         "compressor": spec.compressor,
         "name": spec.name,
