@@ -62,6 +62,23 @@ void sparse_accumulate_meta(at::Tensor& out, const at::Tensor& indices, const at
   check_sparse_accumulate(out, indices, values, scales, chunk);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+adaptive_select_meta(const at::Tensor& grad, const at::Tensor& average, const at::Tensor& momentum,
+                     const at::Tensor& residual, double alpha, double beta, double q,
+                     bool compare_average, bool error_feedback, int64_t capacity) {
+  check_adaptive_select(grad, average, momentum, residual, alpha, beta, q, capacity);
+  const auto f32 = grad.options().dtype(at::kFloat);
+  return {at::empty_symint({grad.sym_numel()}, f32), at::empty_symint({grad.sym_numel()}, f32),
+          at::empty({capacity}, f32), at::empty({capacity}, f32.dtype(at::kLong)),
+          at::empty({}, f32.dtype(at::kLong)), at::empty({}, f32)};
+}
+
+at::Tensor csr16_indices_meta(const at::Tensor& counts, const at::Tensor& offsets,
+                              const at::Tensor& valid, int64_t numel) {
+  check_csr16_indices(counts, offsets, valid, numel);
+  return at::empty_symint(offsets.sym_sizes(), offsets.options().dtype(at::kLong));
+}
+
 }  // namespace
 }  // namespace gradsieve
 
@@ -80,6 +97,11 @@ TORCH_LIBRARY(gradsieve, m) {
   m.def("dequantize_int8(Tensor q, Tensor scales, int chunk, ScalarType dtype) -> Tensor");
   m.def("sparse_accumulate_(Tensor(a!) out, Tensor indices, Tensor values, Tensor? scales=None, "
         "int chunk=0) -> ()");
+  m.def("adaptive_select(Tensor grad, Tensor average, Tensor momentum, Tensor residual, "
+        "float alpha, float beta, float q, bool compare_average, bool error_feedback, "
+        "int capacity) -> (Tensor average_out, Tensor residual_out, Tensor values, "
+        "Tensor indices, Tensor count, Tensor threshold)");
+  m.def("csr16_indices(Tensor counts, Tensor offsets, Tensor valid, int numel) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
@@ -91,4 +113,6 @@ TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
   m.impl("quantize_int8", &gradsieve::quantize_int8_meta);
   m.impl("dequantize_int8", &gradsieve::dequantize_int8_meta);
   m.impl("sparse_accumulate_", &gradsieve::sparse_accumulate_meta);
+  m.impl("adaptive_select", &gradsieve::adaptive_select_meta);
+  m.impl("csr16_indices", &gradsieve::csr16_indices_meta);
 }

@@ -169,4 +169,55 @@ void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
   }
 }
 
+void check_adaptive_select(const at::Tensor& grad, const at::Tensor& average,
+                           const at::Tensor& momentum, const at::Tensor& residual, double alpha,
+                           double beta, double q, int64_t capacity) {
+  constexpr const char* op = "adaptive_select";
+  check_float_input(op, "grad", grad);
+  const std::pair<const char*, const at::Tensor*> state[] = {
+      {"average", &average}, {"momentum", &momentum}, {"residual", &residual}};
+  for (const auto& [arg, t] : state) {
+    TORCH_CHECK(t->defined() && t->scalar_type() == at::kFloat, "gradsieve.adaptive_select: ",
+                arg, " must be a float32 tensor, got ",
+                t->defined() ? c10::toString(t->scalar_type()) : "None");
+    TORCH_CHECK(t->sym_numel() == grad.sym_numel(), "gradsieve.adaptive_select: ", arg,
+                " must have as many elements as grad (", grad.sym_numel(), "), got ",
+                t->sym_numel());
+    check_same_device(op, arg, *t, "grad", grad);
+  }
+  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0,
+              "gradsieve.adaptive_select: alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK(beta > 0.0 && beta <= 1.0,
+              "gradsieve.adaptive_select: beta must be in (0, 1], got ", beta);
+  TORCH_CHECK(q >= 0.0 && q <= 1.0, "gradsieve.adaptive_select: q must be in [0, 1], got ", q);
+  check_count(op, "capacity", capacity, grad.sym_numel());
+}
+
+void check_csr16_indices(const at::Tensor& counts, const at::Tensor& offsets,
+                         const at::Tensor& valid, int64_t numel) {
+  TORCH_CHECK(numel >= 0 && numel <= kMaxNumel,
+              "gradsieve.csr16_indices: numel must be in [0, 2^31 - 1], got ", numel);
+  TORCH_CHECK(counts.defined() && counts.scalar_type() == at::kInt && counts.dim() == 2,
+              "gradsieve.csr16_indices: counts must be a 2-D int32 tensor [world, blocks], got ",
+              counts.defined() ? c10::toString(counts.scalar_type()) : "None", " of ",
+              counts.defined() ? counts.dim() : 0, " dims");
+  TORCH_CHECK(offsets.defined() && offsets.scalar_type() == at::kShort && offsets.dim() == 2,
+              "gradsieve.csr16_indices: offsets must be a 2-D int16 tensor [world, slots], got ",
+              offsets.defined() ? c10::toString(offsets.scalar_type()) : "None", " of ",
+              offsets.defined() ? offsets.dim() : 0, " dims");
+  TORCH_CHECK(valid.defined() && valid.scalar_type() == at::kInt && valid.dim() == 1,
+              "gradsieve.csr16_indices: valid must be a 1-D int32 tensor [world], got ",
+              valid.defined() ? c10::toString(valid.scalar_type()) : "None", " of ",
+              valid.defined() ? valid.dim() : 0, " dims");
+  TORCH_CHECK(counts.sym_size(0) == offsets.sym_size(0) && valid.sym_size(0) == offsets.sym_size(0),
+              "gradsieve.csr16_indices: counts, offsets and valid must have the same first "
+              "dimension (world), got ", counts.sym_size(0), ", ", offsets.sym_size(0), " and ",
+              valid.sym_size(0));
+  TORCH_CHECK(counts.sym_size(1) == csr16_blocks(numel),
+              "gradsieve.csr16_indices: counts must have ceil(numel / 65536) = ",
+              csr16_blocks(numel), " columns, got ", counts.sym_size(1));
+  check_same_device("csr16_indices", "offsets", offsets, "counts", counts);
+  check_same_device("csr16_indices", "valid", valid, "counts", counts);
+}
+
 }  // namespace gradsieve

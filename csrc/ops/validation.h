@@ -22,6 +22,15 @@ void check_dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_
 void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
                              const at::Tensor& values, const c10::optional<at::Tensor>& scales,
                              int64_t chunk);
+void check_adaptive_select(const at::Tensor& grad, const at::Tensor& average,
+                           const at::Tensor& momentum, const at::Tensor& residual, double alpha,
+                           double beta, double q, int64_t capacity);
+void check_csr16_indices(const at::Tensor& counts, const at::Tensor& offsets,
+                         const at::Tensor& valid, int64_t numel);
+
+// Entries per block of the csr16 wire index: a position is (block, 16-bit offset in the block).
+constexpr int64_t kCsr16Block = int64_t(1) << 16;
+inline int64_t csr16_blocks(int64_t numel) { return (numel + kCsr16Block - 1) / kCsr16Block; }
 
 // Number of int8 chunks that cover n entries. The checks take sizes as SymInt (sym_numel), so the
 // same code serves concrete tensors and the symbolic shapes of torch.compile's dynamic tracing.

@@ -12,6 +12,8 @@ from gradsieve import ops
 from gradsieve.compressor import BucketLayout, Compressor, SparseCompressor
 from gradsieve.hook import CompressionState, compression_hook
 from gradsieve.ops import (
+    adaptive_select,
+    csr16_indices,
     cuda_kernels_built,
     dequantize_int8,
     ef_topk_,
@@ -33,8 +35,10 @@ __all__ = [
     "Compressor",
     "Simulator",
     "SparseCompressor",
+    "adaptive_select",
     "available_compressors",
     "compression_hook",
+    "csr16_indices",
     "cuda_kernels_built",
     "dequantize_int8",
     "ef_topk_",

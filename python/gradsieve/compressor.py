@@ -27,7 +27,7 @@ import torch
 
 from gradsieve.memory import BucketMemory
 from gradsieve.options import Option, resolve
-from gradsieve.wire import VALUE_DTYPES, PayloadFormat
+from gradsieve.wire import INDEX_FORMATS, VALUE_DTYPES, PayloadFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +151,9 @@ SPARSE_OPTIONS: Dict[str, Option] = {
     "values": Option("fp32", "value encoding on the wire", kind=str, choices=tuple(VALUE_DTYPES)),
     "chunk": Option(256, "entries per scale for int8 values", kind=int,
                     check=lambda v: 1 <= v <= 1 << 20, allowed="an integer in [1, 2^20]"),
+    "index": Option("int32", "index encoding on the wire: int32 positions (4 bytes per entry) or "
+                    "csr16 (per-block counts and 16-bit offsets: 2 bytes per entry)", kind=str,
+                    choices=INDEX_FORMATS),
 }
 
 
@@ -182,15 +185,16 @@ class SparseCompressor(Compressor):
         return [Segment(o, n, n if dense else entries_for(density, n)) for o, n, dense in pieces]
 
     def payload_format(self, layout: BucketLayout, step: int) -> PayloadFormat:
-        return self._format(sum(s.k for s in self.segments(layout, step)))
+        return self._format(sum(s.k for s in self.segments(layout, step)), layout.numel)
 
-    def _format(self, k: int) -> PayloadFormat:
+    def _format(self, k: int, numel: int) -> PayloadFormat:
         # An int8 chunk larger than the payload would only add padding.
-        return PayloadFormat(k, self.values, max(1, min(self.chunk, k)))
+        return PayloadFormat(k, self.values, max(1, min(self.chunk, k)), self.index, numel)
 
     def select(self, grad: torch.Tensor, memory: BucketMemory, segments: List[Segment], layout: BucketLayout,
                step: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """Returns (indices int64[K], values float32[K], pending memory)."""
+        """Returns (indices int64[K], values float32[K], pending memory). A pending entry
+        ``"_valid"`` (bool[K]) marks the slots that carry an entry (default: all)."""
         raise NotImplementedError
 
     def absorb_rounding(self, pending: Dict[str, torch.Tensor], indices: torch.Tensor, error: torch.Tensor) -> None:
@@ -199,10 +203,10 @@ class SparseCompressor(Compressor):
 
     def compress(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int) -> Compressed:
         segments = self.segments(layout, step)
-        fmt = self._format(sum(s.k for s in segments))
+        fmt = self._format(sum(s.k for s in segments), layout.numel)
         finite = torch.isfinite(grad).all()
         indices, values, pending = self.select(grad, memory, segments, layout, step)
-        payload, sent = fmt.pack(finite, indices, values)
+        payload, sent = fmt.pack(finite, indices, values, pending.get("_valid"))
         if self.values != "fp32":
             self.absorb_rounding(pending, indices, values - sent)
         pending["_wire_values"] = sent  # the values as they went on the wire (float32[K])

@@ -19,6 +19,8 @@ import torch
 from gradsieve import _C  # noqa: F401  (loading the library registers the ops)
 
 __all__ = [
+    "adaptive_select",
+    "csr16_indices",
     "cuda_kernels_built",
     "dequantize_int8",
     "ef_topk_",
@@ -274,3 +276,92 @@ def sparse_accumulate_(
         [0.0, 4.0, 0.0, 2.0]
     """
     torch.ops.gradsieve.sparse_accumulate_(out, indices, values, scales, chunk)
+
+
+def adaptive_select(
+    grad: torch.Tensor,
+    average: torch.Tensor,
+    momentum: torch.Tensor,
+    residual: torch.Tensor,
+    alpha: float,
+    beta: float,
+    q: float,
+    compare_average: bool,
+    error_feedback: bool,
+    capacity: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the ``adaptive`` compressor on one segment (seed 000), fused: moving average,
+    percentile threshold, mask, momentum blend and the candidates to send. Inputs are not changed.
+
+    Per entry, in float32, each product and sum rounded on its own (as the eager reference)::
+
+        a     = residual + grad
+        ma    = alpha * |a| + (1 - alpha) * average           -> average_out
+        thr   = quantile_abs(ma, q)                           -> threshold (NaN if ma holds NaN)
+        m     = a if (ma if compare_average else |a|) >= thr else 0
+        Q     = beta * m + (1 - beta) * momentum
+        residual_out = (a - m if error_feedback else 0) + Q / beta
+
+    ``residual_out`` is what stays behind if no entry were sent; the caller subtracts
+    ``sent / beta`` at the entries it sent (with error feedback, ``sent`` as decoded; without, the
+    values themselves), so that ``sum(sent) + residual + (1 - beta) / beta * momentum`` equals the
+    sum of the gradients. The candidates are the entries with ``Q != 0`` (``count`` of them; NaN
+    counts as nonzero); when more than ``capacity`` are nonzero, the ``capacity`` largest ``|Q|``
+    (the tie and NaN rules of :func:`topk_abs`). They come first in ascending index order, padded
+    with index 0 and value 0.
+
+    Args:
+        grad: Tensor[...] of float32/float16/bfloat16, read as flattened.
+        average, momentum, residual: float32 with grad's number of elements.
+        alpha: weight of the new magnitude in the moving average, in ``[0, 1]``.
+        beta: weight of the masked gradient in the blend, in ``(0, 1]``.
+        q: quantile of the threshold (``1 - density``), in ``[0, 1]``.
+        compare_average: compare the moving average with the threshold (else ``|a|``).
+        error_feedback: keep ``a - m`` in ``residual_out``.
+        capacity: size of ``values``/``indices``, in ``[0, grad.numel()]``.
+
+    Returns:
+        ``(average_out, residual_out, values, indices, count, threshold)``: float32[n],
+        float32[n], float32[capacity], int64[capacity], 0-d int64, 0-d float32.
+
+    Example::
+
+        >>> out = gradsieve.adaptive_select(torch.tensor([4.0, -1.0, 0.5, 2.0]), torch.zeros(4),
+        ...                                 torch.zeros(4), torch.zeros(4), alpha=1.0, beta=1.0,
+        ...                                 q=0.5, compare_average=False, error_feedback=True,
+        ...                                 capacity=4)
+        >>> out[2].tolist(), out[3].tolist(), int(out[4]), float(out[5])
+        ([4.0, -1.0, 2.0, 0.0], [0, 1, 3, 0], 3, 1.0)
+    """
+    return torch.ops.gradsieve.adaptive_select(
+        grad, average, momentum, residual, float(alpha), float(beta), float(q),
+        bool(compare_average), bool(error_feedback), int(capacity))
+
+
+def csr16_indices(counts: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor,
+                  numel: int) -> torch.Tensor:
+    """Bucket positions of csr16-encoded entries (the decode half of the ``csr16`` wire index).
+
+    The bucket is cut into blocks of 65536 entries. Rank ``w`` lists its entries in block order:
+    ``counts[w, b]`` of them in block ``b``, each as a 16-bit offset in its block (``offsets``,
+    int16 holding the unsigned bits); only its first ``valid[w]`` slots carry entries.
+
+    Args:
+        counts: int32[world, ceil(numel / 65536)].
+        offsets: int16[world, slots].
+        valid: int32[world].
+        numel: the bucket's size.
+
+    Returns:
+        int64[world, slots]: ``block * 65536 + offset``, or -1 for a slot beyond ``valid``, beyond
+        the sum of the counts, or at a position >= ``numel`` (a malformed payload never yields a
+        position outside the bucket).
+
+    Example::
+
+        >>> gradsieve.csr16_indices(torch.tensor([[1, 1]], dtype=torch.int32),
+        ...                         torch.tensor([[5, 2, 0]], dtype=torch.int16),
+        ...                         torch.tensor([2], dtype=torch.int32), 70000).tolist()
+        [[5, 65538, -1]]
+    """
+    return torch.ops.gradsieve.csr16_indices(counts, offsets, valid, int(numel))

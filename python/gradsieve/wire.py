@@ -4,25 +4,36 @@ Layout of one payload (a flat uint8 tensor; every rank's has the same size for a
 ``all_gather_into_tensor`` moves them)::
 
     header  int32[2]          finite flag (1 when every gradient entry this rank read was finite),
-                              number of entries K
-    indices int32[K]          bucket coordinates
+                              number C of slots that carry an entry (the first C; C <= K)
+    index   int32[K]          index="int32": bucket coordinates
+        or  int32[B]          index="csr16": entries per block of 65536 (B = ceil(numel / 65536)),
+            int16[K]          then each entry's offset in its block (unsigned bits), block order;
+                              padded to a multiple of 4 bytes
     scales  float32[K/chunk]  only for int8 values; K is then a multiple of chunk
     values  fp32|fp16|bf16|int8 [K]
 
-Padding entries carry index 0 and value 0, so decoding never needs to skip them.
+K is fixed per bucket (a capacity); only the first C slots are decoded, so a compressor that sends
+a varying number of entries pads with whatever it likes. With ``int32`` an entry costs 4 index
+bytes, with ``csr16`` 2 (plus 4 bytes per block, about 0.4 bytes per entry at density 0.01).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from gradsieve import ops
 
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+INDEX_FORMATS = ("int32", "csr16")
 HEADER_BYTES = 8
+CSR16_BLOCK = 1 << 16
+
+
+def csr16_blocks(numel: int) -> int:
+    return -(-numel // CSR16_BLOCK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +43,12 @@ class PayloadFormat:
     entries: int  # K as selected (before padding to the int8 chunk)
     values: str = "fp32"
     chunk: int = 256
+    index: str = "int32"
+    numel: int = 0  # the bucket's size (csr16 needs it for its block counts)
+
+    def __post_init__(self) -> None:
+        if self.index not in INDEX_FORMATS:
+            raise ValueError(f"PayloadFormat: index must be one of {list(INDEX_FORMATS)}, got {self.index!r}")
 
     @property
     def slots(self) -> int:
@@ -45,27 +62,67 @@ class PayloadFormat:
         return self.slots // self.chunk if self.values == "int8" else 0
 
     @property
+    def blocks(self) -> int:
+        return csr16_blocks(self.numel) if self.index == "csr16" else 0
+
+    @property
+    def index_bytes(self) -> int:
+        if self.index == "int32":
+            return 4 * self.slots
+        return 4 * self.blocks + -(-2 * self.slots // 4) * 4
+
+    @property
     def nbytes(self) -> int:
         value_size = torch.empty((), dtype=VALUE_DTYPES[self.values]).element_size()
-        return HEADER_BYTES + 4 * self.slots + 4 * self.num_scales + value_size * self.slots
+        return HEADER_BYTES + self.index_bytes + 4 * self.num_scales + value_size * self.slots
 
     def pack(
-        self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+        self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Encodes ``values`` (float32, the exact values chosen) at ``indices`` (int64).
 
+        ``valid`` (bool, like ``indices``) marks the slots that carry an entry; the others are
+        padding and are not decoded. Entries go on the wire valid first (and, for csr16, in
+        ascending index order); no host synchronisation.
+
         Returns:
             ``(payload, sent)``: the uint8 payload and the float32 values a receiver will decode,
-            so that the sender can keep ``values - sent`` (the rounding) in its error memory.
+            in the order of ``indices`` (0 at padding slots), so that the sender can keep
+            ``values - sent`` (the rounding) in its error memory.
         """
         k, slots, device = indices.numel(), self.slots, indices.device
+        order = None
+        if valid is not None or self.index == "csr16":
+            if valid is None:
+                valid = torch.ones(k, dtype=torch.bool, device=device)
+            # Valid entries first, in ascending index order (stable: equal keys keep their order).
+            key = torch.where(valid, indices, torch.full_like(indices, self.numel + 1))
+            key, order = torch.sort(key, stable=True)
+            valid = valid[order]
+            indices = torch.where(valid, key, torch.zeros_like(key))
+            values = torch.where(valid, values[order], torch.zeros_like(values))
         payload = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
         header = payload[:HEADER_BYTES].view(torch.int32)
         header[0] = finite.to(torch.int32)
-        header[1] = k
+        if valid is None:
+            header[1] = k
+        else:
+            header[1] = valid.sum().to(torch.int32)
         offset = HEADER_BYTES
-        payload[offset:offset + 4 * k].view(torch.int32).copy_(indices)
-        offset += 4 * slots
+        if self.index == "int32":
+            payload[offset:offset + 4 * k].view(torch.int32).copy_(indices)
+        else:
+            blocks = self.blocks
+            counts = torch.zeros(blocks, dtype=torch.int32, device=device)
+            if k and blocks:
+                counts.scatter_add_(0, torch.div(indices, CSR16_BLOCK, rounding_mode="floor"),
+                                    valid.to(torch.int32))
+            payload[offset:offset + 4 * blocks].view(torch.int32).copy_(counts)
+            low = indices % CSR16_BLOCK
+            signed = torch.where(low >= 1 << 15, low - (1 << 16), low)  # the same 16 bits
+            payload[offset + 4 * blocks:offset + 4 * blocks + 2 * k].view(torch.int16).copy_(signed)
+        offset += self.index_bytes
         if self.values == "int8":
             padded = torch.zeros(slots, dtype=torch.float32, device=device)
             padded[:k] = values
@@ -80,6 +137,8 @@ class PayloadFormat:
             size = cast.element_size()
             payload[offset:offset + size * k].view(dtype).copy_(cast)
             sent = cast.float()
+        if order is not None:
+            sent = torch.zeros_like(sent).index_copy_(0, order, sent)
         return payload, sent
 
     def decode_sum(self, gathered: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -97,19 +156,35 @@ class PayloadFormat:
             # of the dtype's size (world size 1, odd k).
             return gathered[:, start:start + nbytes].reshape(-1).view(dtype)
 
-        flags = column(0, HEADER_BYTES, torch.int32).view(world, -1)[:, 0] != 0
+        header = column(0, HEADER_BYTES, torch.int32).view(world, -1)
+        flags = header[:, 0] != 0
         slots = self.slots
+        used = header[:, 1].clamp(0, slots)
         offset = HEADER_BYTES
-        indices = column(offset, 4 * slots, torch.int32)
-        offset += 4 * slots
+        if self.index == "int32":
+            indices = column(offset, 4 * slots, torch.int32).view(world, slots)
+            valid = torch.arange(slots, device=gathered.device) < used[:, None]
+            indices = torch.where(valid, indices, torch.zeros_like(indices))
+        else:
+            blocks = self.blocks
+            counts = column(offset, 4 * blocks, torch.int32).view(world, blocks)
+            offsets = column(offset + 4 * blocks, self.index_bytes - 4 * blocks, torch.int16)
+            offsets = offsets.view(world, -1)[:, :slots]
+            indices = ops.csr16_indices(counts, offsets, used.to(torch.int32), self.numel)
+            valid = indices >= 0
+            indices = indices.clamp_(min=0)
+        offset += self.index_bytes
+        indices = indices.reshape(-1)
         if self.values == "int8":
             scales = column(offset, 4 * self.num_scales, torch.float32)
             offset += 4 * self.num_scales
-            q = column(offset, slots, torch.int8)
+            q = column(offset, slots, torch.int8).view(world, slots)
+            q = torch.where(valid, q, torch.zeros_like(q)).reshape(-1)
             ops.sparse_accumulate_(out, indices, q, scales, self.chunk)
         else:
             dtype = VALUE_DTYPES[self.values]
             size = torch.empty((), dtype=dtype).element_size()
-            values = column(offset, size * slots, dtype)
+            values = column(offset, size * slots, dtype).view(world, slots)
+            values = torch.where(valid, values, torch.zeros_like(values)).reshape(-1)
             ops.sparse_accumulate_(out, indices, values)
         return flags

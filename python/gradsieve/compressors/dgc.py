@@ -157,7 +157,8 @@ class DGCCompressor(SparseCompressor):
         keep.scatter_reduce_(0, safe, sent.logical_not().to(v.dtype), reduce="amin")
         u = u * keep
         v = v * keep
-        return safe, values, {"momentum_u": u, "velocity_v": v, "threshold_factor": new_factor, "_sent": sent}
+        return safe, values, {"momentum_u": u, "velocity_v": v, "threshold_factor": new_factor, "_sent": sent,
+                              "_valid": sent}
 
     def absorb_rounding(self, pending, indices, error):
         pending["velocity_v"].index_add_(0, indices, torch.where(pending["_sent"], error, 0.0))
