@@ -4,9 +4,12 @@ Written to run under compute-sanitizer (memcheck, racecheck, synccheck, initchec
 scripts/gpu_check.sh), so it stays small: sizes 0, 1, 7, 255, 1000, 4097, 65537 (and 2^20 + 3 in
 float32 for the grid-stride paths), float32/float16/bfloat16, k = 0, 1, n / 3 and n, odd chunks,
 non-contiguous inputs, NaN/Inf and tied magnitudes, threshold_select overflow, sparse_accumulate_
-with duplicate indices and int8 payloads. Every result is compared with a reference written here
-in plain torch on the CPU (float64 where it matters), so the driver is also a correctness smoke
-test of the CUDA kernels; with ``--device cpu`` it checks the CPU kernels the same way.
+with duplicate indices and int8 payloads, adaptive_select with and without overflow (bitwise:
+every float operation is rounded on its own), csr16_indices with malformed payloads. Every result
+is compared with a reference written here in plain torch on the CPU (float64 where it matters), so
+the driver is also a correctness smoke test of the CUDA kernels (adaptive_select and csr16_indices
+are also compared bitwise with their CPU ops); with ``--device cpu`` it checks the CPU kernels the
+same way.
 
 It prints one line per op and exits 1 if any case differs from its reference or raises.
 
@@ -187,6 +190,56 @@ def regtopk_reference(residual, grad, prev_indices, prev_sent, prev_agg, mu, wor
         hit[idx] = True
         score = torch.where(hit, torch.where(numbers > 0, lowest, math.nan), score)
     return a, score
+
+
+def ref_adaptive_select(grad, average, momentum, residual, alpha, beta, q, compare_average,
+                        error_feedback, capacity):
+    """The six outputs of adaptive_select from its docstring's formulas, computed in float64 and
+    rounded to float32 after every operation (exact: a float64 sum, difference, product or
+    quotient of two float32 values rounds to the correctly rounded float32 result)."""
+    def f32(t: torch.Tensor) -> torch.Tensor:  # round to float32, go on in float64
+        return t.to(torch.float32).double()
+
+    def c(v: float) -> float:  # a scalar as the op uses it: rounded to float32
+        return float(torch.tensor(v, dtype=torch.float32))
+
+    a = f32(flat64(residual) + flat64(grad))
+    ma = f32(f32(c(alpha) * a.abs()) + f32(c(1.0 - alpha) * flat64(average)))
+    threshold = ref_quantile(ma.float(), q)
+    key = ma if compare_average else a.abs()
+    m = torch.where(key >= float(threshold), a, torch.zeros_like(a))  # NaN threshold: none pass
+    blend = f32(f32(c(beta) * m) + f32(c(1.0 - beta) * flat64(momentum)))
+    left = f32(a - m) if error_feedback else torch.zeros_like(a)
+    residual_out = f32(left + f32(blend / c(beta)))
+    nonzero = blend != 0  # NaN included
+    count = int(nonzero.sum())
+    if count <= capacity:
+        idx = torch.nonzero(nonzero).reshape(-1)
+    else:
+        idx = top_indices(blend.abs(), capacity)
+    values = torch.zeros(capacity, dtype=torch.float32)
+    indices = torch.zeros(capacity, dtype=torch.int64)
+    values[: idx.numel()] = blend.float()[idx]
+    indices[: idx.numel()] = idx
+    return ma.float(), residual_out.float(), values, indices, torch.tensor(count), threshold
+
+
+def ref_csr16_indices(counts: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor,
+                      numel: int) -> torch.Tensor:
+    """csr16_indices from its docstring: slot j of rank w lies in the first block whose running
+    sum of max(counts, 0) exceeds j; -1 beyond valid, beyond the counts, or at >= numel."""
+    counts, offsets, valid = counts.cpu().long(), offsets.cpu().long(), valid.cpu().long()
+    world, slots = offsets.shape
+    blocks = counts.shape[1]
+    out = torch.full((world, slots), -1, dtype=torch.int64)
+    if blocks == 0 or slots == 0 or world == 0:
+        return out
+    ends = counts.clamp(min=0).cumsum(1).contiguous()
+    j = torch.arange(slots).expand(world, slots).contiguous()
+    block = torch.searchsorted(ends, j, right=True)
+    pos = block * 65536 + (offsets & 0xFFFF)
+    ok = (j < valid.clamp(0, slots)[:, None]) & (block < blocks) & (pos < numel)
+    return torch.where(ok, pos, out)
 
 
 # =============================================================================== cases per op
@@ -397,6 +450,127 @@ def check_sparse_accumulate(device, n, out_dtype, values_dtype, index_dtype, m, 
         raise AssertionError(f"out[{worst}] = {float(flat64(out)[worst])}, reference {float(want[worst])}")
 
 
+# (alpha, beta, q, compare_average, error_feedback): exact and inexact weights, both comparisons,
+# momentum carried (beta < 1: most Q nonzero, capacity n / 3 overflows) or not (beta = 1: about
+# (1 - q) n nonzero, so q = 0.9 fits in n / 3 and q = 0 overflows it).
+ADAPTIVE_SETTINGS = ((1.0, 1.0, 0.9, False, True), (0.1, 0.9, 0.99, True, True),
+                     (0.3, 1.0, 0.0, True, False), (0.05, 0.7, 1.0, False, False))
+
+
+def adaptive_inputs(n: int, dtype: torch.dtype, kind: str, seed: int):
+    """grad (dtype, of `kind`; for every other seed, special values without NaN, which would
+    make the threshold NaN), average (>= 0), momentum (ties: many zeros), residual."""
+    grad = make_input(n, dtype, kind=kind, seed=seed)
+    if kind == "special" and seed % 2:
+        grad = grad.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    average = make_input(n, torch.float32, kind="normal", seed=seed + 1).abs()
+    momentum = make_input(n, torch.float32, kind="ties", seed=seed + 2) * 0.5
+    residual = make_input(n, torch.float32, kind="normal", seed=seed + 3) * 0.25
+    return grad, average, momentum, residual
+
+
+def check_adaptive_select(device, inputs, setting, capacity, layout):
+    """The op on the device against the reference and, on CUDA, bitwise against the CPU op."""
+    on = [on_device(t, device, layout) for t in inputs]
+    got = gradsieve.adaptive_select(*on, *setting, capacity)
+    want = ref_adaptive_select(*inputs, *setting, capacity)
+    names = ("average_out", "residual_out", "values", "indices", "count", "threshold")
+    for name, g, w in zip(names, got, want):
+        expect_equal(name, g, w)
+    if device != "cpu":
+        for name, g, w in zip(names, got, gradsieve.adaptive_select(*inputs, *setting, capacity)):
+            expect_equal(f"{name} (CPU op)", g, w)
+
+
+def cases_adaptive_select(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    rotation = 0  # every setting meets every capacity over the inputs
+    for n in sizes:
+        for dtype in DTYPES:
+            for kind in kinds:
+                inputs = adaptive_inputs(n, dtype, kind, next(seeds))
+                rotation += 1
+                for position, capacity in enumerate(counts(n)):
+                    setting = ADAPTIVE_SETTINGS[(rotation + position) % len(ADAPTIVE_SETTINGS)]
+                    def run(inputs=inputs, setting=setting, capacity=capacity):
+                        check_adaptive_select(device, inputs, setting, capacity, "contiguous")
+                    yield f"n={n} {dtype} {kind} {setting} capacity={capacity}", run
+    for layout, n in (("strided", 1000), ("transposed", 1023)):
+        inputs = adaptive_inputs(n, torch.bfloat16, "special", next(seeds))
+        def run(inputs=inputs, layout=layout, n=n):
+            check_adaptive_select(device, inputs, ADAPTIVE_SETTINGS[1], n // 3, layout)
+        yield f"{layout} n={n}", run
+
+
+def csr16_payload(numel: int, world: int, slots: int, seed: int):
+    """A well-formed payload: per rank, valid <= slots sorted distinct positions in [0, numel) as
+    counts per block and 16-bit offsets (the unsigned bits in int16), junk in the unused slots."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = -(-numel // 65536)
+    counts = torch.zeros(world, blocks, dtype=torch.int32)
+    offsets = torch.randint(-32768, 32768, (world, slots), generator=g).to(torch.int16)
+    valid = torch.zeros(world, dtype=torch.int32)
+    for w in range(world):
+        used = int(torch.randint(0, min(slots, numel) + 1, (1,), generator=g))
+        if w == 0:
+            used = min(slots, numel)  # one full rank
+        pos = torch.sort(torch.randperm(numel, generator=g)[:used] if numel <= 1 << 22 else
+                         torch.unique(torch.randint(0, numel, (used,), generator=g))).values
+        used = pos.numel()
+        counts[w] = torch.bincount(pos // 65536, minlength=blocks).to(torch.int32)
+        low = pos % 65536
+        offsets[w, :used] = (low - 65536 * (low >= 32768)).to(torch.int16)
+        valid[w] = used
+    return counts, offsets, valid
+
+
+def check_csr16(device, counts, offsets, valid, numel, layout="contiguous"):
+    if layout == "sliced":  # offsets as the first columns of a wider buffer (as wire.py reads them)
+        wide = torch.zeros(offsets.shape[0], offsets.shape[1] + 3, dtype=torch.int16, device=device)
+        wide[:, : offsets.shape[1]] = offsets.to(device)
+        on_offsets = wide[:, : offsets.shape[1]]
+    else:
+        on_offsets = offsets.to(device)
+    got = gradsieve.csr16_indices(counts.to(device), on_offsets, valid.to(device), numel)
+    expect_equal("indices", got, ref_csr16_indices(counts, offsets, valid, numel))
+    if device != "cpu":
+        want = gradsieve.csr16_indices(counts, offsets, valid, numel)
+        expect_equal("indices (CPU op)", got, want)
+
+
+def cases_csr16_indices(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    numels = sorted(set(sizes) | {3 * 65536 + 5, 2**31 - 1})
+    for numel in numels:
+        for world, slots in ((1, 0), (1, 300), (3, 257), (0, 4)):
+            seed = next(seeds)
+            counts, offsets, valid = csr16_payload(numel, world, slots, seed)
+            g = torch.Generator().manual_seed(seed + 1)
+            blocks = counts.shape[1]
+            # Malformed variants: what a corrupt or hostile payload may hold.
+            variants = {"well-formed": (counts, offsets, valid)}
+            if world and blocks:
+                bad = counts.clone()
+                bad[:, torch.randint(0, blocks, (1,), generator=g)] = -5  # negative counts
+                variants["negative counts"] = (bad, offsets, valid)
+                more = counts.clone()
+                more[:, -1] += 1000  # sums too large
+                variants["counts too large"] = (more, offsets, valid)
+                huge = counts.clone()
+                huge[:, 0] = 2**31 - 1  # sums beyond int32
+                variants["huge counts"] = (huge, offsets, valid)
+            if world:
+                variants["counts too small"] = (counts // 2, offsets, valid)
+                variants["valid beyond slots"] = (counts, offsets, valid + slots + 7)
+                variants["negative valid"] = (counts, offsets, valid - 10**6)
+                junk = torch.randint(-32768, 32768, offsets.shape, generator=g).to(torch.int16)
+                variants["junk offsets"] = (counts, junk, torch.full_like(valid, slots))
+            for name, (c, o, v) in variants.items():
+                def run(c=c, o=o, v=v, numel=numel):
+                    check_csr16(device, c, o, v, numel)
+                yield f"numel={numel} world={world} slots={slots} {name}", run
+    counts, offsets, valid = csr16_payload(70000, 2, 50, next(seeds))
+    yield "sliced offsets", lambda: check_csr16(device, counts, offsets, valid, 70000, "sliced")
+
+
 def cases_non_contiguous(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
     """Every op on strided and transposed views (n = 1000 and 1023)."""
     for layout, n in (("strided", 1000), ("transposed", 1023)):
@@ -485,6 +659,18 @@ def cases_large(device: str, seeds: Iterator[int]) -> Iterator[Case]:
     yield f"quantize_int8 n={n}", quantize
     yield f"sparse_accumulate_ n={n}", accumulate
 
+    adaptive = adaptive_inputs(n, torch.float32, "special", next(seeds))
+    adaptive16 = adaptive_inputs(n, torch.bfloat16, "normal", next(seeds))
+    for inputs, setting, capacity in (
+            (adaptive, (0.1, 0.9, 0.99, True, True), k),         # momentum: overflow
+            (adaptive16, (1.0, 1.0, 0.99, False, True), n // 50),  # about n / 100 pass: no overflow
+            (adaptive16, (0.3, 1.0, 0.5, True, False), k)):       # about n / 2 pass: overflow
+        def run(inputs=inputs, setting=setting, capacity=capacity):
+            check_adaptive_select(device, inputs, setting, capacity, "contiguous")
+        yield f"adaptive_select n={n} {inputs[0].dtype} {setting} capacity={capacity}", run
+    csr16 = csr16_payload(2**31 - 1, 2, 20000, next(seeds))
+    yield "csr16_indices numel=2^31-1", lambda: check_csr16(device, *csr16, 2**31 - 1)
+
 
 OPS: Dict[str, Callable] = {
     "topk_abs": cases_topk_abs,
@@ -495,6 +681,8 @@ OPS: Dict[str, Callable] = {
     "quantize_int8": cases_quantize_int8,  # with dequantize_int8 and stochastic rounding
     "sparse_accumulate_": cases_sparse_accumulate,
     "non-contiguous": cases_non_contiguous,
+    "adaptive_select": cases_adaptive_select,
+    "csr16_indices": cases_csr16_indices,  # with malformed payloads
 }
 
 

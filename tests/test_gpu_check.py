@@ -21,7 +21,8 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 STAGES = ("build", "pytest", "sanitizer", "bench", "hook")
 CUDA_STAGES = ("sanitizer", "bench", "hook")
 DRIVER_GROUPS = ("topk_abs", "quantile_abs", "ef_topk_", "regtopk_select_", "threshold_select",
-                 "quantize_int8", "sparse_accumulate_", "non-contiguous", "large")
+                 "quantize_int8", "sparse_accumulate_", "non-contiguous", "adaptive_select",
+                 "csr16_indices", "large")
 HOOK_METHODS = ("backward", "allreduce", "fp16", "powerSGD r1", "powerSGD r4", "topk", "topk int8")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 

@@ -13,6 +13,7 @@
 // Cost in passes over x: 3 histogram reads + 1 count read + 1 write read = 5 reads (ef_topk_ fuses
 // the accumulate into the first: grad read, residual read + write). Candidate compaction and a
 // one-read bracketed variant are the next steps (issue "GPU: make the CUDA kernels ... fast").
+// adaptive.cu builds adaptive_select's two selects from these kernels (radix_select_internal.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -23,44 +24,27 @@
 
 #include "gradsieve/cuda_kernels.h"
 #include "gradsieve/radix_key.h"
+#include "radix_select_internal.cuh"
 #include "scalar_convert.cuh"
 
 namespace gradsieve {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kItems = 16;
-constexpr int kTile = kThreads * kItems;
-constexpr int kScanThreads = 1024;
-constexpr unsigned long long kUnlimited = ~0ull;
-
-using Key = AbsKeyTraits::Key;
-
-// Device-side progress of one select. Written only by the one-block kernels.
-struct SelectState {
-  unsigned long long k_remaining;  // rank still to find among keys matching `prefix`
-  unsigned long long need_equal;   // how many keys equal to `cut_key` are selected
-  unsigned long long passed;       // threshold_select: keys >= threshold_key
-  Key prefix;                      // key bits fixed so far; the k-th largest key after 3 passes
-  Key cut_key;                     // the selection rule: key > cut, or key == cut while rank < need
-  Key threshold_key;
-  unsigned int has_nan;
-};
+// The constants, the select state and the workspace layout (radix_select_internal.cuh, shared
+// with adaptive.cu).
+using radix::kItems;
+using radix::kScanThreads;
+using radix::kThreads;
+using radix::kTile;
+using radix::kUnlimited;
+using radix::Key;
+using radix::SelectState;
+using radix::Workspace;
 
 size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
 
 int64_t num_tiles(int64_t n) { return (n + kTile - 1) / kTile; }
-
-// Workspace layout: state | histogram | tile counts | tile offsets | CUB scan scratch.
-struct Workspace {
-  SelectState* state;
-  unsigned* hist;
-  unsigned long long* tile_counts;
-  unsigned long long* tile_offsets;
-  void* scan_tmp;
-  size_t scan_bytes;
-};
 
 size_t scan_scratch_bytes(int64_t tiles) {
   size_t bytes = 0;
@@ -434,6 +418,38 @@ cudaError_t threshold_select_typed(const T* x, int64_t n, const float* threshold
 }
 
 }  // namespace
+
+// The building blocks of radix_select_internal.cuh.
+namespace radix {
+
+size_t select_workspace_bytes(int64_t n) { return workspace_bytes_for(n); }
+Workspace carve_workspace(void* base, int64_t n) { return carve(base, n); }
+int grid_size(int64_t n, int per_thread) { return grid_for(n, per_thread); }
+
+cudaError_t launch_choose_digit(const Workspace& w, int pass, cudaStream_t stream) {
+  choose_digit_kernel<<<1, kScanThreads, 0, stream>>>(w.hist, pass, w.state);
+  return cudaGetLastError();
+}
+
+cudaError_t find_kth_float(const float* x, int64_t n, int first_pass, const Workspace& w,
+                           cudaStream_t stream) {
+  return find_kth<float>(x, n, first_pass, w, stream);
+}
+
+cudaError_t launch_finalize(const Workspace& w, bool threshold_mode, bool select_ran,
+                            unsigned long long capacity, int64_t* count_out, cudaStream_t stream) {
+  finalize_kernel<<<1, 1, 0, stream>>>(w.state, threshold_mode, select_ran, capacity, count_out);
+  return cudaGetLastError();
+}
+
+cudaError_t write_selection_float(const float* x, int64_t n, const Workspace& w, float* values,
+                                  int64_t* indices, cudaStream_t stream) {
+  // Without kClearSelected x is only read; the cast serves the shared kernel signature.
+  return write_selection<float, float, false>(const_cast<float*>(x), n, w, values, indices,
+                                              stream);
+}
+
+}  // namespace radix
 
 size_t topk_abs_workspace_bytes(int64_t n) { return workspace_bytes_for(n); }
 size_t quantile_abs_workspace_bytes(int64_t n) { return workspace_bytes_for(n); }

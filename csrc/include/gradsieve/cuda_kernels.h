@@ -97,5 +97,49 @@ cudaError_t sparse_accumulate(void* out, DType out_dtype, int64_t out_n, const v
                               bool values_int8, const float* scales, int64_t chunk, int64_t m,
                               cudaStream_t stream);
 
+// One step of the adaptive compressor on one segment (ops.adaptive_select), no host
+// synchronisation: a = residual + grad; average_out = alpha * |a| + (1 - alpha) * average;
+// *threshold (device float32) = the ascending rank floor(q * (n - 1)) of |average_out| (NaN when
+// it holds a NaN, or n == 0); m = a where (compare_average ? average_out : |a|) >= threshold, else
+// 0; Q = beta * m + (1 - beta) * momentum; residual_out = (error_feedback ? a - m : 0) + Q / beta
+// (every product and sum rounded on its own, as the CPU kernel). *count (device int64) = the
+// number of Q != 0 (NaN included); values (float32, Q) and indices (int64, ascending) receive
+// every nonzero Q when at most `capacity` are nonzero, else the capacity largest |Q| (topk_abs's
+// rules). values/indices must be zero-filled by the caller (padding).
+struct AdaptiveSelectArgs {
+  const void* grad;        // n entries of grad_dtype
+  DType grad_dtype;
+  const float* average;    // n float32
+  const float* momentum;   // n float32
+  const float* residual;   // n float32
+  int64_t n;
+  double alpha;            // in [0, 1]
+  double beta;             // in (0, 1]
+  double q;                // in [0, 1]
+  bool compare_average;
+  bool error_feedback;
+  int64_t capacity;        // in [0, n]
+  float* average_out;      // n float32
+  float* residual_out;     // n float32
+  float* values;           // capacity float32
+  int64_t* indices;        // capacity int64
+  int64_t* count;          // 0-d int64
+  float* threshold;        // 0-d float32
+};
+size_t adaptive_select_workspace_bytes(int64_t n);
+cudaError_t adaptive_select(const AdaptiveSelectArgs& args, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream);
+
+// Bucket positions of csr16-encoded entries (ops.csr16_indices): counts int32[world, blocks],
+// offsets int16[world, slots] (unsigned bits), valid int32[world]; out int64[world, slots]
+// receives block * 65536 + offset for the first clamp(valid, 0, slots) slots of each rank (the
+// block of slot j: the first whose running sum of max(counts, 0) exceeds j); -1 for the other
+// slots, for slots beyond the sum of the counts and for positions >= numel.
+size_t csr16_indices_workspace_bytes(int64_t world, int64_t blocks);
+cudaError_t csr16_indices(const int32_t* counts, const int16_t* offsets, const int32_t* valid,
+                          int64_t world, int64_t blocks, int64_t slots, int64_t numel,
+                          int64_t* out, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace gradsieve
