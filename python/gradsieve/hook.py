@@ -107,8 +107,16 @@ class CompressionState:
         from the payload buffers), ``dense_bytes`` (what fp32 all-reduce would have sent),
         ``compression_ratio`` (their ratio), ``compress_s``/``decode_s`` (host time; on CUDA the
         kernels run asynchronously, so these time the launches), ``steps``, ``compressed_steps``,
-        ``skipped_steps`` (non-finite steps)."""
+        ``skipped_steps`` (non-finite steps); and the compressor's counters, e.g. ``adaptive``'s
+        ``sent`` and ``wanted`` (entries put on the wire, and entries it would have sent without
+        its capacity, summed over steps and buckets)."""
+        counters: Dict[str, int] = {}
+        for memory in self.memory.buckets.values():  # compressor counters ("stat_*" in extra)
+            for key, value in memory.extra.items():
+                if key.startswith("stat_"):
+                    counters[key[5:]] = counters.get(key[5:], 0) + int(value)
         return {
+            **counters,
             "compressor": self.compressor.name,
             "steps": self.step,
             "compressed_steps": self.compressed_steps,

@@ -144,8 +144,9 @@ def plan_runs(args: argparse.Namespace) -> List[RunSpec]:
     if len(set(seen)) != len(seen):
         raise ValueError(f"--compare names a compressor twice: {args.compare}")
     given = parse_options(args.opt)
-    if "density" in given or any("density" in own for _, _, own in items):
-        raise ValueError("give the density with --density, not as an option")
+    if "density" in given:
+        raise ValueError("give the density with --density (or per variant, e.g. "
+                         "--compare topk:density=0.02), not with --opt")
     used = set()
     runs = []
     for item, name, own in items:
@@ -165,7 +166,7 @@ def plan_runs(args: argparse.Namespace) -> List[RunSpec]:
             baseline_options(name, options)  # validates values and ranges
             runs.append(RunSpec(name, options, variant))
             continue
-        if "density" in declared:
+        if "density" in declared and "density" not in own:
             options["density"] = args.density
         if "momentum" in declared and "momentum" not in options:
             # dgc: momentum correction replaces SGD's momentum; Adam keeps its own moments, so
