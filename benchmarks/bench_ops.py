@@ -8,6 +8,10 @@ For each size n and density k/n it times, on CPU and (when present) CUDA:
   quantize_int8   vs eager per-chunk absmax quantization
   sparse_accumulate_ (8 payloads of k entries, int32 indices, fp32 values: the hook's decode of 8
                   workers) vs index_add_ of the same payloads
+  adaptive_select vs the same adaptive step in eager torch (moving average, torch.kthvalue
+                  threshold, mask, blend, torch.topk of the candidates at capacity 2k)
+  csr16_pack / csr16_decode: the wire format with index="csr16" vs index="int32" (k entries, int8
+                  values; decode of 8 payloads), whole PayloadFormat.pack / decode_sum calls
 Timings are medians over repeats after warm-up (CUDA: device events). On CUDA each row also shows
 the memory-bandwidth floor: the bytes the op must move divided by the device-to-device copy
 bandwidth measured in the same run, and its ratio `x floor`. CUDA rows at n >= 2^26 are checked
@@ -36,6 +40,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 import gradsieve
+from gradsieve.wire import PayloadFormat
 
 CHUNK = 4096
 PAYLOADS = 8  # sparse_accumulate_: the gathered payloads of 8 workers
@@ -126,6 +131,19 @@ def eager_regtopk(residual, grad, prev_indices, prev_sent, prev_agg, mu, k, worl
     return values, idx
 
 
+def eager_adaptive(grad, average, momentum, residual, alpha, beta, q, capacity):
+    a = residual + grad.float()
+    ma = alpha * a.abs() + (1 - alpha) * average
+    n = ma.numel()
+    thr = torch.kthvalue(ma.abs(), int(q * (n - 1)) + 1).values
+    m = torch.where(a.abs() >= thr, a, torch.zeros_like(a))
+    blend = beta * m + (1 - beta) * momentum
+    res = (a - m) + blend / beta
+    nonzero = blend != 0
+    _, idx = torch.topk(torch.where(nonzero, blend.abs(), -1.0), capacity, sorted=False)
+    return ma, res, blend[idx], idx, nonzero.sum(), thr
+
+
 def eager_quantize(x: torch.Tensor, chunk: int):
     flat = x.reshape(-1).float()
     blocks = flat.view(-1, chunk)
@@ -149,7 +167,7 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
         for name, t in list(baselines.items())[1:]:
             row[f"{name}_ms"] = t * 1e3
             row[f"speedup_vs_{name}"] = t / ours
-        if bandwidth:
+        if bandwidth and floor_bytes:
             floor = floor_bytes / bandwidth
             row.update(floor_ms=floor * 1e3, x_floor=ours / floor, bw_fraction=floor / ours)
         apply_targets(row)
@@ -190,6 +208,35 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
         add("sparse_accumulate_", density, ours, {"index_add_": base}, PAYLOADS * k * (4 + 4 + 8))
         del out, indices, values
 
+        # adaptive: one segment's step at capacity 2k (the compressor's default, 2 x density).
+        average = x.abs() * 0.5
+        momentum = torch.where(torch.rand(n, device=device) < density, x, torch.zeros_like(x))
+        cap = min(n, 2 * k)
+        adaptive_args = (grad, average, momentum, residual, 0.9, 0.7, 1.0 - density)
+        ours = timer(device, lambda: gradsieve.adaptive_select(*adaptive_args, False, True, cap), repeats)
+        base = timer(device, lambda: eager_adaptive(*adaptive_args, cap), repeats)
+        # Reads: grad, residual, average, momentum; writes: average_out, residual_out.
+        add("adaptive_select", density, ours, {"eager_adaptive": base}, n * (elem + 20) + cap * 12)
+
+        # The wire: k entries at sorted random positions, int8 values, csr16 against int32.
+        positions = torch.randperm(n, device=device)[:k].sort().values
+        entry_values = torch.randn(k, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        formats = {index: PayloadFormat(k, "int8", 256, index, n) for index in ("int32", "csr16")}
+        packed = {index: fmt.pack(finite, positions, entry_values)[0] for index, fmt in formats.items()}
+        pack_t = {index: timer(device, lambda fmt=fmt: fmt.pack(finite, positions, entry_values), repeats)
+                  for index, fmt in formats.items()}
+        gathered = {index: p.repeat(PAYLOADS, 1) for index, p in packed.items()}
+        decode_out = torch.zeros(n, device=device)
+        decode_t = {index: timer(device, lambda fmt=fmt, index=index: fmt.decode_sum(gathered[index], decode_out),
+                                 repeats) for index, fmt in formats.items()}
+        bytes_entry = {index: (fmt.nbytes - 8) / k for index, fmt in formats.items()}
+        add("csr16_pack", density, pack_t["csr16"], {"int32_pack": pack_t["int32"]}, 0)
+        rows[-1].update(bytes_per_entry=bytes_entry["csr16"], int32_bytes_per_entry=bytes_entry["int32"])
+        add("csr16_decode", density, decode_t["csr16"], {"int32_decode": decode_t["int32"]}, 0)
+        rows[-1].update(bytes_per_entry=bytes_entry["csr16"], int32_bytes_per_entry=bytes_entry["int32"])
+        del decode_out, gathered
+
     rank = n - max(1, int(n * densities[0]))
     ours = timer(device, lambda: gradsieve.quantile_abs(x, rank / (n - 1)), repeats)
     base = timer(device, lambda: torch.kthvalue(x.abs(), rank + 1), repeats)
@@ -228,6 +275,9 @@ def print_table(rows):
         met = "-" if "met" not in r else ("yes" if r["met"] else "no: " + "; ".join(r["missed"]))
         print(f"{r['device']:6} {r['op']:18} {r['n']:>11} {density:>6} {r['gradsieve_ms']:13.3f} "
               f"{r['baseline']:>15} {r['baseline_ms']:12.3f} {r['speedup']:7.2f}x {floor}  {met}")
+        if "bytes_per_entry" in r:
+            print(f"{'':6} {'':18} {'':>11} {'':>6} bytes/entry: csr16 {r['bytes_per_entry']:.2f}, "
+                  f"int32 {r['int32_bytes_per_entry']:.2f}")
         if "topk_unsorted_ms" in r:
             print(f"{'':6} {'':18} {'':>11} {'':>6} {'':>13} {'sorted=False':>15} "
                   f"{r['topk_unsorted_ms']:12.3f} {r['speedup_vs_topk_unsorted']:7.2f}x")

@@ -38,12 +38,12 @@ def fake_cifar(root, per_batch=8):
 
 
 @pytest.mark.parametrize("workload,extra", [
-    ("digits", ["--compare", "none,topk,dgc,ef21,regtopk", "--steps", "12"]),
-    ("charlm", ["--compare", "none,topk,regtopk", "--steps", "4", "--batch-size", "4"]),
-    ("linreg", ["--compare", "none,topk,ef21,regtopk", "--steps", "20", "--density", "0.1"]),
-    ("cifar10", ["--compare", "topk,regtopk", "--steps", "2", "--batch-size", "4",
+    ("digits", ["--compare", "none,topk,dgc,ef21,regtopk,adaptive", "--steps", "12"]),
+    ("charlm", ["--compare", "none,topk,regtopk,adaptive:index=csr16", "--steps", "4", "--batch-size", "4"]),
+    ("linreg", ["--compare", "none,topk,ef21,regtopk,adaptive", "--steps", "20", "--density", "0.1"]),
+    ("cifar10", ["--compare", "topk,regtopk,adaptive", "--steps", "2", "--batch-size", "4",
                  "--heterogeneous"]),
-    ("textcls", ["--compare", "none,torch-fp16,powersgd,topk", "--steps", "6"]),
+    ("textcls", ["--compare", "none,torch-fp16,powersgd,topk,adaptive", "--steps", "6"]),
 ])
 def test_tiny_run_of_each_workload(tmp_path, workload, extra):
     if workload == "cifar10":
@@ -130,6 +130,8 @@ def test_same_seed_same_numbers_and_dense_baseline_first(tmp_path):
     (["--compare", "powersgd", "--opt", "rank=0"], "rank must be an integer >= 1"),
     (["--compare", "powersgd:start_iter=1"], "start_iter must be an integer >= 2"),
     (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--opt", "density=0.1"], "not with --opt"),
+    (["--compare", "topk:density=2"], "density must be in (0, 1], got 2.0"),
 ])
 def test_bad_arguments_give_one_line_error(args, message):
     result = run_cli(*args, timeout=60)
@@ -159,6 +161,10 @@ def test_plan_runs_routes_options_and_dgc_momentum():
     asked = train_cli.resolve_args(train_cli.build_parser().parse_args(
         ["--workload", "textcls", "--compare", "dgc:momentum=0.5"]))
     assert train_cli.plan_runs(asked)[0].options["momentum"] == 0.5
+    # A variant's own density (same-bytes comparisons) wins over --density.
+    own = train_cli.resolve_args(train_cli.build_parser().parse_args(
+        ["--compare", "topk:density=0.02:values=int8,adaptive", "--density", "0.01"]))
+    assert [r.options["density"] for r in train_cli.plan_runs(own)] == [0.02, 0.01]
 
 
 def test_heterogeneous_digits_shards_are_skewed():

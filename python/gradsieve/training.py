@@ -54,6 +54,10 @@ class RunSpec:
         return is_baseline(self.compressor)
 
 
+def _per_step(total: Optional[int], steps: int) -> Optional[float]:
+    return None if total is None or not steps else total / steps
+
+
 def eval_steps(steps: int, every: int) -> List[int]:
     """The steps after which the model is evaluated: 0 (the initial model), every ``every`` steps,
     and the last step."""
@@ -111,7 +115,12 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         model.eval()
         loss, accuracy = workload.evaluate(model, device)
         model.train()
-        evals.append({"step": step, "seconds": clock, "loss": loss, "accuracy": accuracy})
+        point = {"step": step, "seconds": clock, "loss": loss, "accuracy": accuracy}
+        counters = getattr(state, "stats", lambda: {})()
+        if "sent" in counters:  # adaptive: entries on the wire so far (rank 0's)
+            point["entries_sent"] = counters["sent"]
+            point["entries_wanted"] = counters["wanted"]
+        evals.append(point)
 
     progress = Progress(steps, spec.label) if rank == 0 and not args.no_progress else None
     if 0 in evaluate_at:
@@ -190,6 +199,10 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "compress_s_per_step": None if stats["compress_s"] is None else stats["compress_s"] / steps,
         "decode_s_per_step": None if stats["decode_s"] is None else stats["decode_s"] / steps,
         "skipped_steps": stats["skipped_steps"],
+        # adaptive's counters (rank 0): entries put on the wire, and entries it would have sent
+        # without its capacity, per compressed step.
+        "entries_sent_per_step": _per_step(stats.get("sent"), stats.get("compressed_steps", 0)),
+        "entries_wanted_per_step": _per_step(stats.get("wanted"), stats.get("compressed_steps", 0)),
         "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals,
                     "link_cum_bytes": link_cum},
     }

@@ -1,0 +1,210 @@
+"""The adaptive compressor (seed 000) against topk at the same bytes per step.
+
+Runs ``gradsieve-train --compare`` for every (workload, data split, seed) and writes each run's
+metrics under ``results/<workload>-<split>-s<seed>/``; existing results are reused, so an
+interrupted sweep continues where it stopped. ``--summarize`` (also done after a sweep) reads them
+all and writes ``results/summary.json``, ``results/summary.md`` and the plots.
+
+Bytes: adaptive's payload has room for ``capacity`` (default 2 x density = 2%) entries at 5 bytes
+(int32 index + int8 value), the same bytes as ``topk`` with int8 values at density 0.02, or topk
+with fp32 values at density 0.0125.
+
+    python experiments/adaptive/run.py                   # the sweep (about 35 min on 2 cores)
+    python experiments/adaptive/run.py --summarize       # tables and plots only
+    python experiments/adaptive/run.py --link            # textcls over a 100 Mbit/s link
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+RESULTS = os.path.join(HERE, "results")
+
+VARIANTS = [
+    "none",
+    "topk:density=0.02:values=int8",
+    "topk:density=0.0125",
+    "adaptive",
+    "adaptive:error_feedback=False",
+    "adaptive:capacity=1.0:error_feedback=False",
+    "adaptive:compare=average",
+    "adaptive:density=0.02:capacity=0.02",
+    "adaptive:beta=1.0",
+    "adaptive:beta=0.4",
+    "adaptive:alpha=0.5",
+]
+WHAT = {
+    "none": "dense fp32 all-reduce",
+    "topk:density=0.02:values=int8": "top-k, int8, same bytes",
+    "topk:density=0.0125": "top-k, fp32, same bytes",
+    "adaptive": "default: capped at 2%, error feedback",
+    "adaptive:error_feedback=False": "capped at 2%, no error feedback",
+    "adaptive:capacity=1.0:error_feedback=False": "the seed's literal rule",
+    "adaptive:compare=average": "MA (not |g|) against the threshold",
+    "adaptive:density=0.02:capacity=0.02": "threshold at 2% (= the capacity)",
+    "adaptive:beta=1.0": "no quantization momentum",
+    "adaptive:beta=0.4": "heavier momentum",
+    "adaptive:alpha=0.5": "slower moving average",
+}
+# Extra gradsieve-train arguments per workload: digits runs 1000 of its 2000 default steps (the
+# sweep has 11 variants x 2 splits x 3 seeds on 2 cores).
+WORKLOADS = {"digits": ["--steps", "1000"], "charlm": []}
+SEEDS = (0, 1, 2)
+
+
+def train(out: str, workload: str, heterogeneous: bool, seed: int, extra: List[str], compare: List[str]) -> None:
+    cmd = [sys.executable, "-m", "gradsieve.train", "--workload", workload, "--compare", ",".join(compare),
+           "--seed", str(seed), "--no-progress", "--out", out, *extra]
+    if heterogeneous:
+        cmd.append("--heterogeneous")
+    print("+", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def sweep() -> None:
+    for workload, extra in WORKLOADS.items():
+        for heterogeneous in (False, True):
+            for seed in SEEDS:
+                tag = f"{workload}-{'het' if heterogeneous else 'iid'}-s{seed}"
+                out = os.path.join(RESULTS, tag)
+                if os.path.exists(os.path.join(out, "metrics.json")):
+                    continue
+                train(out, workload, heterogeneous, seed, extra, VARIANTS)
+
+
+def link_run() -> None:
+    out = os.path.join(RESULTS, "textcls-link-100mbit")
+    train(out, "textcls", False, 0, ["--link", "100mbit"],
+          ["none", "topk:density=0.02:values=int8", "topk", "adaptive", "adaptive:index=csr16",
+           "adaptive:capacity=1.0:error_feedback=False"])
+
+
+def load() -> Dict[str, Dict[str, List[dict]]]:
+    """{setting "digits-iid": {variant: [run record per seed]}}"""
+    found: Dict[str, Dict[str, List[dict]]] = {}
+    for tag in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+        path = os.path.join(RESULTS, tag, "metrics.json")
+        if "-s" not in tag or not os.path.exists(path):
+            continue
+        setting = tag.rsplit("-s", 1)[0]
+        with open(path) as f:
+            for run in json.load(f)["runs"]:
+                found.setdefault(setting, {}).setdefault(run["name"], []).append(run)
+    return found
+
+
+def mean_std(values: List[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def summarize() -> None:
+    found = load()
+    lines, table = [], {}
+    for setting, runs in found.items():
+        metric = "accuracy" if setting.startswith("digits") else "eval_loss"
+        lines += [f"### {setting} ({len(next(iter(runs.values())))} seeds; {metric}: mean ± std)", "",
+                  f"| variant | what | {metric} | train loss | bytes/step | entries sent/step | "
+                  "entries wanted/step |", "|---|---|---|---|---|---|---|"]
+        for name in VARIANTS:
+            records = runs.get(name)
+            if not records:
+                continue
+            row = {
+                metric: [r[metric] for r in records],
+                "train_loss": [r["train_loss"] for r in records],
+                "bytes": [r["wire_bytes_per_step"] for r in records],
+                "sent": [r.get("entries_sent_per_step") for r in records],
+                "wanted": [r.get("entries_wanted_per_step") for r in records],
+            }
+            table.setdefault(setting, {})[name] = row
+            fmt = (lambda v: f"{100 * statistics.mean(v):.1f}% ± {100 * statistics.stdev(v):.1f}"
+                   if metric == "accuracy" and len(v) > 1 else mean_std(v))
+            lines.append(f"| `{name}` | {WHAT.get(name, '')} | {fmt(row[metric])} | {mean_std(row['train_loss'])} | "
+                         f"{statistics.mean(row['bytes']) / 1024:.1f} KB | {mean_std(row['sent'])} | "
+                         f"{mean_std(row['wanted'])} |")
+        lines.append("")
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "summary.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(RESULTS, "summary.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    plot(found)
+    print("\n".join(lines))
+
+
+def plot(found) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(found)
+    if not settings:
+        return
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 4.8), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        metric = "accuracy" if setting.startswith("digits") else "eval_loss"
+        names = [n for n in VARIANTS if n in found[setting]]
+        values = [[r[metric] for r in found[setting][n]] for n in names]
+        ax.boxplot(values, vert=False)
+        ax.set_yticks(range(1, len(names) + 1))
+        ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=7)
+        ax.set_title(setting, fontsize=9)
+        ax.set_xlabel(metric)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "final_metric.png"), dpi=120)
+    plt.close(fig)
+
+    # Entries on the wire per step over a run: the literal rule against the capped default.
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, workload in zip(axes, ("digits", "charlm")):
+        setting = f"{workload}-iid"
+        for name, style in (("adaptive:capacity=1.0:error_feedback=False", "-"), ("adaptive", "--"),
+                            ("adaptive:error_feedback=False", ":")):
+            for run in found.get(setting, {}).get(name, [])[:1]:
+                points = [e for e in run["history"]["eval"] if "entries_sent" in e]
+                xs, ys = [], []
+                for a, b in zip(points, points[1:]):
+                    if b["step"] > a["step"]:
+                        xs.append(b["step"])
+                        ys.append((b["entries_sent"] - a["entries_sent"]) / (b["step"] - a["step"]))
+                ax.plot(xs, ys, style, label=name)
+        ax.set_yscale("log")
+        ax.set_title(f"{workload}: entries sent per step (rank 0)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "entries_per_step.png"), dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--summarize", action="store_true", help="tables and plots from existing results")
+    parser.add_argument("--link", action="store_true", help="textcls on a 100 Mbit/s emulated link")
+    args = parser.parse_args()
+    if args.link:
+        link_run()
+    elif not args.summarize:
+        sweep()
+    summarize()
+
+
+if __name__ == "__main__":
+    main()
