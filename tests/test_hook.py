@@ -162,7 +162,8 @@ def test_density_one_topk_equals_dense_allreduce(tmp_path):
     ("ef21", {"density": 0.05}),
     ("ef21", {"density": 0.05, "values": "bf16"}),
     ("adaptive", {"density": 0.05}),
-    ("adaptive", {"density": 0.05, "capacity": 1.0, "error_feedback": False, "values": "fp32"}),
+    ("adaptive", {"density": 0.05, "beta": 0.7}),
+    ("adaptive", {"density": 0.05, "capacity": 1.0, "error_feedback": False, "values": "fp32", "beta": 0.7}),
     ("adaptive", {"density": 0.05, "scope": "layer", "compress_1d": False, "index": "csr16",
                   "compare": "average"}),
     ("topk", {"density": 0.05, "values": "int8", "index": "csr16"}),
@@ -221,7 +222,7 @@ def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     # restore runs in DDP's initial bucket order (it rebuilds after that step), so int8 rounding
     # may differ on that one step.
     ("adaptive", {"density": 0.05, "values": "fp32"}),
-    ("adaptive", {"density": 0.05, "values": "fp32", "capacity": 1.0, "error_feedback": False}),
+    ("adaptive", {"density": 0.05, "values": "fp32", "capacity": 1.0, "error_feedback": False, "beta": 0.7}),
 ])
 def test_checkpoint_restore_matches_uninterrupted_run(tmp_path, compressor, options):
     args = (compressor, options)
@@ -246,7 +247,7 @@ def test_amp_overflow_skips_step_and_keeps_memory(tmp_path, compressor):
 
 @pytest.mark.parametrize("compressor,option,values", [
     ("topk", "density", (0.01, 0.02)),
-    ("adaptive", "beta", (0.7, 0.5)),  # same payload size: only the configuration check sees it
+    ("adaptive", "beta", (1.0, 0.5)),  # same payload size: only the configuration check sees it
     ("adaptive", "compare", ("grad", "average")),
 ])
 def test_mismatched_ranks_raise_clear_error(tmp_path, compressor, option, values):

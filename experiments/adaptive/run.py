@@ -29,31 +29,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(HERE, "results")
 
+# Every adaptive variant spells out beta: the sweep ran when its default was the seed's 0.7 (the
+# stored results were relabelled to say so); the default is now 1.0, the variant that trained best.
 VARIANTS = [
     "none",
     "topk:density=0.02:values=int8",
     "topk:density=0.0125",
-    "adaptive",
-    "adaptive:error_feedback=False",
-    "adaptive:capacity=1.0:error_feedback=False",
-    "adaptive:compare=average",
-    "adaptive:density=0.02:capacity=0.02",
+    "adaptive:beta=0.7",
+    "adaptive:beta=0.7:error_feedback=False",
+    "adaptive:beta=0.7:capacity=1.0:error_feedback=False",
+    "adaptive:beta=0.7:compare=average",
+    "adaptive:beta=0.7:density=0.02:capacity=0.02",
     "adaptive:beta=1.0",
     "adaptive:beta=0.4",
-    "adaptive:alpha=0.5",
+    "adaptive:beta=0.7:alpha=0.5",
+]
+# A second round, after the first showed that beta=1.0 fills only about half its capacity (no
+# momentum tail): the threshold moved up to the capacity, so that the bytes paid for carry entries.
+EXTRA_VARIANTS = [
+    "adaptive:beta=1.0:density=0.02:capacity=0.02",
+    "adaptive:beta=1.0:density=0.015:capacity=0.02",
 ]
 WHAT = {
     "none": "dense fp32 all-reduce",
     "topk:density=0.02:values=int8": "top-k, int8, same bytes",
     "topk:density=0.0125": "top-k, fp32, same bytes",
-    "adaptive": "default: capped at 2%, error feedback",
-    "adaptive:error_feedback=False": "capped at 2%, no error feedback",
-    "adaptive:capacity=1.0:error_feedback=False": "the seed's literal rule",
-    "adaptive:compare=average": "MA (not |g|) against the threshold",
-    "adaptive:density=0.02:capacity=0.02": "threshold at 2% (= the capacity)",
-    "adaptive:beta=1.0": "no quantization momentum",
+    "adaptive:beta=0.7": "the seed's momentum, capped at 2%, error feedback",
+    "adaptive:beta=0.7:error_feedback=False": "capped at 2%, no error feedback",
+    "adaptive:beta=0.7:capacity=1.0:error_feedback=False": "the seed's literal rule",
+    "adaptive:beta=0.7:compare=average": "the moving average (not the gradient) against the threshold",
+    "adaptive:beta=0.7:density=0.02:capacity=0.02": "threshold at 2% (= the capacity)",
+    "adaptive:beta=1.0": "no quantization momentum (now the default)",
     "adaptive:beta=0.4": "heavier momentum",
-    "adaptive:alpha=0.5": "slower moving average",
+    "adaptive:beta=0.7:alpha=0.5": "slower moving average",
+    "adaptive:beta=1.0:density=0.02:capacity=0.02": "no momentum, threshold at the capacity",
+    "adaptive:beta=1.0:density=0.015:capacity=0.02": "no momentum, threshold at 1.5%",
 }
 # Extra gradsieve-train arguments per workload: digits runs 1000 of its 2000 default steps (the
 # sweep has 11 variants x 2 splits x 3 seeds on 2 cores).
@@ -76,16 +86,17 @@ def sweep() -> None:
             for seed in SEEDS:
                 tag = f"{workload}-{'het' if heterogeneous else 'iid'}-s{seed}"
                 out = os.path.join(RESULTS, tag)
-                if os.path.exists(os.path.join(out, "metrics.json")):
-                    continue
-                train(out, workload, heterogeneous, seed, extra, VARIANTS)
+                if not os.path.exists(os.path.join(out, "metrics.json")):
+                    train(out, workload, heterogeneous, seed, extra, VARIANTS)
+                if not os.path.exists(os.path.join(out + "-round2", "metrics.json")):
+                    train(out + "-round2", workload, heterogeneous, seed, extra, EXTRA_VARIANTS)
 
 
 def link_run() -> None:
     out = os.path.join(RESULTS, "textcls-link-100mbit")
     train(out, "textcls", False, 0, ["--link", "100mbit"],
-          ["none", "topk:density=0.02:values=int8", "topk", "adaptive", "adaptive:index=csr16",
-           "adaptive:capacity=1.0:error_feedback=False"])
+          ["none", "topk:density=0.02:values=int8", "topk", "adaptive:beta=0.7", "adaptive:beta=0.7:index=csr16",
+           "adaptive:beta=0.7:capacity=1.0:error_feedback=False"])
 
 
 def load() -> Dict[str, Dict[str, List[dict]]]:
@@ -95,7 +106,7 @@ def load() -> Dict[str, Dict[str, List[dict]]]:
         path = os.path.join(RESULTS, tag, "metrics.json")
         if "-s" not in tag or not os.path.exists(path):
             continue
-        setting = tag.rsplit("-s", 1)[0]
+        setting = tag.rsplit("-s", 1)[0]  # digits-iid-s0 and digits-iid-s0-round2: digits-iid
         with open(path) as f:
             for run in json.load(f)["runs"]:
                 found.setdefault(setting, {}).setdefault(run["name"], []).append(run)
@@ -119,7 +130,7 @@ def summarize() -> None:
         lines += [f"### {setting} ({len(next(iter(runs.values())))} seeds; {metric}: mean ± std)", "",
                   f"| variant | what | {metric} | train loss | bytes/step | entries sent/step | "
                   "entries wanted/step |", "|---|---|---|---|---|---|---|"]
-        for name in VARIANTS:
+        for name in VARIANTS + EXTRA_VARIANTS:
             records = runs.get(name)
             if not records:
                 continue
@@ -158,9 +169,12 @@ def plot(found) -> None:
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 4.8), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         metric = "accuracy" if setting.startswith("digits") else "eval_loss"
-        names = [n for n in VARIANTS if n in found[setting]]
+        names = [n for n in VARIANTS + EXTRA_VARIANTS if n in found[setting]]
         values = [[r[metric] for r in found[setting][n]] for n in names]
-        ax.boxplot(values, vert=False)
+        try:
+            ax.boxplot(values, orientation="horizontal")
+        except TypeError:  # matplotlib < 3.10
+            ax.boxplot(values, vert=False)
         ax.set_yticks(range(1, len(names) + 1))
         ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=7)
         ax.set_title(setting, fontsize=9)
@@ -174,8 +188,9 @@ def plot(found) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, workload in zip(axes, ("digits", "charlm")):
         setting = f"{workload}-iid"
-        for name, style in (("adaptive:capacity=1.0:error_feedback=False", "-"), ("adaptive", "--"),
-                            ("adaptive:error_feedback=False", ":")):
+        for name, style in (("adaptive:beta=0.7:capacity=1.0:error_feedback=False", "-"),
+                            ("adaptive:beta=0.7", "--"), ("adaptive:beta=0.7:error_feedback=False", ":"),
+                            ("adaptive:beta=1.0", "-.")):
             for run in found.get(setting, {}).get(name, [])[:1]:
                 points = [e for e in run["history"]["eval"] if "entries_sent" in e]
                 xs, ys = [], []
@@ -188,7 +203,8 @@ def plot(found) -> None:
         ax.set_title(f"{workload}: entries sent per step (rank 0)", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "entries_per_step.png"), dpi=120)
     plt.close(fig)

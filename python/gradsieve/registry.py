@@ -4,7 +4,7 @@ Example::
 
     >>> import gradsieve
     >>> gradsieve.available_compressors()
-    ['bf16', 'dgc', 'ef21', 'fp16', 'none', 'regtopk', 'topk']
+    ['adaptive', 'bf16', 'dgc', 'ef21', 'fp16', 'none', 'regtopk', 'topk']
     >>> compressor = gradsieve.get_compressor("topk", density=0.01)
 """
 
