@@ -465,11 +465,12 @@ def test_without_error_feedback_the_masked_gradient_is_dropped():
 
 def test_payload_is_fixed_by_capacity_and_counts_its_entries():
     n = 100_000
-    for capacity, values, per_entry in ((0.0, "int8", 5), (0.05, "fp32", 8), (1.0, "int8", 5)):
-        comp = gradsieve.get_compressor("adaptive", density=0.01, capacity=capacity, values=values)
+    for capacity, beta, values, per_entry in ((0.0, 1.0, "int8", 5), (0.0, 0.7, "int8", 5),
+                                              (0.05, 1.0, "fp32", 8), (1.0, 0.7, "int8", 5)):
+        comp = gradsieve.get_compressor("adaptive", density=0.01, capacity=capacity, values=values, beta=beta)
         sim = gradsieve.Simulator(comp, world_size=2)
         sim.step([torch.randn(n) for _ in range(2)])
-        k = math.ceil((capacity or 0.02) * n)
+        k = math.ceil((capacity or (0.01 if beta == 1.0 else 0.02)) * n)
         scales = 4 * -(-k // 256) if values == "int8" else 0
         pad = (-(-k // 256) * 256 - k) * per_entry if values == "int8" else 0
         assert sim.wire_bytes == 2 * (8 + k * per_entry + scales + pad)
@@ -510,7 +511,8 @@ def test_options_are_validated():
     comp = gradsieve.get_compressor("adaptive")
     # beta 1.0 (no momentum) trained best in experiments/adaptive; the seed's 0.7 is an option.
     assert (comp.values, comp.alpha, comp.beta, comp.compare, comp.error_feedback, comp.capacity_fraction()) == \
-        ("int8", 0.9, 1.0, "grad", True, 0.02)
+        ("int8", 0.9, 1.0, "grad", True, 0.01)
+    assert gradsieve.get_compressor("adaptive", beta=0.7).capacity_fraction() == 0.02
 
 
 # ===================================================================== CUDA

@@ -24,9 +24,12 @@ What the seed leaves open, and what is done here:
 * ``error_feedback=True`` also keeps the masked-out part ``a - m`` and the int8 rounding in that
   residual. Then ``sum(sent) + residual + (1 - beta) / beta * QM == sum(grad)`` holds exactly (up
   to float rounding): nothing is lost, only delayed, as in ``topk``.
-* The default is not the seed's ``beta = 0.7`` but ``beta = 1.0`` (no quantization momentum): at
-  the same bytes, 1.0 trained better than 0.7 and 0.4 on digits (SGD with momentum 0.9) and charlm
-  (Adam), 3 seeds each (``experiments/adaptive/RESULTS.md``). ``beta=0.7`` gives the seed's rule.
+* The default is not the seed's ``beta = 0.7`` but ``beta = 1.0`` (no quantization momentum), with
+  the capacity equal to the density: at the same bytes, 1.0 trained better than 0.7 and 0.4 on
+  digits (SGD with momentum 0.9) and charlm (Adam), 3 seeds each, and without the momentum tail a
+  capacity of 2 x density is half padding (``experiments/adaptive/RESULTS.md``). When more than
+  the capacity pass the threshold, the cap keeps the largest: the default then selects what
+  ``topk`` selects. ``beta=0.7`` gives the seed's rule.
 * Momentum and the optimizer: with ``beta < 1``, ``Q`` is an exponential moving average of the
   masked gradient with weight ``beta`` (a heavy-ball momentum of ``1 - beta`` whose gain is 1),
   applied before the optimizer's own. With Adam or AdamW it delays and smooths the gradient Adam
@@ -58,8 +61,8 @@ class AdaptiveCompressor(SparseCompressor):
     no momentum, which trained best; the seed's 0.7 is ``beta=0.7``),
     ``compare`` (``"grad"``: |a| against the threshold, as the seed's pseudocode; ``"average"``:
     the moving average against it), ``error_feedback``, ``capacity`` (most entries sent per
-    segment and step, as a fraction; 0 means ``2 * density``; ``capacity=1.0`` with
-    ``error_feedback=False`` is the seed's literal rule), and those of ``topk`` (``scope``,
+    segment and step, as a fraction; 0 means ``density`` with ``beta=1`` and ``2 * density``
+    otherwise; ``capacity=1.0, error_feedback=False, beta=0.7`` is the seed's literal rule), and those of ``topk`` (``scope``,
     ``compress_1d``, ``values`` (default ``int8``), ``chunk``, ``index``).
 
     Example::
@@ -82,13 +85,17 @@ class AdaptiveCompressor(SparseCompressor):
         "error_feedback": Option(True, "keep what was not sent (masked-out gradient, int8 rounding) "
                                  "in a residual added to the next gradient", kind=bool),
         "capacity": Option(0.0, "most entries one rank sends per segment and step, as a fraction of "
-                           "the segment, in [0, 1]; 0: 2 * density", check=lambda v: 0.0 <= v <= 1.0,
-                           allowed="in [0, 1]"),
+                           "the segment, in [0, 1]; 0: density when beta is 1, else 2 * density",
+                           check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]"),
     }
     memory_names = ("average", "momentum", "residual")
 
     def capacity_fraction(self) -> float:
-        return self.capacity if self.capacity > 0 else min(1.0, 2.0 * self.density)
+        """``capacity``, or when it is 0: ``density`` without momentum (``beta=1``; what passes the
+        threshold is about ``density``), ``2 * density`` with it (room for the momentum tail)."""
+        if self.capacity > 0:
+            return self.capacity
+        return self.density if self.beta == 1.0 else min(1.0, 2.0 * self.density)
 
     def segments(self, layout, step) -> List[Segment]:
         """The pieces of :meth:`SparseCompressor.segments`, each with ``k`` = its capacity."""
