@@ -223,8 +223,8 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
         entry_values = torch.randn(k, device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
         formats = {index: PayloadFormat(k, "int8", 256, index, n) for index in ("int32", "csr16")}
-        packed = {index: fmt.pack(finite, positions, entry_values)[0] for index, fmt in formats.items()}
-        pack_t = {index: timer(device, lambda fmt=fmt: fmt.pack(finite, positions, entry_values), repeats)
+        packed = {index: fmt.pack(finite, positions, entry_values, None, True)[0] for index, fmt in formats.items()}
+        pack_t = {index: timer(device, lambda fmt=fmt: fmt.pack(finite, positions, entry_values, None, True), repeats)
                   for index, fmt in formats.items()}
         gathered = {index: p.repeat(PAYLOADS, 1) for index, p in packed.items()}
         decode_out = torch.zeros(n, device=device)

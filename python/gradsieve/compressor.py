@@ -166,6 +166,9 @@ class SparseCompressor(Compressor):
     """
 
     OPTIONS = SPARSE_OPTIONS
+    # select() returns every segment's entries in ascending index order, and a segment's padding
+    # (if any, marked by "_valid") after its entries. DGC pads inside its entries: False there.
+    ascending = True
 
     def density_at(self, step: int) -> float:
         return self.density
@@ -206,7 +209,8 @@ class SparseCompressor(Compressor):
         fmt = self._format(sum(s.k for s in segments), layout.numel)
         finite = torch.isfinite(grad).all()
         indices, values, pending = self.select(grad, memory, segments, layout, step)
-        payload, sent = fmt.pack(finite, indices, values, pending.get("_valid"))
+        ordered = self.ascending and (len(segments) == 1 or "_valid" not in pending)
+        payload, sent = fmt.pack(finite, indices, values, pending.get("_valid"), ordered)
         if self.values != "fp32":
             self.absorb_rounding(pending, indices, values - sent)
         pending["_wire_values"] = sent  # the values as they went on the wire (float32[K])

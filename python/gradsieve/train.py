@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "all-reduce, no hook)")
     p.add_argument("--compare", default=None,
                    help="comma-separated compressors and torch baselines trained in turn from the same "
-                        "seed (replaces --compressor); 'none' is DDP's default all-reduce")
+                        "seed (replaces --compressor); 'none' is DDP's default all-reduce; a variant "
+                        "takes options of its own as name:key=value, density included (e.g. "
+                        "topk:density=0.02:values=int8 for a same-bytes comparison)")
     p.add_argument("--density", type=float, default=0.01, help="fraction of entries sent (sparse compressors)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="compressor option, repeatable (e.g. values=int8, scope=layer, momentum=0.9; "

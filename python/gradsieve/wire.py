@@ -78,13 +78,14 @@ class PayloadFormat:
 
     def pack(
         self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-        valid: Optional[torch.Tensor] = None,
+        valid: Optional[torch.Tensor] = None, ordered: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Encodes ``values`` (float32, the exact values chosen) at ``indices`` (int64).
 
         ``valid`` (bool, like ``indices``) marks the slots that carry an entry; the others are
         padding and are not decoded. Entries go on the wire valid first (and, for csr16, in
-        ascending index order); no host synchronisation.
+        ascending index order); no host synchronisation. ``ordered=True`` promises that they
+        already are (valid entries first, in ascending index order), which saves a sort.
 
         Returns:
             ``(payload, sent)``: the uint8 payload and the float32 values a receiver will decode,
@@ -93,7 +94,7 @@ class PayloadFormat:
         """
         k, slots, device = indices.numel(), self.slots, indices.device
         order = None
-        if valid is not None or self.index == "csr16":
+        if not ordered and (valid is not None or self.index == "csr16"):
             if valid is None:
                 valid = torch.ones(k, dtype=torch.bool, device=device)
             # Valid entries first, in ascending index order (stable: equal keys keep their order).
@@ -102,6 +103,10 @@ class PayloadFormat:
             valid = valid[order]
             indices = torch.where(valid, key, torch.zeros_like(key))
             values = torch.where(valid, values[order], torch.zeros_like(values))
+        elif self.index == "csr16":
+            if valid is None:
+                valid = torch.ones(k, dtype=torch.bool, device=device)
+            indices = torch.where(valid, indices, torch.zeros_like(indices))
         payload = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
         header = payload[:HEADER_BYTES].view(torch.int32)
         header[0] = finite.to(torch.int32)

@@ -57,6 +57,7 @@ class DGCCompressor(SparseCompressor):
         "seed": Option(0, "seed of the threshold sampling", kind=int),
     }
     memory_names = ("momentum_u", "velocity_v")
+    ascending = False  # threshold_select pads each segment; the padding is sorted out by the wire
 
     def density_at(self, step: int) -> float:
         if self.density_warmup_steps and step < self.density_warmup_steps:
