@@ -57,6 +57,8 @@ TARGETS: Dict[str, List[Tuple[str, str, float]]] = {
     "regtopk_select_": [("speedup", ">=", 5.0), ("x_floor", "<=", 2.0)],
     "quantize_int8": [("bw_fraction", ">=", 0.6)],
     "sparse_accumulate_": [("speedup", ">=", 1.0)],
+    # About 52 bytes per fp32 entry moved (6 passes) against a floor of 24: 3x is the kernel's own.
+    "adaptive_select": [("speedup", ">=", 5.0), ("x_floor", "<=", 3.0)],
 }
 
 
