@@ -140,6 +140,19 @@ def worker_mismatch(rank, world, compressor, option, values):
     train(rank, small_model(), state, 3)
 
 
+def worker_no_pickle(rank, world, mismatch):
+    import torch.distributed as dist
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("all_gather_object would unpickle a peer's bytes")
+
+    dist.all_gather_object = forbidden  # this worker process only
+    density = 0.02 if mismatch and rank == 1 else 0.01
+    state = gradsieve.CompressionState("adaptive", density=density)
+    train(rank, small_model(), state, 3)
+    return state.stats()["compressed_steps"]
+
+
 def worker_dtype(rank, world, dtype, compressor, values):
     model = small_model(dtype=dtype)
     state = gradsieve.CompressionState(compressor, density=0.2, values=values)
@@ -253,6 +266,15 @@ def test_amp_overflow_skips_step_and_keeps_memory(tmp_path, compressor):
 def test_mismatched_ranks_raise_clear_error(tmp_path, compressor, option, values):
     with pytest.raises(Exception, match="configured differently"):
         run_workers(worker_mismatch, 2, tmp_path, compressor, option, values)
+
+
+def test_configuration_check_never_unpickles(tmp_path):
+    """The check compares digests as a tensor, and on a mismatch exchanges JSON texts as bytes:
+    all_gather_object (pickle) is never called, and the error still shows both configurations."""
+    assert run_workers(worker_no_pickle, 2, tmp_path, False) == [2, 2]
+    with pytest.raises(Exception, match=r"configured differently.*rank 0: .*'density': 0.01.*"
+                                        r"rank 1: .*'density': 0.02"):
+        run_workers(worker_no_pickle, 2, tmp_path, True)
 
 
 @pytest.mark.parametrize("dtype,compressor,values", [

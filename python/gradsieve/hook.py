@@ -14,8 +14,10 @@ iteration. The returned future does not block the backward pass.
 """
 
 
+import hashlib
+import json
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -190,16 +192,44 @@ def _all_gather(payload: torch.Tensor, world: int, group) -> torch.futures.Futur
     return work.get_future().then(lambda _: out.view(world, payload.numel()))
 
 
-def _verify_config(state: CompressionState, layout: BucketLayout, nbytes: int, world: int) -> None:
+def _verify_config(state: CompressionState, layout: BucketLayout, nbytes: int, world: int,
+                   device: torch.device) -> None:
     """At the first compressed step of a bucket layout, all ranks compare their configuration, so
-    that a mismatch is a clear error on every rank instead of a hang or wrong numbers."""
+    that a mismatch is a clear error on every rank instead of a hang or wrong numbers.
+
+    No peer's bytes are ever unpickled: each rank hashes a canonical JSON text of its configuration
+    and the 32-byte digests are all-gathered as a tensor. Only when they differ are the JSON texts
+    themselves exchanged (as bytes, read with ``json.loads``) to name what differs."""
     mine = {"config": state.compressor.config(), "bucket_numel": layout.numel, "payload_bytes": nbytes,
             "warmup_steps": state.warmup_steps}
-    everyone: List[Any] = [None] * world
-    dist.all_gather_object(everyone, mine, group=state.process_group)
-    if any(other != mine for other in everyone):
-        lines = "; ".join(f"rank {r}: {c}" for r, c in enumerate(everyone))
-        raise ValueError(f"gradsieve: ranks were configured differently for bucket {layout.index}: {lines}")
+    text = json.dumps(mine, sort_keys=True).encode()
+    digest = torch.tensor(list(hashlib.sha256(text).digest()), dtype=torch.uint8, device=device)
+    digests = _gather_bytes(digest, world, state.process_group)
+    if bool((digests == digest).all()):
+        return
+    # They differ: exchange the readable texts, padded to the longest.
+    length = torch.tensor([len(text)], dtype=torch.int64, device=device)
+    longest = int(_gather_bytes(length, world, state.process_group).max())
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    texts = _gather_bytes(padded, world, state.process_group).cpu()
+    lines = []
+    for rank in range(world):
+        raw = bytes(texts[rank].tolist()).rstrip(b"\0")
+        try:
+            shown = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError):
+            shown = f"<unreadable configuration of {len(raw)} bytes>"
+        lines.append(f"rank {rank}: {shown}")
+    raise ValueError(f"gradsieve: ranks were configured differently for bucket {layout.index}: "
+                     + "; ".join(lines))
+
+
+def _gather_bytes(tensor: torch.Tensor, world: int, group) -> torch.Tensor:
+    """Every rank's ``tensor`` (same size everywhere), as [world, numel]; blocking."""
+    out = torch.empty(world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    return out.view(world, -1)
 
 
 def _dense_hook(state: CompressionState, bucket: dist.GradBucket, world: int) -> torch.futures.Future:
@@ -244,7 +274,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     compressed = compressor.compress(buffer.float(), memory, layout, compressed_step)
     payload = compressed.payload
     if state._verified.get(layout.index) != payload.numel():
-        _verify_config(state, layout, payload.numel(), world)
+        _verify_config(state, layout, payload.numel(), world, payload.device)
         state._verified[layout.index] = payload.numel()
     state.wire_bytes += payload.numel() * payload.element_size()
     state.dense_bytes += layout.numel * 4

@@ -172,8 +172,11 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
                        acc="-" if accuracy is None else f"{accuracy:.3f}", sent=human_bytes(state.wire_bytes))
 
     # Every rank's training losses, averaged per step: the loss of the global batch.
-    gathered: List[Any] = [None] * world
-    dist.all_gather_object(gathered, losses)
+    # A float64 tensor, not all_gather_object: no rank ever unpickles a peer's bytes.
+    mine = torch.tensor(losses, dtype=torch.float64, device=device)
+    everyone = torch.empty(world * mine.numel(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(everyone, mine)
+    gathered = everyone.view(world, -1).tolist()
     mean_losses = [sum(ls[i] for ls in gathered) / world for i in range(steps)]
     stats = state.stats()
     warm = max(args.warmup_steps, 1)
