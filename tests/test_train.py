@@ -4,8 +4,10 @@ import csv
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -130,6 +132,7 @@ def test_same_seed_same_numbers_and_dense_baseline_first(tmp_path):
     (["--compare", "powersgd", "--opt", "rank=0"], "rank must be an integer >= 1"),
     (["--compare", "powersgd:start_iter=1"], "start_iter must be an integer >= 2"),
     (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0.0"),
     (["--opt", "density=0.1"], "not with --opt"),
     (["--compare", "topk:density=2"], "density must be in (0, 1], got 2.0"),
 ])
@@ -140,6 +143,57 @@ def test_bad_arguments_give_one_line_error(args, message):
     assert len(lines) == 1 and lines[0].startswith("gradsieve-train: error:"), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def _spawned_workers(parent: int) -> list:
+    found = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    workers = []
+    for pid in found:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    workers.append(int(pid))
+        except OSError:
+            pass
+    return workers
+
+
+def test_a_stopped_worker_fails_the_run_within_the_timeout(tmp_path):
+    """SIGSTOP (not kill) one worker: its socket stays open, so only the process-group timeout
+    can end the others' wait. The run must fail soon after --timeout with a line that says so."""
+    proc = subprocess.Popen([PYTHON, "-m", "gradsieve.train", "--workload", "digits", "--compare", "topk",
+                             "--steps", "100000", "--timeout", "4", "--no-progress", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stopped = None
+    try:
+        deadline = time.monotonic() + 60
+        while len(_spawned_workers(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _spawned_workers(proc.pid)
+        assert len(workers) == 2, "the run did not start its workers"
+        time.sleep(8.0)  # past the rendezvous and the data, into the training loop
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        stopped = workers[-1]
+        os.kill(stopped, signal.SIGSTOP)
+        began = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        waited = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except OSError:
+                pass
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("gradsieve-train: error: a worker failed:"), err[-2000:]
+    assert "a peer stopped answering: no reply within --timeout 4 s" in lines[-1]
+    assert "Traceback" not in err
+    # The timeout, a step in flight and the launcher's short grace period; not 30 s, not forever.
+    assert 4.0 <= waited < 25.0, waited
 
 
 def test_plan_runs_routes_options_and_dgc_momentum():

@@ -189,7 +189,14 @@ def _all_gather(payload: torch.Tensor, world: int, group) -> torch.futures.Futur
     out = torch.empty(world * payload.numel(), dtype=payload.dtype, device=payload.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     work = gather(out, payload, group=group, async_op=True)
-    return work.get_future().then(lambda _: out.view(world, payload.numel()))
+
+    def gathered(fut: torch.futures.Future) -> torch.Tensor:
+        # value() re-raises a failed or timed-out collective; without it the callback would read
+        # a buffer the collective never filled.
+        fut.value()
+        return out.view(world, payload.numel())
+
+    return work.get_future().then(gathered)
 
 
 def _verify_config(state: CompressionState, layout: BucketLayout, nbytes: int, world: int,
@@ -228,7 +235,8 @@ def _verify_config(state: CompressionState, layout: BucketLayout, nbytes: int, w
 def _gather_bytes(tensor: torch.Tensor, world: int, group) -> torch.Tensor:
     """Every rank's ``tensor`` (same size everywhere), as [world, numel]; blocking."""
     out = torch.empty(world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, tensor.contiguous(), group=group)
     return out.view(world, -1)
 
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import os
+import re
 import socket
 import sys
 from typing import Any, Callable, Dict, List
@@ -44,23 +46,57 @@ def _device_and_backend(args: argparse.Namespace, local_rank: int) -> tuple:
 def run_rank(rank: int, world: int, local_rank: int, args: argparse.Namespace, runs: List[RunSpec],
              reporter: Reporter) -> None:
     device, backend = _device_and_backend(args, local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    timeout = getattr(args, "timeout", 300.0)
     try:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-        workload = make_workload(args.workload, rank, world, args.seed, args.heterogeneous, args.data_dir,
-                                 model_size=args.model_size)
-        results = []
-        for spec in runs:
-            results.append(train_one(args, spec, workload, rank, world, device))
-            gc.collect()
-            dist.barrier()
-        if rank == 0:
-            reporter(args, results, world, workload, backend)
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
+    except Exception as err:  # the rendezvous waits for every rank, under the same timeout
+        if _timed_out(err):
+            raise RuntimeError(f"rank {rank}: a peer never joined: no answer within --timeout {timeout:g} s "
+                               f"({_first_line(err)})") from None
+        raise
+    try:
+        _run_all(rank, world, args, runs, reporter, device, backend)
+    except Exception as err:
+        if _timed_out(err):
+            raise RuntimeError(f"rank {rank}: a peer stopped answering: no reply within --timeout {timeout:g} s "
+                               f"({_first_line(err)})") from None
+        raise
     finally:
         # Free the DDP models (they may sit in reference cycles) while the process group lives.
         gc.collect()
         dist.destroy_process_group()
+
+
+def _timed_out(err: BaseException) -> bool:
+    """A collective or the rendezvous gave up waiting (gloo: "Timed out waiting ...", the store:
+    "... timeout ...")."""
+    text = str(err).lower()
+    return isinstance(err, TimeoutError) or "timed out" in text or "timeout" in text
+
+
+def _first_line(err: BaseException) -> str:
+    """The innermost message of ``err``: torch wraps a failed collective seen from a future's callback
+    in "Got the following error when running the callback: RuntimeError: ..." (twice over a hook)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    text = re.split(r"\w+(?:Error|Exception): ", text)[-1]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[source/file.cc:81] " prefix
+    return text[:200]
+
+
+def _run_all(rank, world, args, runs, reporter, device, backend) -> None:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    workload = make_workload(args.workload, rank, world, args.seed, args.heterogeneous, args.data_dir,
+                             model_size=args.model_size)
+    results = []
+    for spec in runs:
+        results.append(train_one(args, spec, workload, rank, world, device))
+        gc.collect()
+        dist.barrier()
+    if rank == 0:
+        reporter(args, results, world, workload, backend)
 
 
 def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace, runs: List[RunSpec],
@@ -73,6 +109,14 @@ def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace, r
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _error_line(text: str) -> str:
+    """The line of a worker's traceback that says what went wrong: the last "SomeError: ..." line
+    (torch appends the frames of a failed future's callback after the message itself)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    said = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:?", line)]
+    return (said or lines or [text])[-1]
 
 
 def _free_port() -> int:
@@ -88,13 +132,22 @@ def launch(args: argparse.Namespace, runs: List[RunSpec], reporter: Reporter, pr
         run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
                  args, runs, reporter)
         return 0
+    import logging
+
     import torch.multiprocessing as mp
 
+    # The stopped or failed peers are taken down below; the error line says why, not torch's log.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+
     try:
-        mp.spawn(_spawned, args=(args.nproc, _free_port(), args, runs, reporter), nprocs=args.nproc, join=True)
+        ctx = mp.start_processes(_spawned, args=(args.nproc, _free_port(), args, runs, reporter),
+                                 nprocs=args.nproc, join=False, start_method="spawn")
+        # A short grace period: a worker that failed has already said why; the others are either
+        # failing too or stuck (a stopped peer never answers SIGTERM), so do not wait 30 s for them.
+        while not ctx.join(grace_period=2.0):
+            pass
     except mp.ProcessRaisedException as err:
-        lines = [line for line in str(err).strip().splitlines() if line.strip()]
-        print(f"{prog}: error: a worker failed: {lines[-1] if lines else err}", file=sys.stderr)
+        print(f"{prog}: error: a worker failed: {_error_line(str(err))}", file=sys.stderr)
         return 1
     except mp.ProcessExitedException as err:
         print(f"{prog}: error: a worker exited: {err}", file=sys.stderr)

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, metavar="METRIC=VALUE",
                    help="goal for time-to-target: accuracy=0.9 (or 90%%) or loss=1.5 on the held-out data "
                         "(default per workload)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="process-group timeout: when a peer stops answering (hung, stopped, "
+                        "partitioned), the other ranks fail after this long with an error saying so, "
+                        "instead of waiting forever")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate every N steps (default: a twentieth of the steps); sets time-to-target's "
                         "resolution")
@@ -212,6 +216,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--batch-size must be >= 0, got {args.batch_size}")
     if args.batch_size == 0 and args.workload != "linreg":
         raise ValueError("--batch-size 0 (full batch) is only for linreg")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     if args.eval_every is not None and args.eval_every < 1:
         raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
     if args.target is None:

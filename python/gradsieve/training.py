@@ -175,7 +175,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     # A float64 tensor, not all_gather_object: no rank ever unpickles a peer's bytes.
     mine = torch.tensor(losses, dtype=torch.float64, device=device)
     everyone = torch.empty(world * mine.numel(), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(everyone, mine)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(everyone, mine)
     gathered = everyone.view(world, -1).tolist()
     mean_losses = [sum(ls[i] for ls in gathered) / world for i in range(steps)]
     stats = state.stats()
