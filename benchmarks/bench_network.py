@@ -32,7 +32,7 @@ import time
 from typing import Dict, List
 
 DEFAULT_COMPARE = ("none,torch-fp16,powersgd,powersgd:rank=4,topk,topk:values=int8,topk:values=int8:index=csr16,"
-                   "dgc,ef21,regtopk,adaptive,adaptive:beta=0.7")
+                   "dgc,ef21,regtopk,adaptive,adaptive:beta=0.7,predictive")
 DEFAULT_STEPS = {"10mbit": 8, "100mbit": 20, "1gbit": 40, "unlimited": 40}
 
 

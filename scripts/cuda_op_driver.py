@@ -5,11 +5,12 @@ scripts/gpu_check.sh), so it stays small: sizes 0, 1, 7, 255, 1000, 4097, 65537 
 float32 for the grid-stride paths), float32/float16/bfloat16, k = 0, 1, n / 3 and n, odd chunks,
 non-contiguous inputs, NaN/Inf and tied magnitudes, threshold_select overflow, sparse_accumulate_
 with duplicate indices and int8 payloads, adaptive_select with and without overflow (bitwise:
-every float operation is rounded on its own), csr16_indices with malformed payloads. Every result
-is compared with a reference written here in plain torch on the CPU (float64 where it matters), so
-the driver is also a correctness smoke test of the CUDA kernels (adaptive_select and csr16_indices
-are also compared bitwise with their CPU ops); with ``--device cpu`` it checks the CPU kernels the
-same way.
+every float operation is rounded on its own), csr16_indices with malformed payloads,
+predictive_score with 1 to 16 history vectors (float32 and bfloat16) and 1 to 64 hidden units.
+Every result is compared with a reference written here in plain torch on the CPU (float64 where it
+matters), so the driver is also a correctness smoke test of the CUDA kernels (adaptive_select and
+csr16_indices are also compared bitwise with their CPU ops, predictive_score within its float32
+tolerance); with ``--device cpu`` it checks the CPU kernels the same way.
 
 It prints one line per op and exits 1 if any case differs from its reference or raises.
 
@@ -222,6 +223,37 @@ def ref_adaptive_select(grad, average, momentum, residual, alpha, beta, q, compa
     values[: idx.numel()] = blend.float()[idx]
     indices[: idx.numel()] = idx
     return ma.float(), residual_out.float(), values, indices, torch.tensor(count), threshold
+
+
+def ref_predictive_score(grad, residual, history, newest, weights, hidden, product):
+    """predictive_score from its docstring's formulas in float64: (accumulator as float32, score,
+    s, bound). a is one float32 addition and s the float64 mean rounded to float32, as the op
+    keeps them; `bound` is the score's tolerance: rtol 1e-5 plus 2e-5 times the sum of the
+    magnitudes of the logit's terms (times |a| for the product form), to which the float32 sums'
+    rounding errors are proportional."""
+    a32 = residual.detach().reshape(-1).cpu().float() + grad.detach().reshape(-1).cpu().float()
+    a, g = a32.double(), flat64(grad)
+    n = a.numel()
+    s = float((a.abs().sum() / n).float()) if n else 1.0
+    s = 1.0 if s == 0.0 else s
+    count = len(history)
+    features = count + 2
+    h = torch.stack([flat64(history[(newest - j) % count]) for j in range(count)])
+    x = torch.cat([torch.log1p(a.abs() / s)[None], torch.log1p(g.abs() / s)[None],
+                   torch.sign(a) * torch.sign(h) * torch.log1p(h.abs() / s)])
+    w = flat64(weights)
+    w1 = w[: hidden * features].view(hidden, features)
+    b1 = w[hidden * features: hidden * features + hidden]
+    w2 = w[hidden * features + hidden: hidden * features + 2 * hidden]
+    b2 = w[hidden * features + 2 * hidden]
+    z = torch.clamp_min(b1[:, None] + w1 @ x, 0.0)  # keeps a NaN
+    logit = b2 + w2 @ z
+    terms = b2.abs() + w2.abs() @ (b1.abs()[:, None] + w1.abs() @ x.abs())
+    if product:
+        score, terms = torch.sigmoid(logit) * a.abs(), terms * a.abs()
+    else:
+        score = torch.where(logit > 20.0, logit, torch.log1p(torch.exp(logit.clamp(max=20.0))))
+    return a32, score, s, 1e-5 * score.abs() + 2e-5 * (1.0 + terms)
 
 
 def ref_csr16_indices(counts: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor,
@@ -501,6 +533,89 @@ def cases_adaptive_select(device: str, sizes, kinds, seeds: Iterator[int]) -> It
         yield f"{layout} n={n}", run
 
 
+# (H, hidden, product, newest): the smallest and largest scorer, bf16 and float32 history alike.
+PREDICTIVE_SETTINGS = ((1, 1, False, 0), (3, 8, True, 2), (5, 16, False, 1), (16, 64, True, 7),
+                       (9, 3, False, 8))
+
+
+def predictive_inputs(n: int, history_dtype: torch.dtype, kind: str, count: int, hidden: int,
+                      seed: int):
+    """grad (float32, of `kind`), residual, `count` history vectors (a fifth of them zero) and
+    weights ~N(0, 0.5)."""
+    grad = make_input(n, torch.float32, kind=kind, seed=seed)
+    residual = make_input(n, torch.float32, kind="normal", seed=seed + 1) * 0.5
+    history = []
+    for j in range(count):
+        h = make_input(n, torch.float32, kind="normal", seed=seed + 2 + j)
+        h[j % 5::5] = 0.0
+        history.append(h.to(history_dtype))
+    weights = make_input(hidden * (count + 4) + 1, torch.float32, kind="normal", seed=seed + 99) * 0.5
+    return grad, residual, history, weights
+
+
+def expect_scores(what: str, got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> None:
+    """float32 [n] within `bound` of the float64 `want`, non-finite exactly where want is."""
+    got = got.detach().cpu()
+    if got.dtype != torch.float32 or got.shape != want.shape:
+        raise AssertionError(f"{what}: got {got.dtype}{list(got.shape)}, want float32{list(want.shape)}")
+    finite = torch.isfinite(want)
+    if not torch.equal(torch.isfinite(got), finite):
+        raise AssertionError(f"{what}: non-finite at other entries than the reference")
+    err = (got.double() - want).abs()
+    bad = finite & ~(err <= bound)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise AssertionError(f"{what}[{i}] = {float(got[i])!r}, reference {float(want[i])!r}")
+
+
+def expect_scale(what: str, got: torch.Tensor, want: float) -> None:
+    value = float(got)
+    if got.shape != () or got.dtype != torch.float32:
+        raise AssertionError(f"{what}: got {got.dtype}{list(got.shape)}, want a 0-d float32")
+    if math.isfinite(want) and not math.isclose(value, want, rel_tol=1e-6):
+        raise AssertionError(f"{what} = {value!r}, reference {want!r}")
+    if not math.isfinite(want) and math.isfinite(value):
+        raise AssertionError(f"{what} = {value!r}, reference {want!r} (not finite)")
+
+
+def check_predictive_score(device, inputs, newest, hidden, product, layout):
+    """The op on the device against the reference and, on CUDA, against the CPU op (the same
+    tolerance: the two differ only by the last bits of log1p and exp)."""
+    grad, residual, history, weights = inputs
+    on = (on_device(grad, device, layout), on_device(residual, device, layout),
+          [on_device(h, device, layout) for h in history], newest, on_device(weights, device, layout),
+          hidden, product)
+    acc, score, scale = gradsieve.ops.predictive_score(*on)
+    want_acc, want_score, want_scale, bound = ref_predictive_score(*inputs[:3], newest, weights, hidden, product)
+    expect_equal("accumulator", acc, want_acc)
+    expect_scale("scale", scale, want_scale)
+    expect_scores("score", score, want_score, bound)
+    if device != "cpu":
+        cpu_acc, cpu_score, cpu_scale = gradsieve.ops.predictive_score(grad, residual, history, newest,
+                                                                       weights, hidden, product)
+        expect_equal("accumulator (CPU op)", acc, cpu_acc)
+        expect_scale("scale (CPU op)", scale, float(cpu_scale))
+        expect_scores("score (CPU op)", score, cpu_score.double(), bound)
+
+
+def cases_predictive_score(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    rotation = 0  # every setting meets every size and history dtype over the inputs
+    for n in sizes:
+        for history_dtype in (torch.float32, torch.bfloat16):
+            for kind in kinds:
+                count, hidden, product, newest = PREDICTIVE_SETTINGS[rotation % len(PREDICTIVE_SETTINGS)]
+                rotation += 1
+                inputs = predictive_inputs(n, history_dtype, kind, count, hidden, next(seeds))
+                def run(inputs=inputs, newest=newest, hidden=hidden, product=product):
+                    check_predictive_score(device, inputs, newest, hidden, product, "contiguous")
+                yield f"n={n} history={count}x{history_dtype} {kind} hidden={hidden} product={product}", run
+    for count, hidden, product, newest in PREDICTIVE_SETTINGS:
+        inputs = predictive_inputs(1000, torch.bfloat16, "normal", count, hidden, next(seeds))
+        def run(inputs=inputs, newest=newest, hidden=hidden, product=product):
+            check_predictive_score(device, inputs, newest, hidden, product, "strided")
+        yield f"strided n=1000 history={count} hidden={hidden}", run
+
+
 def csr16_payload(numel: int, world: int, slots: int, seed: int):
     """A well-formed payload: per rank, valid <= slots sorted distinct positions in [0, numel) as
     counts per block and 16-bit offsets (the unsigned bits in int16), junk in the unused slots."""
@@ -668,6 +783,12 @@ def cases_large(device: str, seeds: Iterator[int]) -> Iterator[Case]:
         def run(inputs=inputs, setting=setting, capacity=capacity):
             check_adaptive_select(device, inputs, setting, capacity, "contiguous")
         yield f"adaptive_select n={n} {inputs[0].dtype} {setting} capacity={capacity}", run
+    for history_dtype, (count, hidden, product, newest) in ((torch.float32, (3, 8, False, 1)),
+                                                            (torch.bfloat16, (12, 4, True, 11))):
+        inputs = predictive_inputs(n, history_dtype, "normal", count, hidden, next(seeds))
+        def run(inputs=inputs, newest=newest, hidden=hidden, product=product):
+            check_predictive_score(device, inputs, newest, hidden, product, "contiguous")
+        yield f"predictive_score n={n} history={count}x{history_dtype} hidden={hidden}", run
     csr16 = csr16_payload(2**31 - 1, 2, 20000, next(seeds))
     yield "csr16_indices numel=2^31-1", lambda: check_csr16(device, *csr16, 2**31 - 1)
 
@@ -683,6 +804,7 @@ OPS: Dict[str, Callable] = {
     "non-contiguous": cases_non_contiguous,
     "adaptive_select": cases_adaptive_select,
     "csr16_indices": cases_csr16_indices,  # with malformed payloads
+    "predictive_score": cases_predictive_score,
 }
 
 

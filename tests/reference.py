@@ -82,3 +82,59 @@ def sparse_accumulate(out: torch.Tensor, indices, values, scales=None, chunk=0) 
         v = v * np.repeat(scales.cpu().double().numpy(), chunk)[: v.size]
     np.add.at(dense, indices.reshape(-1).cpu().numpy().astype(np.int64), v)
     return dense
+
+
+def _predictive_features(grad, residual, history, newest):
+    """(a, s, x) of predictive_score: a = residual + grad rounded to float32 (as the op stores
+    it), s = mean |a| in float64 rounded to float32 (as the op uses it; 1 for n == 0 or s == 0),
+    and the F = H + 2 features [F, n] in float64 from the bf16/fp32 values as stored."""
+    a = (as_float64(residual).astype(np.float32) + as_float64(grad).astype(np.float32)).astype(np.float64)
+    g = as_float64(grad)
+    n = a.size
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = float(np.float32(np.abs(a).sum() / n)) if n else 1.0
+    if s == 0.0:
+        s = 1.0
+    count = len(history)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        x = np.empty((count + 2, n))
+        x[0] = np.log1p(np.abs(a) / s)
+        x[1] = np.log1p(np.abs(g) / s)
+        for j in range(count):
+            h = as_float64(history[(newest - j) % count])
+            x[2 + j] = np.sign(a) * np.sign(h) * np.log1p(np.abs(h) / s)
+    return a, s, x
+
+
+def _predictive_weights(weights, hidden, features):
+    w = as_float64(weights)
+    w1 = w[: hidden * features].reshape(hidden, features)
+    b1 = w[hidden * features: hidden * features + hidden]
+    w2 = w[hidden * features + hidden: hidden * features + 2 * hidden]
+    return w1, b1, w2, w[hidden * features + 2 * hidden]
+
+
+def predictive_score_reference(grad, residual, history, newest, weights, hidden, product):
+    """predictive_score's contract in NumPy float64: (accumulator, score, scale) as float64
+    arrays and a float."""
+    a, s, x = _predictive_features(grad, residual, history, newest)
+    w1, b1, w2, b2 = _predictive_weights(weights, hidden, x.shape[0])
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = np.maximum(0.0, b1[:, None] + w1 @ x)  # np.maximum keeps a NaN
+        logit = b2 + w2 @ z
+        if product:
+            score = np.abs(a) / (1.0 + np.exp(-logit))
+        else:
+            score = np.where(logit > 20.0, logit, np.log1p(np.exp(np.minimum(logit, 20.0))))
+    return a, score, s
+
+
+def predictive_score_magnitude(grad, residual, history, newest, weights, hidden, product):
+    """Per entry, the sum of the magnitudes of every term of the logit, |b2| + sum_u |w2_u|
+    (|b1_u| + sum_f |W1[u, f] x_f|), times |a| with ``product``: float32 rounding errors of the
+    op's sums are proportional to it (the bound of the tests' tolerance)."""
+    a, _, x = _predictive_features(grad, residual, history, newest)
+    w1, b1, w2, b2 = _predictive_weights(weights, hidden, x.shape[0])
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = abs(b2) + np.abs(w2) @ (np.abs(b1)[:, None] + np.abs(w1) @ np.abs(x))
+        return terms * np.abs(a) if product else terms

@@ -22,7 +22,7 @@ STAGES = ("build", "pytest", "sanitizer", "bench", "hook")
 CUDA_STAGES = ("sanitizer", "bench", "hook")
 DRIVER_GROUPS = ("topk_abs", "quantile_abs", "ef_topk_", "regtopk_select_", "threshold_select",
                  "quantize_int8", "sparse_accumulate_", "non-contiguous", "adaptive_select",
-                 "csr16_indices", "large")
+                 "csr16_indices", "predictive_score", "large")
 HOOK_METHODS = ("backward", "allreduce", "fp16", "powerSGD r1", "powerSGD r4", "topk", "topk int8")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -112,7 +112,8 @@ def test_bench_ops_ran_with_sparse_accumulate_and_targets(dry_run):
     rows = result["rows"]
     ops = {row["op"] for row in rows}
     assert ops == {"topk_abs", "quantile_abs", "ef_topk_", "regtopk_select_", "quantize_int8",
-                   "sparse_accumulate_", "adaptive_select", "csr16_pack", "csr16_decode"}
+                   "sparse_accumulate_", "adaptive_select", "csr16_pack", "csr16_decode",
+                   "predictive_score"}
     sparse = [row for row in rows if row["op"] == "sparse_accumulate_"]
     assert [row["density"] for row in sparse] == [0.001, 0.01]
     assert all(row["baseline"] == "index_add_" and row["n"] == 4096 and row["gradsieve_ms"] > 0
@@ -206,6 +207,10 @@ def test_target_met_and_missed(bench_ops, capsys):
     quantize = cuda_row("quantize_int8", density=float("nan"), bw_fraction=0.55)
     bench_ops.apply_targets(quantize)
     assert quantize["missed"] == ["bw_fraction 0.55 < 0.6"]
+
+    predictive = cuda_row("predictive_score", density=float("nan"), speedup=6.0, x_floor=2.5)
+    bench_ops.apply_targets(predictive)
+    assert predictive["missed"] == ["x_floor 2.50 > 2"]
 
     no_floor = cuda_row("quantile_abs", speedup=9.0)
     bench_ops.apply_targets(no_floor)

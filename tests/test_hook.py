@@ -181,6 +181,9 @@ def test_density_one_topk_equals_dense_allreduce(tmp_path):
                   "compare": "average"}),
     ("topk", {"density": 0.05, "values": "int8", "index": "csr16"}),
     ("dgc", {"density": 0.05, "index": "csr16"}),
+    ("predictive", {"density": 0.05}),
+    ("predictive", {"density": 0.05, "scope": "layer", "compress_1d": False, "history_dtype": "bf16",
+                    "ranking": "product", "label": "average", "index": "csr16"}),
 ])
 def test_hook_equals_simulator(tmp_path, compressor, options):
     results = run_workers(worker_bookkeeping, 2, tmp_path, compressor, options)
@@ -222,7 +225,7 @@ def test_error_feedback_bookkeeping_in_simulator():
     torch.testing.assert_close(delivered + residuals, total, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("compressor", ["topk", "adaptive"])
+@pytest.mark.parametrize("compressor", ["topk", "adaptive", "predictive"])
 def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     for r in run_workers(worker_rebuild, 2, tmp_path, compressor):
         assert r["finite"] and r["buckets"] > 1
@@ -236,6 +239,7 @@ def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     # may differ on that one step.
     ("adaptive", {"density": 0.05, "values": "fp32"}),
     ("adaptive", {"density": 0.05, "values": "fp32", "capacity": 1.0, "error_feedback": False, "beta": 0.7}),
+    ("predictive", {"density": 0.05, "values": "fp32"}),
 ])
 def test_checkpoint_restore_matches_uninterrupted_run(tmp_path, compressor, options):
     args = (compressor, options)
@@ -246,7 +250,7 @@ def test_checkpoint_restore_matches_uninterrupted_run(tmp_path, compressor, opti
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("compressor", ["topk", "dgc", "ef21", "adaptive"])
+@pytest.mark.parametrize("compressor", ["topk", "dgc", "ef21", "adaptive", "predictive"])
 def test_amp_overflow_skips_step_and_keeps_memory(tmp_path, compressor):
     for seen in run_workers(worker_overflow, 2, tmp_path, compressor):
         overflow = seen[3]
@@ -262,10 +266,40 @@ def test_amp_overflow_skips_step_and_keeps_memory(tmp_path, compressor):
     ("topk", "density", (0.01, 0.02)),
     ("adaptive", "beta", (1.0, 0.5)),  # same payload size: only the configuration check sees it
     ("adaptive", "compare", ("grad", "average")),
+    ("predictive", "hidden", (8, 4)),  # same payload size
 ])
 def test_mismatched_ranks_raise_clear_error(tmp_path, compressor, option, values):
     with pytest.raises(Exception, match="configured differently"):
         run_workers(worker_mismatch, 2, tmp_path, compressor, option, values)
+
+
+def worker_metric(rank, world, metrics):
+    """Adaptive k through the hook: each rank reports its metrics between steps."""
+    state = gradsieve.CompressionState("predictive", density=0.05, k_min=0.025, k_max=0.1)
+    model = small_model()
+    ddp = DDP(model)
+    ddp.register_comm_hook(state, gradsieve.compression_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    densities = []
+    for step in range(6):
+        if step >= 2:
+            state.report_metric(metrics[rank][step - 2])
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        densities.append(state.stats()["density"])
+    return densities, flat_params(model)
+
+
+def test_adaptive_k_switches_together_or_fails_clearly(tmp_path):
+    same = [[0.5, 0.9, 0.9, 0.905]] * 2  # -> fast (0.025), plateau (0.05), between (0.05)
+    (d0, p0), (d1, p1) = run_workers(worker_metric, 2, tmp_path, same)
+    assert d0 == d1 == [0.05, 0.05, 0.05, 0.025, 0.05, 0.05]
+    assert torch.equal(p0, p1)
+    differ = [[0.5, 0.9, 0.9, 0.905], [0.5, 0.5, 0.9, 0.905]]  # rank 1 sees a plateau, not progress
+    with pytest.raises(Exception, match=r"configured differently.*'runtime': \{'density': 0.025\}"):
+        run_workers(worker_metric, 2, tmp_path, differ)
 
 
 def test_configuration_check_never_unpickles(tmp_path):

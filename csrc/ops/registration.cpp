@@ -79,6 +79,15 @@ at::Tensor csr16_indices_meta(const at::Tensor& counts, const at::Tensor& offset
   return at::empty_symint(offsets.sym_sizes(), offsets.options().dtype(at::kLong));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> predictive_score_meta(
+    const at::Tensor& grad, const at::Tensor& residual, at::TensorList history, int64_t newest,
+    const at::Tensor& weights, int64_t hidden, bool product) {
+  check_predictive_score(grad, residual, history, newest, weights, hidden);
+  const auto f32 = grad.options().dtype(at::kFloat);
+  return {at::empty_symint({grad.sym_numel()}, f32), at::empty_symint({grad.sym_numel()}, f32),
+          at::empty({}, f32)};
+}
+
 }  // namespace
 }  // namespace gradsieve
 
@@ -102,6 +111,9 @@ TORCH_LIBRARY(gradsieve, m) {
         "int capacity) -> (Tensor average_out, Tensor residual_out, Tensor values, "
         "Tensor indices, Tensor count, Tensor threshold)");
   m.def("csr16_indices(Tensor counts, Tensor offsets, Tensor valid, int numel) -> Tensor");
+  m.def("predictive_score(Tensor grad, Tensor residual, Tensor[] history, int newest, "
+        "Tensor weights, int hidden, bool product) -> (Tensor accumulator, Tensor score, "
+        "Tensor scale)");
 }
 
 TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
@@ -115,4 +127,5 @@ TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
   m.impl("sparse_accumulate_", &gradsieve::sparse_accumulate_meta);
   m.impl("adaptive_select", &gradsieve::adaptive_select_meta);
   m.impl("csr16_indices", &gradsieve::csr16_indices_meta);
+  m.impl("predictive_score", &gradsieve::predictive_score_meta);
 }

@@ -220,4 +220,60 @@ void check_csr16_indices(const at::Tensor& counts, const at::Tensor& offsets,
   check_same_device("csr16_indices", "valid", valid, "counts", counts);
 }
 
+
+void check_predictive_score(const at::Tensor& grad, const at::Tensor& residual,
+                            at::TensorList history, int64_t newest, const at::Tensor& weights,
+                            int64_t hidden) {
+  constexpr const char* op = "predictive_score";
+  // grad, residual and weights: float32 vectors; residual as long as grad.
+  const std::pair<const char*, const at::Tensor*> vectors[] = {
+      {"grad", &grad}, {"residual", &residual}, {"weights", &weights}};
+  for (const auto& [arg, t] : vectors) {
+    TORCH_CHECK(t->defined() && t->scalar_type() == at::kFloat, "gradsieve.predictive_score: ",
+                arg, " must be a float32 tensor, got ",
+                t->defined() ? c10::toString(t->scalar_type()) : "None");
+    TORCH_CHECK(t->dim() == 1, "gradsieve.predictive_score: ", arg,
+                " must be 1-D, got a tensor of ", t->dim(), " dims");
+  }
+  TORCH_CHECK(grad.sym_numel() <= kMaxNumel,
+              "gradsieve.predictive_score: grad must have at most 2^31 - 1 elements, got ",
+              grad.sym_numel());
+  TORCH_CHECK(residual.sym_numel() == grad.sym_numel(),
+              "gradsieve.predictive_score: residual must have as many elements as grad (",
+              grad.sym_numel(), "), got ", residual.sym_numel());
+  check_same_device(op, "residual", residual, "grad", grad);
+  // history: 1 to 16 vectors of grad's length, all float32 or all bfloat16.
+  const int64_t count = static_cast<int64_t>(history.size());
+  TORCH_CHECK(count >= 1 && count <= kPredictiveMaxHistory,
+              "gradsieve.predictive_score: history must hold 1 to ", kPredictiveMaxHistory,
+              " tensors, got ", count);
+  for (int64_t j = 0; j < count; ++j) {
+    const at::Tensor& h = history[j];
+    TORCH_CHECK(h.defined() && (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16),
+                "gradsieve.predictive_score: history[", j, "] must be float32 or bfloat16, got ",
+                h.defined() ? c10::toString(h.scalar_type()) : "None");
+    TORCH_CHECK(h.scalar_type() == history[0].scalar_type(), "gradsieve.predictive_score: history[",
+                j, "] must have the dtype of history[0] (", history[0].scalar_type(), "), got ",
+                h.scalar_type());
+    TORCH_CHECK(h.dim() == 1, "gradsieve.predictive_score: history[", j,
+                "] must be 1-D, got a tensor of ", h.dim(), " dims");
+    TORCH_CHECK(h.sym_numel() == grad.sym_numel(), "gradsieve.predictive_score: history[", j,
+                "] must have as many elements as grad (", grad.sym_numel(), "), got ",
+                h.sym_numel());
+    TORCH_CHECK(h.device() == grad.device(), "gradsieve.predictive_score: history[", j,
+                "] must be on the same device as grad (", grad.device(), "), got ", h.device());
+  }
+  TORCH_CHECK(newest >= 0 && newest < count, "gradsieve.predictive_score: newest must be in [0, ",
+              count, ") (the number of history tensors), got ", newest);
+  // weights: W1 [hidden, H + 2], b1 [hidden], w2 [hidden], b2.
+  TORCH_CHECK(hidden >= 1 && hidden <= kPredictiveMaxHidden,
+              "gradsieve.predictive_score: hidden must be in [1, ", kPredictiveMaxHidden, "], got ",
+              hidden);
+  const int64_t want = predictive_weight_count(count, hidden);
+  TORCH_CHECK(weights.sym_numel() == want,
+              "gradsieve.predictive_score: weights must have hidden*(H+4)+1 = ", want,
+              " entries (hidden ", hidden, ", H ", count, "), got ", weights.sym_numel());
+  check_same_device(op, "weights", weights, "grad", grad);
+}
+
 }  // namespace gradsieve

@@ -27,6 +27,17 @@ void check_adaptive_select(const at::Tensor& grad, const at::Tensor& average,
                            double beta, double q, int64_t capacity);
 void check_csr16_indices(const at::Tensor& counts, const at::Tensor& offsets,
                          const at::Tensor& valid, int64_t numel);
+void check_predictive_score(const at::Tensor& grad, const at::Tensor& residual,
+                            at::TensorList history, int64_t newest, const at::Tensor& weights,
+                            int64_t hidden);
+
+// predictive_score's limits: history vectors (H) and hidden units of its scorer. Its features are
+// F = H + 2 per entry, its weights hidden * (F + 2) + 1 floats (W1, b1, w2, b2).
+constexpr int64_t kPredictiveMaxHistory = 16;
+constexpr int64_t kPredictiveMaxHidden = 64;
+inline int64_t predictive_weight_count(int64_t history, int64_t hidden) {
+  return hidden * (history + 4) + 1;
+}
 
 // Entries per block of the csr16 wire index: a position is (block, 16-bit offset in the block).
 constexpr int64_t kCsr16Block = int64_t(1) << 16;

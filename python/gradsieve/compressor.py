@@ -99,6 +99,7 @@ class Compressor:
     dense: bool = False
     OPTIONS: Mapping[str, Option] = {}
     memory_names: Tuple[str, ...] = ()
+    memory_dtypes: Mapping[str, torch.dtype] = {}  # per-entry memory not in float32
 
     def __init__(self, **options: Any) -> None:
         self.options = resolve(f"compressor {self.name!r}", self.OPTIONS, options)
@@ -139,6 +140,26 @@ class Compressor:
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Hook for compressors that must warn about an optimizer setting (DGC: momentum)."""
+
+    # Run-time state shared by a rank's buckets (not per entry): e.g. a density that follows the
+    # validation metric. Saved with the hook's state; compared across ranks like the config.
+    def runtime(self) -> Dict[str, Any]:
+        """What must agree across ranks at every step besides :meth:`config` (JSON-able)."""
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name}: this compressor keeps no run-time state, got {sorted(state)}")
+
+    def report_metric(self, value: float, higher_is_better: bool = True) -> None:
+        """A validation metric every rank measured alike (most compressors ignore it)."""
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters for ``state.stats()`` beside the hook's own."""
+        return {}
 
 
 SPARSE_OPTIONS: Dict[str, Option] = {

@@ -119,6 +119,7 @@ class CompressionState:
                     counters[key[5:]] = counters.get(key[5:], 0) + int(value)
         return {
             **counters,
+            **self.compressor.stats(),
             "compressor": self.compressor.name,
             "steps": self.step,
             "compressed_steps": self.compressed_steps,
@@ -138,6 +139,7 @@ class CompressionState:
             "warmup_steps": self.warmup_steps,
             "step": self.step,
             "memory": self.memory.state_dict(),
+            "compressor_state": self.compressor.state_dict(),
             "stats": {k: getattr(self, k) for k in ("wire_bytes", "dense_bytes", "compressed_steps",
                                                      "skipped_steps", "compress_s", "decode_s")},
         }
@@ -151,6 +153,7 @@ class CompressionState:
         self.warmup_steps = int(state["warmup_steps"])
         self.step = int(state["step"])
         self.memory.load_state_dict(state["memory"])
+        self.compressor.load_state_dict(state.get("compressor_state", {}))
         for key, value in state.get("stats", {}).items():
             setattr(self, key, value)
 
@@ -161,6 +164,12 @@ class CompressionState:
         self.process_group = None
         for name, value in state.items():
             setattr(self, name, value)
+
+    def report_metric(self, value: float, higher_is_better: bool = True) -> None:
+        """Tells the compressor a validation metric (``predictive`` adapts its density to it).
+        Every rank must report the same value at the same step: the next compressed step checks
+        that the ranks agree on what follows from it, and fails on every rank if they do not."""
+        self.compressor.report_metric(float(value), bool(higher_is_better))
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Lets the compressor warn about optimizer settings that clash with it (dgc: momentum)."""
@@ -208,7 +217,7 @@ def _verify_config(state: CompressionState, layout: BucketLayout, nbytes: int, w
     and the 32-byte digests are all-gathered as a tensor. Only when they differ are the JSON texts
     themselves exchanged (as bytes, read with ``json.loads``) to name what differs."""
     mine = {"config": state.compressor.config(), "bucket_numel": layout.numel, "payload_bytes": nbytes,
-            "warmup_steps": state.warmup_steps}
+            "warmup_steps": state.warmup_steps, "runtime": state.compressor.runtime()}
     text = json.dumps(mine, sort_keys=True).encode()
     digest = torch.tensor(list(hashlib.sha256(text).digest()), dtype=torch.uint8, device=device)
     digests = _gather_bytes(digest, world, state.process_group)
@@ -277,13 +286,14 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     buffer = bucket.buffer()
     layout = state.layout_of(bucket, world)
     memory = state.memory.get(layout.index, layout.keys, layout.param_numels,
-                              compressor.memory_names, buffer.device)
+                              compressor.memory_names, buffer.device, compressor.memory_dtypes)
     compressed_step = step_now - state.warmup_steps
     compressed = compressor.compress(buffer.float(), memory, layout, compressed_step)
     payload = compressed.payload
-    if state._verified.get(layout.index) != payload.numel():
+    verified = (payload.numel(), json.dumps(compressor.runtime(), sort_keys=True))
+    if state._verified.get(layout.index) != verified:
         _verify_config(state, layout, payload.numel(), world, payload.device)
-        state._verified[layout.index] = payload.numel()
+        state._verified[layout.index] = verified
     state.wire_bytes += payload.numel() * payload.element_size()
     state.dense_bytes += layout.numel * 4
     state.compress_s += time.perf_counter() - started

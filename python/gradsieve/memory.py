@@ -8,12 +8,14 @@ are identified by their position in the first bucket layout this rank saw (DDP's
 which a fresh process rebuilds identically), which is what makes a saved state loadable into a
 new process. Memory that is not per entry (for example DGC's threshold factors) lives in
 ``extra``; it is kept when a bucket is rebuilt with the same parameters and reset otherwise.
+``params`` holds small per-parameter memory that is not per entry (a predictor's weights): it
+belongs to the parameter, survives every rebuild and is checkpointed by parameter key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +28,8 @@ class BucketMemory:
     numels: Tuple[int, ...]
     entries: Dict[str, torch.Tensor]  # name -> float32 Tensor[bucket numel]
     extra: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # {parameter key: {name: tensor}}: the bank's per-parameter memory (shared by all buckets).
+    params: Dict[int, Dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -53,6 +57,7 @@ class MemoryBank:
         self.restored: Dict[int, Dict[str, torch.Tensor]] = {}
         # Bucket-coordinate memory from a checkpoint: {bucket index: (keys, tensors)}.
         self.restored_extra: Dict[int, Tuple[Tuple[int, ...], Dict[str, torch.Tensor]]] = {}
+        self.params: Dict[int, Dict[str, torch.Tensor]] = {}
 
     def get(
         self,
@@ -61,12 +66,16 @@ class MemoryBank:
         numels: Sequence[int],
         names: Sequence[str],
         device: torch.device,
+        dtypes: Optional[Mapping[str, torch.dtype]] = None,
     ) -> BucketMemory:
+        """The memory of bucket ``index`` (parameters ``keys`` of ``numels`` entries): one tensor
+        per name, float32 unless ``dtypes`` says otherwise, zeros for a parameter seen first."""
         keys, numels = tuple(keys), tuple(numels)
         current = self.buckets.get(index)
         if current is not None and current.keys == keys and current.numels == numels:
             return current
-        memory = self._assemble(keys, numels, names, device)
+        memory = self._assemble(keys, numels, names, device, dtypes or {})
+        memory.params = self.params
         if current is not None and sorted(current.keys) == sorted(keys):
             memory.extra = current.extra  # same parameters in a new order: keep bucket-level memory
         saved = self.restored_extra.pop(index, None)
@@ -77,9 +86,10 @@ class MemoryBank:
             self.owner[key] = memory
         return memory
 
-    def _assemble(self, keys, numels, names, device) -> BucketMemory:
+    def _assemble(self, keys, numels, names, device, dtypes) -> BucketMemory:
         total = sum(numels)
-        entries = {name: torch.zeros(total, dtype=torch.float32, device=device) for name in names}
+        entries = {name: torch.zeros(total, dtype=dtypes.get(name, torch.float32), device=device)
+                   for name in names}
         offset = 0
         for key, numel in zip(keys, numels):
             source = self.owner.get(key)
@@ -94,7 +104,7 @@ class MemoryBank:
                             f"load_state_dict: parameter {key} had {saved.numel()} entries in the "
                             f"checkpoint, the model has {numel}"
                         )
-                    tensor[offset:offset + numel].copy_(saved.reshape(-1).to(device))
+                    tensor[offset:offset + numel].copy_(saved.reshape(-1).to(device, tensor.dtype))
             self.restored.pop(key, None)
             offset += numel
         return BucketMemory(keys, numels, entries)
@@ -107,7 +117,10 @@ class MemoryBank:
             index: (memory.keys, {name: t.detach().cpu().clone() for name, t in memory.extra.items()})
             for index, memory in self.buckets.items()
         }
-        return {"params": self._param_state(), "extra": {**self.restored_extra, **extra}}
+        per_param = {key: {name: t.detach().cpu().clone() for name, t in saved.items()}
+                     for key, saved in self.params.items()}
+        return {"params": self._param_state(), "extra": {**self.restored_extra, **extra},
+                "per_param": per_param}
 
     def _param_state(self) -> Dict[int, Dict[str, torch.Tensor]]:
         out: Dict[int, Dict[str, torch.Tensor]] = {
@@ -127,6 +140,9 @@ class MemoryBank:
         self.owner.clear()
         self.restored = {int(k): dict(v) for k, v in saved["params"].items()}
         self.restored_extra = {int(k): (tuple(keys), dict(t)) for k, (keys, t) in saved["extra"].items()}
+        # Replaced in place: the buckets built from now on share this dict.
+        self.params.clear()
+        self.params.update({int(k): dict(v) for k, v in saved.get("per_param", {}).items()})
 
     def total(self, name: str) -> Optional[torch.Tensor]:
         """One memory over all buckets, concatenated in bucket-index order (tests and tools)."""

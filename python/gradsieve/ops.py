@@ -12,7 +12,7 @@ the same checks run on every backend and in the fake (Meta) kernels used by ``to
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -24,6 +24,7 @@ __all__ = [
     "cuda_kernels_built",
     "dequantize_int8",
     "ef_topk_",
+    "predictive_score",
     "quantile_abs",
     "quantize_int8",
     "regtopk_select_",
@@ -365,3 +366,69 @@ def csr16_indices(counts: torch.Tensor, offsets: torch.Tensor, valid: torch.Tens
         [[5, 65538, -1]]
     """
     return torch.ops.gradsieve.csr16_indices(counts, offsets, valid, int(numel))
+
+
+def predictive_score(
+    grad: torch.Tensor,
+    residual: torch.Tensor,
+    history: Sequence[torch.Tensor],
+    newest: int,
+    weights: torch.Tensor,
+    hidden: int,
+    product: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The score of the ``predictive`` compressor on one segment, fused: error-feedback
+    accumulator, its mean magnitude, per-entry features and a small MLP. Inputs are not changed.
+
+    With ``H = len(history)`` and ``F = H + 2``, per entry ``i`` in float32::
+
+        a     = residual + grad                                   -> accumulator
+        s     = sum(|a|) / n   (1 when n == 0 or s == 0)          -> scale
+        h_j   = history[(newest - j) % H]    (j = 0 is the newest, read as float32)
+        x_0   = log1p(|a| / s)
+        x_1   = log1p(|grad| / s)
+        x_2+j = sgn(a) * sgn(h_j) * log1p(|h_j| / s)              (sgn(0) = 0)
+        z_u   = max(0, b1[u] + sum_f W1[u, f] * x_f)              (u < hidden)
+        logit = b2 + sum_u w2[u] * z_u
+        score = sigmoid(logit) * |a| if product else softplus(logit)   -> score
+
+    with ``weights`` laid out as ``W1`` (``[hidden, F]``, row-major) at 0, ``b1`` at ``hidden * F``,
+    ``w2`` at ``hidden * F + hidden`` and ``b2`` at ``hidden * F + 2 * hidden``. The score is
+    ``>= 0``, so :func:`topk_abs` of it selects the entries to send. ``softplus`` is
+    ``logit`` above 20, else ``log1p(exp(logit))``. The sum behind ``s`` is taken in float64 on the
+    CPU (fixed chunks, added in order) and in float64 block partials on CUDA: deterministic on
+    both. Every other operation is float32, each product and sum rounded on its own in the order
+    above; CPU and CUDA agree up to the last bits of ``log1p`` and ``exp``. A NaN or infinite
+    gradient gives NaN or infinite scores (and scale), never an error: the caller drops such steps.
+
+    Cost: two passes over the segment (grad and residual for ``s``; grad, residual and the history
+    for the rest), no host synchronisation.
+
+    Args:
+        grad: Tensor[N] float32.
+        residual: Tensor[N] float32, the error-feedback memory.
+        history: 1 to 16 Tensor[N], all float32 or all bfloat16: a ring of previous gradients.
+        newest: position of the newest entry of the ring, in ``[0, H)``.
+        weights: Tensor[hidden * (H + 4) + 1] float32, the scorer's parameters (layout above).
+        hidden: hidden units of the scorer, in ``[1, 64]``.
+        product: score ``sigmoid(logit) * |a|`` (a learned gate on the magnitude) instead of
+            ``softplus(logit)``.
+
+    Returns:
+        ``(accumulator, score, scale)``: Tensor[N] float32 (``a``), Tensor[N] float32, and a 0-d
+        float32 tensor holding ``s`` as used, all on grad's device.
+
+    Example::
+
+        >>> H, hidden = 2, 1
+        >>> weights = torch.zeros(hidden * (H + 4) + 1)
+        >>> weights[0] = 1.0                            # W1[0, 0]: z = x_0 = log1p(|a| / s)
+        >>> weights[hidden * (H + 2) + hidden] = 1.0    # w2[0]: logit = z, score = sigmoid(z) |a|
+        >>> acc, score, scale = gradsieve.ops.predictive_score(
+        ...     torch.tensor([1.0, -2.0, 0.0]), torch.zeros(3), [torch.zeros(3)] * H, 0,
+        ...     weights, hidden, product=True)
+        >>> float(scale), [round(v, 4) for v in score.tolist()]
+        (1.0, [0.6667, 1.5, 0.0])
+    """
+    return torch.ops.gradsieve.predictive_score(
+        grad, residual, list(history), int(newest), weights, int(hidden), bool(product))

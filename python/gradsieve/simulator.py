@@ -66,6 +66,8 @@ class Simulator:
         self.steps = 0
         self.wire_bytes = 0  # sent by all workers together
         self.skipped_steps = 0
+        # The last step's compressor output per worker (payload, pending memory), for studies.
+        self.last_compressed: List = []
 
     def layout(self, numel: int) -> BucketLayout:
         layout = BucketLayout.flat(numel, self.world_size, self.param_sizes)
@@ -98,9 +100,12 @@ class Simulator:
         layout = self.layout(numel)
         keys = layout.keys
         memories = [
-            bank.get(0, keys, layout.param_numels, compressor.memory_names, flat[0].device) for bank in self.banks
+            bank.get(0, keys, layout.param_numels, compressor.memory_names, flat[0].device,
+                     compressor.memory_dtypes)
+            for bank in self.banks
         ]
         compressed = [compressor.compress(g, m, layout, self.steps) for g, m in zip(flat, memories)]
+        self.last_compressed = compressed
         gathered = torch.stack([c.payload for c in compressed])
         self.wire_bytes += gathered.numel()
         average, flags = compressor.aggregate(gathered, layout, self.steps)
@@ -119,11 +124,17 @@ class Simulator:
             raise KeyError(f"Simulator.memory: worker {rank} has no memory {name!r} (has {names})")
         return found.entries[name]
 
+    def report_metric(self, value: float, higher_is_better: bool = True) -> None:
+        """A validation metric, as every worker would report it (see ``CompressionState``)."""
+        self.compressor.report_metric(float(value), bool(higher_is_better))
+
     def state_dict(self) -> Dict[str, object]:
-        return {"steps": self.steps, "banks": [bank.state_dict() for bank in self.banks]}
+        return {"steps": self.steps, "banks": [bank.state_dict() for bank in self.banks],
+                "compressor_state": self.compressor.state_dict()}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         self.steps = int(state["steps"])
+        self.compressor.load_state_dict(state.get("compressor_state", {}))
         for bank, saved in zip(self.banks, state["banks"]):
             bank.load_state_dict(saved)
 

@@ -116,7 +116,16 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         loss, accuracy = workload.evaluate(model, device)
         model.train()
         point = {"step": step, "seconds": clock, "loss": loss, "accuracy": accuracy}
+        if not spec.from_torch:
+            # The metric goes to the compressor (predictive adapts its density to it), as rank 0
+            # measured it, so that every rank reports the very same number.
+            shared = torch.tensor([accuracy if accuracy is not None else loss], dtype=torch.float64,
+                                  device=device)
+            dist.broadcast(shared, src=0)
+            state.report_metric(float(shared), higher_is_better=accuracy is not None)
         counters = getattr(state, "stats", lambda: {})()
+        if "density" in counters:  # predictive: the density now (adaptive k)
+            point["density"] = counters["density"]
         if "sent" in counters:  # adaptive: entries on the wire so far (rank 0's)
             point["entries_sent"] = counters["sent"]
             point["entries_wanted"] = counters["wanted"]

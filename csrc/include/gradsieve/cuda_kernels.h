@@ -141,5 +141,34 @@ cudaError_t csr16_indices(const int32_t* counts, const int16_t* offsets, const i
                           int64_t* out, void* workspace, size_t workspace_bytes,
                           cudaStream_t stream);
 
+// The score of the predictive compressor on one segment (ops.predictive_score), no host
+// synchronisation: a = residual + grad -> accumulator; *scale (device float32) = s =
+// sum |a| / n (1 when n == 0 or s == 0; NaN or inf kept); per entry the features
+// x0 = log1p(|a| / s), x1 = log1p(|grad| / s), x_{2+j} = sgn(a) sgn(h_j) log1p(|h_j| / s) (sgn(0)
+// = 0) and the scorer z_u = max(0, b1_u + sum_f W1[u, f] x_f) (NaN kept), logit = b2 +
+// sum_u w2_u z_u, score = product ? sigmoid(logit) |a| : softplus(logit) (logit > 20: logit).
+// Weights: W1 [hidden, H + 2] row-major, b1 [hidden], w2 [hidden], b2. The sum is deterministic
+// (block partials over a grid fixed by n, added in block order); the elementwise math is float32,
+// every product and sum rounded on its own, in the CPU kernel's order.
+constexpr int kPredictiveMaxHistory = 16;
+constexpr int kPredictiveMaxHidden = 64;
+struct PredictiveScoreArgs {
+  const float* grad;                            // n float32
+  const float* residual;                        // n float32
+  const void* history[kPredictiveMaxHistory];   // h_0 (newest) .. h_{H-1}: n entries each
+  DType history_dtype;                          // kFloat32 or kBFloat16
+  int history_count;                            // H in [1, kPredictiveMaxHistory]
+  const float* weights;                         // hidden * (H + 4) + 1 float32
+  int hidden;                                   // in [1, kPredictiveMaxHidden]
+  bool product;
+  int64_t n;
+  float* accumulator;                           // n float32
+  float* score;                                 // n float32
+  float* scale;                                 // 0-d float32
+};
+size_t predictive_score_workspace_bytes(int64_t n);
+cudaError_t predictive_score(const PredictiveScoreArgs& args, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace gradsieve
