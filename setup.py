@@ -5,10 +5,17 @@ same folders. CUDA kernels are built when the installed torch is a CUDA build an
 (CUDA_HOME); otherwise the CPU ops alone are built and the build says so. Set GRADSIEVE_CPU_ONLY=1
 to skip CUDA, TORCH_CUDA_ARCH_LIST to choose the GPU targets (default "8.0;9.0"), MAX_JOBS for
 parallel compilation (default 2).
+
+A compiler that ships only the static libstdc++ (libstdc++.a, no libstdc++.so; the GPU machines'
+/opt/gcc is one) would copy the C++ runtime into the extension, and that private copy's locale
+facets then crash torch's own stream code (a segfault inside every TORCH_CHECK message that prints
+a number). The build then links the libstdc++.so.6 that torch itself runs with, and says so.
 """
 
 import glob
 import os
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -39,10 +46,38 @@ def cuda_build_reason():
     return None
 
 
+def shared_libstdcxx():
+    """The libstdc++.so.6 this process (torch) runs with, when the C++ compiler has no shared
+    libstdc++ of its own and would link the static one; None when it has one (the usual case)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # the build itself will report a missing compiler
+    if os.path.isabs(found):
+        return None
+    with open("/proc/self/maps") as maps:  # torch, imported above, has loaded it
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                return path
+    raise SystemExit(f"gradsieve: {cxx} has no shared libstdc++ (it would link libstdc++.a into "
+                     "the extension, which crashes torch) and none is loaded with torch; set CXX "
+                     "to a compiler with libstdc++.so")
+
+
 def make_extension():
     os.environ.setdefault("MAX_JOBS", "2")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-ffp-contract=off"]
+    link_args = []
+    libstdcxx = shared_libstdcxx()
+    if libstdcxx is not None:
+        print(f"gradsieve: the compiler has only a static libstdc++; linking {libstdcxx}")
+        link_args.append(libstdcxx)
     reason = cuda_build_reason()
     if reason is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -52,6 +87,7 @@ def make_extension():
             sources=sources_in(CPU_SOURCE_DIRS + CUDA_SOURCE_DIRS),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link_args,
         )
     print(f"gradsieve: building the CPU ops only: {reason}")
     return cpp_extension.CppExtension(
@@ -59,6 +95,7 @@ def make_extension():
         sources=sources_in(CPU_SOURCE_DIRS),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_args,
     )
 
 

@@ -157,6 +157,9 @@ if [ "$DRY" = 1 ]; then
   MODE="dry run: $DRY_REASON"
   # The CPU modes run small problems on a machine that may be busy: idle threads would only spin.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  # A dry run forced on a GPU machine behaves as on a machine without one: torch's own PowerSGD
+  # hook, for one, calls torch.cuda.synchronize on CPU buckets whenever CUDA is available.
+  export CUDA_VISIBLE_DEVICES=""
 else
   MODE="GPU run on $GPU_NAME (sm $CAPABILITY)"
 fi
