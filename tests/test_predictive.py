@@ -90,6 +90,37 @@ def test_initial_predictor_ranks_like_topk():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("values", ["fp32", "int8"])
+def test_magnitude_share_one_is_topk_at_every_step(values):
+    """``magnitude=1`` takes all of k by |residual + grad|: whatever the predictor learns, every
+    step sends what topk sends, int8 rounding and residual included."""
+    a = gradsieve.Simulator("predictive", world_size=2, density=0.02, values=values, magnitude=1.0)
+    b = gradsieve.Simulator("topk", world_size=2, density=0.02, values=values)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        shared = torch.randn(3000, generator=g)
+        grads = [shared + torch.randn(3000, generator=g) for _ in range(2)]
+        assert torch.equal(a.step(grads), b.step(grads))
+
+
+def test_magnitude_share_sends_the_largest_and_then_the_best_scores():
+    """With a share m, the round(m * k) largest |a| are always sent; the rest of k follows the
+    learned ranking (after training, not the same entries as magnitude top-k)."""
+    sim = gradsieve.Simulator("predictive", world_size=2, density=0.02, values="fp32", magnitude=0.5)
+    g = torch.Generator().manual_seed(4)
+    n, k = 5000, 100
+    for step in range(40):
+        shared = torch.randn(n, generator=g)
+        grads = [shared + 3 * torch.randn(n, generator=g) for _ in range(2)]
+        residual = sim.memory(0, "residual").clone() if step else torch.zeros(n)
+        sim.step(grads)
+        sent = set(sim.last_compressed[0].pending["_indices"].tolist())
+        accumulator = residual + grads[0]
+        assert len(sent) == k
+        assert set(accumulator.abs().topk(k // 2).indices.tolist()) <= sent
+    assert sent != set(accumulator.abs().topk(k).indices.tolist())
+
+
 def test_train_step_gradient_matches_autograd():
     torch.manual_seed(2)
     history, hidden = 3, 8
@@ -269,6 +300,7 @@ def test_adaptive_k_state_is_checkpointed():
     ({"k_factor": 1.0}, "k_factor must be > 1"),
     ({"k_fast": 0.001}, "k_fast .* must be >= k_plateau"),
     ({"label_decay": 1.0}, r"label_decay must be in \[0, 1\)"),
+    ({"magnitude": 1.5}, r"magnitude must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):

@@ -41,6 +41,11 @@ VARIANTS = [
     "predictive:label=average",
     "predictive:k_min=0.005:k_max=0.02",
 ]
+# Round 2 (``--round 2``, results under ``<setting>-round2/``): a share of each k chosen by magnitude
+# alone before the learned ranking picks the rest, added after the convergence test of issue 14
+# (tests/test_convergence.py: plain SGD, 600 steps) found the learned ranking alone 11 points under
+# dense there.
+ROUND2 = ["predictive:magnitude=0.25", "predictive:magnitude=0.5"]
 WHAT = {
     "none": "dense fp32 all-reduce",
     "topk:values=int8": "top-k by magnitude, int8, error feedback",
@@ -50,13 +55,16 @@ WHAT = {
     "predictive:ranking=product": "learned score x magnitude",
     "predictive:label=average": "labels from this step's average only (the issue's literal label)",
     "predictive:k_min=0.005:k_max=0.02": "adaptive k in [0.5%, 2%]",
+    "predictive:magnitude=0.25": "a quarter of k by magnitude, the rest by the learned score",
+    "predictive:magnitude=0.5": "half of k by magnitude, the rest by the learned score",
 }
 WORKLOADS = {"digits": ["--steps", "1000"], "charlm": []}
 SEEDS = (0, 1, 2)
 
 
-def train(out: str, workload: str, heterogeneous: bool, seed: int, extra: List[str]) -> None:
-    cmd = [sys.executable, "-m", "gradsieve.train", "--workload", workload, "--compare", ",".join(VARIANTS),
+def train(out: str, workload: str, heterogeneous: bool, seed: int, extra: List[str],
+          variants: List[str]) -> None:
+    cmd = [sys.executable, "-m", "gradsieve.train", "--workload", workload, "--compare", ",".join(variants),
            "--density", "0.01", "--seed", str(seed), "--no-progress", "--out", out, *extra]
     if heterogeneous:
         cmd.append("--heterogeneous")
@@ -64,16 +72,17 @@ def train(out: str, workload: str, heterogeneous: bool, seed: int, extra: List[s
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def sweep(only: List[str]) -> None:
+def sweep(only: List[str], round_: int = 1) -> None:
+    variants, suffix = (VARIANTS, "") if round_ == 1 else (ROUND2, "-round2")
     for workload, extra in WORKLOADS.items():
         for heterogeneous in (False, True):
             for seed in SEEDS:
                 tag = f"{workload}-{'het' if heterogeneous else 'iid'}-s{seed}"
-                out = os.path.join(RESULTS, tag)
+                out = os.path.join(RESULTS, tag + suffix)
                 if only and tag not in only:
                     continue
                 if not os.path.exists(os.path.join(out, "metrics.json")):
-                    train(out, workload, heterogeneous, seed, extra)
+                    train(out, workload, heterogeneous, seed, extra, variants)
 
 
 # ------------------------------------------------------------------------------------ precision
@@ -191,7 +200,7 @@ def summarize() -> None:
                   f"{' %' if scale == 100 else ''}: mean ± std)", "",
                   f"| variant | what | {metric} | train loss | bytes/step | ms/step | compress ms/step | final density |",
                   "|---|---|---|---|---|---|---|---|"]
-        for name in VARIANTS:
+        for name in VARIANTS + ROUND2:
             records = runs.get(name)
             if not records:
                 continue
@@ -265,12 +274,14 @@ def main() -> None:
     parser.add_argument("--only", choices=("sweep", "precision"), default=None)
     parser.add_argument("--settings", default="", help="comma-separated sweep settings to run "
                         "(e.g. charlm-iid-s0,digits-het-s0); default: all")
+    parser.add_argument("--round", type=int, choices=(1, 2), default=1,
+                        help="sweep round: 1 the main variants, 2 the magnitude-share variants")
     args = parser.parse_args()
     if not args.summarize:
         if args.only in (None, "precision"):
             precision_study()
         if args.only in (None, "sweep"):
-            sweep([t for t in args.settings.split(",") if t])
+            sweep([t for t in args.settings.split(",") if t], args.round)
     summarize()
 
 

@@ -170,6 +170,10 @@ class PredictiveCompressor(SparseCompressor):
                          check=lambda v: 8 <= v <= 1 << 20, allowed="an integer in [8, 2^20]"),
         "ranking": Option("score", "what the top-k ranks by: the predicted importance, or its "
                           "product with |residual + grad|", kind=str, choices=("score", "product")),
+        "magnitude": Option(0.0, "share of each segment's k chosen by |residual + grad| alone, "
+                            "before the ranking picks the rest, in [0, 1]: a floor under error "
+                            "feedback's guarantee (1 is topk)",
+                            check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]"),
         "label": Option("smoothed", "what the predictor learns to find: the top-k of this step's "
                         "received average (\"average\"), or of its moving average over steps "
                         "(\"smoothed\", weight label_decay on the past)", kind=str,
@@ -315,7 +319,12 @@ class PredictiveCompressor(SparseCompressor):
                 idx = torch.arange(seg.numel, device=device)
             else:
                 # A non-finite step is dropped after the exchange; rank by 0 meanwhile.
-                _, idx = ops.topk_abs(torch.nan_to_num(score[piece], nan=0.0, posinf=0.0), seg.k)
+                key = torch.nan_to_num(score[piece], nan=0.0, posinf=0.0)
+                floor = int(round(self.magnitude * seg.k))
+                if floor > 0:  # the largest |a| first (an infinite key), then the best scores
+                    _, first = ops.topk_abs(torch.nan_to_num(accumulator[piece], nan=0.0), floor)
+                    key.index_fill_(0, first, math.inf)
+                _, idx = ops.topk_abs(key, seg.k)
             parts_i.append(idx + seg.offset)
             parts_v.append(accumulator[piece][idx])
         indices = torch.cat(parts_i) if len(parts_i) > 1 else parts_i[0]
