@@ -227,9 +227,19 @@ def test_error_feedback_bookkeeping_in_simulator():
 
 @pytest.mark.parametrize("compressor", ["topk", "adaptive", "predictive"])
 def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
+    numel = sum(p.numel() for p in small_model().parameters())
+    # Per-entry memory after the rebuild (the old buckets' memory is gone), measured: topk keeps a
+    # residual, adaptive a residual, momentum and average, predictive a residual, the received
+    # average and 3 history slots (plus its small per-parameter predictors).
+    per_entry = {"topk": 4, "adaptive": 12, "predictive": 20}[compressor]
     for r in run_workers(worker_rebuild, 2, tmp_path, compressor):
         assert r["finite"] and r["buckets"] > 1
         assert r["stats"]["compressed_steps"] == 7
+        held = r["stats"]["memory_bytes"]
+        if compressor == "predictive":
+            assert per_entry * numel < held < per_entry * numel + 64 * 1024, (held, numel)
+        else:
+            assert held - per_entry * numel in range(0, 256), (held, numel)
 
 
 @pytest.mark.parametrize("compressor,options", [

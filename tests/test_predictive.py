@@ -121,6 +121,20 @@ def test_magnitude_share_sends_the_largest_and_then_the_best_scores():
     assert sent != set(accumulator.abs().topk(k).indices.tolist())
 
 
+@pytest.mark.parametrize("history_dtype,per_entry", [("fp32", 20), ("bf16", 14)])
+def test_memory_bytes_are_measured_per_name(history_dtype, per_entry):
+    sim = gradsieve.Simulator("predictive", world_size=2, density=0.01, history_dtype=history_dtype,
+                              param_sizes=(3000, 1000))
+    for _ in range(3):
+        sim.step([torch.randn(4000) for _ in range(2)])
+    held = sim.memory_bytes(0)
+    assert held["residual"] == held["received"] == 4 * 4000
+    assert held["history0"] == (4 if history_dtype == "fp32" else 2) * 4000
+    assert held["weights"] > 0 and held["adam_m"] == held["adam_v"] == held["weights"]
+    assert per_entry * 4000 < held["total"] < per_entry * 4000 + 64 * 1024
+    assert held["total"] == sum(v for k, v in held.items() if k != "total")
+
+
 def test_train_step_gradient_matches_autograd():
     torch.manual_seed(2)
     history, hidden = 3, 8

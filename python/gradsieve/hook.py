@@ -111,7 +111,9 @@ class CompressionState:
         kernels run asynchronously, so these time the launches), ``steps``, ``compressed_steps``,
         ``skipped_steps`` (non-finite steps); and the compressor's counters, e.g. ``adaptive``'s
         ``sent`` and ``wanted`` (entries put on the wire, and entries it would have sent without
-        its capacity, summed over steps and buckets)."""
+        its capacity, summed over steps and buckets); ``memory_bytes``: the bytes of compressor
+        memory this rank holds now (residuals, momenta, histories, predictors; measured from the
+        tensors, see ``MemoryBank.nbytes`` for the split by name)."""
         counters: Dict[str, int] = {}
         for memory in self.memory.buckets.values():  # compressor counters ("stat_*" in extra)
             for key, value in memory.extra.items():
@@ -129,6 +131,7 @@ class CompressionState:
             "compression_ratio": self.dense_bytes / self.wire_bytes if self.wire_bytes else float("nan"),
             "compress_s": self.compress_s,
             "decode_s": self.decode_s,
+            "memory_bytes": self.memory.nbytes()["total"],
         }
 
     # ------------------------------------------------------------------------------ checkpoint

@@ -144,6 +144,43 @@ class MemoryBank:
         self.params.clear()
         self.params.update({int(k): dict(v) for k, v in saved.get("per_param", {}).items()})
 
+    def nbytes(self) -> Dict[str, int]:
+        """Bytes of memory this bank holds, measured from its tensors' storages (each counted once,
+        shared storage too): ``{name: bytes}`` for every memory name (per-entry memory, bucket
+        ``extra`` and per-parameter memory such as a predictor's weights, by their own names), and
+        ``"total"``. Memory held for a parameter not yet placed (after a restore) counts too."""
+        seen = set()
+        sizes: Dict[str, int] = {}
+
+        def count(name: str, tensor) -> None:
+            if not isinstance(tensor, torch.Tensor):
+                return
+            storage = tensor.untyped_storage()
+            ident = (str(tensor.device), storage.data_ptr(), storage.nbytes())
+            if storage.nbytes() == 0 or ident in seen:
+                return
+            seen.add(ident)
+            sizes[name] = sizes.get(name, 0) + storage.nbytes()
+
+        memories = list(self.buckets.values())
+        memories += [m for m in self.owner.values() if all(m is not b for b in memories)]
+        for memory in memories:
+            for name, tensor in memory.entries.items():
+                count(name, tensor)
+            for name, tensor in memory.extra.items():
+                count(name, tensor)
+        for saved in self.params.values():
+            for name, tensor in saved.items():
+                count(name, tensor)
+        for saved in self.restored.values():
+            for name, tensor in saved.items():
+                count(name, tensor)
+        for _, tensors in self.restored_extra.values():
+            for name, tensor in tensors.items():
+                count(name, tensor)
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
     def total(self, name: str) -> Optional[torch.Tensor]:
         """One memory over all buckets, concatenated in bucket-index order (tests and tools)."""
         parts = [self.buckets[i].entries[name] for i in sorted(self.buckets) if name in self.buckets[i].entries]

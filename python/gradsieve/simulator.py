@@ -124,6 +124,11 @@ class Simulator:
             raise KeyError(f"Simulator.memory: worker {rank} has no memory {name!r} (has {names})")
         return found.entries[name]
 
+    def memory_bytes(self, rank: int = 0) -> Dict[str, int]:
+        """Worker ``rank``'s compressor memory in bytes, by name and ``"total"`` (measured from its
+        tensors, as ``state.stats()["memory_bytes"]`` is)."""
+        return self.banks[rank].nbytes()
+
     def report_metric(self, value: float, higher_is_better: bool = True) -> None:
         """A validation metric, as every worker would report it (see ``CompressionState``)."""
         self.compressor.report_metric(float(value), bool(higher_is_better))
