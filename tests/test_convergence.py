@@ -91,3 +91,22 @@ def test_adaptive_with_adam_and_adamw_matches_dense_accuracy_on_digits(tmp_path)
             assert accuracy[label, optimizer] >= accuracy["none", optimizer] - 0.02, accuracy
             stats = results[0][label, optimizer][1]
             assert stats["compression_ratio"] > 25 and stats["sent"] <= stats["wanted"], stats
+
+
+def worker_predictive(rank, world):
+    runs = {"none": ("none", {}), "predictive": ("predictive", {"density": 0.01, "seed": 0})}
+    return {name: train_digits(rank, world, c, o) for name, (c, o) in runs.items()}
+
+
+def test_predictive_at_density_001_matches_dense_accuracy_on_digits(tmp_path):
+    """Issue 14: the learned selection (int8 values, error feedback) within 2 points of dense in the
+    same steps."""
+    results = run_workers(worker_predictive, 2, tmp_path)
+    accuracy = {name: acc for name, (acc, _) in results[0].items()}
+    assert all(results[1][name][0] == acc for name, acc in accuracy.items())  # ranks agree
+    assert accuracy["none"] > 0.9, accuracy
+    assert accuracy["predictive"] >= accuracy["none"] - 0.02, accuracy
+    stats = results[0]["predictive"][1]
+    # 1% of the entries as (int32 index, int8 value) plus the scales: ~80x fewer bytes.
+    assert stats["compression_ratio"] > 50, stats
+    assert stats["skipped_steps"] == 0, stats

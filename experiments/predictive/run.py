@@ -36,27 +36,28 @@ VARIANTS = [
     "topk:values=int8",
     "regtopk:values=int8",
     "ef21:values=int8",
-    "predictive",
-    "predictive:ranking=product",
-    "predictive:label=average",
-    "predictive:k_min=0.005:k_max=0.02",
+    "predictive:magnitude=0",
+    "predictive:ranking=product:magnitude=0",
+    "predictive:label=average:magnitude=0",
+    "predictive:k_min=0.005:k_max=0.02:magnitude=0",
 ]
-# Round 2 (``--round 2``, results under ``<setting>-round2/``): a share of each k chosen by magnitude
-# alone before the learned ranking picks the rest, added after the convergence test of issue 14
-# (tests/test_convergence.py: plain SGD, 600 steps) found the learned ranking alone 11 points under
-# dense there.
+# Round 1 ran when all of k went by the learned score (magnitude 0, the first default); its results
+# were relabelled with ":magnitude=0" when the default became 0.5. Round 2 (``--round 2``, results
+# under ``<setting>-round2/``): a share of each k chosen by magnitude alone before the learned
+# ranking picks the rest, added after the convergence test of issue 14 (tests/test_convergence.py:
+# plain SGD, 600 steps) found the learned ranking alone 11 points under dense there.
 ROUND2 = ["predictive:magnitude=0.25", "predictive:magnitude=0.5"]
 WHAT = {
     "none": "dense fp32 all-reduce",
     "topk:values=int8": "top-k by magnitude, int8, error feedback",
     "regtopk:values=int8": "RegTop-k, int8",
     "ef21:values=int8": "EF21 top-k, int8",
-    "predictive": "top-k by the learned score (default)",
-    "predictive:ranking=product": "learned score x magnitude",
-    "predictive:label=average": "labels from this step's average only (the issue's literal label)",
-    "predictive:k_min=0.005:k_max=0.02": "adaptive k in [0.5%, 2%]",
+    "predictive:magnitude=0": "all of k by the learned score (the first default)",
+    "predictive:ranking=product:magnitude=0": "learned score x magnitude",
+    "predictive:label=average:magnitude=0": "labels from this step's average only (the issue's literal label)",
+    "predictive:k_min=0.005:k_max=0.02:magnitude=0": "adaptive k in [0.5%, 2%]",
     "predictive:magnitude=0.25": "a quarter of k by magnitude, the rest by the learned score",
-    "predictive:magnitude=0.5": "half of k by magnitude, the rest by the learned score",
+    "predictive:magnitude=0.5": "half of k by magnitude, the rest by the learned score (the default)",
 }
 WORKLOADS = {"digits": ["--steps", "1000"], "charlm": []}
 SEEDS = (0, 1, 2)
