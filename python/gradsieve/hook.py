@@ -62,6 +62,7 @@ class CompressionState:
         "step",
         "_param_keys",
         "_verified",
+        "observing",
         # statistics
         "wire_bytes",
         "dense_bytes",
@@ -96,6 +97,9 @@ class CompressionState:
         self.step = 0
         self._param_keys: Dict[int, int] = {}
         self._verified: Dict[int, int] = {}
+        # While True the hook only learns bucket layouts and all-reduces densely, counting and
+        # changing nothing (a resumed run replays DDP's first iteration this way; see training.py).
+        self.observing = False
         self.wire_bytes = 0
         self.dense_bytes = 0
         self.compressed_steps = 0
@@ -252,12 +256,14 @@ def _gather_bytes(tensor: torch.Tensor, world: int, group) -> torch.Tensor:
     return out.view(world, -1)
 
 
-def _dense_hook(state: CompressionState, bucket: dist.GradBucket, world: int) -> torch.futures.Future:
+def _dense_hook(state: CompressionState, bucket: dist.GradBucket, world: int,
+                count: bool = True) -> torch.futures.Future:
     buffer = bucket.buffer()
     dtype = state.compressor.allreduce_dtype or buffer.dtype
     tensor = buffer.to(dtype) if dtype != buffer.dtype else buffer
-    state.wire_bytes += tensor.numel() * tensor.element_size()
-    state.dense_bytes += buffer.numel() * 4
+    if count:
+        state.wire_bytes += tensor.numel() * tensor.element_size()
+        state.dense_bytes += buffer.numel() * 4
     work = dist.all_reduce(tensor, group=state.process_group, async_op=True)
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
@@ -274,6 +280,10 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     Register with ``ddp_model.register_comm_hook(state, gradsieve.compression_hook)``.
     """
     world = _world(state)
+    if getattr(state, "observing", False):
+        if not state.compressor.dense:
+            state.layout_of(bucket, world)
+        return _dense_hook(state, bucket, world, count=False)
     if bucket.is_last():
         step_now = state.step
         state.step += 1

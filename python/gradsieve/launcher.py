@@ -49,7 +49,7 @@ def run_rank(rank: int, world: int, local_rank: int, args: argparse.Namespace, r
     timeout = getattr(args, "timeout", 300.0)
     try:
         dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout))
+                                timeout=datetime.timedelta(seconds=timeout), store=_elastic_store(rank, world, timeout))
     except Exception as err:  # the rendezvous waits for every rank, under the same timeout
         if _timed_out(err):
             raise RuntimeError(f"rank {rank}: a peer never joined: no answer within --timeout {timeout:g} s "
@@ -66,6 +66,22 @@ def run_rank(rank: int, world: int, local_rank: int, args: argparse.Namespace, r
         # Free the DDP models (they may sit in reference cycles) while the process group lives.
         gc.collect()
         dist.destroy_process_group()
+
+
+def _elastic_store(rank: int, world: int, timeout: float):
+    """Under torchrun's restarts (``--max-restarts``), the rendezvous store of attempt N with a prefix
+    of its own; None otherwise (init_process_group's env:// default).
+
+    Without the prefix, a restarted group sometimes read the addresses the previous attempt's
+    (dead) workers had published and failed with "connectFullMesh ... Connection refused"."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0,
+                          timeout=datetime.timedelta(seconds=timeout), multi_tenant=not agent_store)
+    return dist.PrefixStore(f"/gradsieve/attempt_{restart}", store)
 
 
 def _timed_out(err: BaseException) -> bool:
@@ -91,8 +107,8 @@ def _run_all(rank, world, args, runs, reporter, device, backend) -> None:
     workload = make_workload(args.workload, rank, world, args.seed, args.heterogeneous, args.data_dir,
                              model_size=args.model_size)
     results = []
-    for spec in runs:
-        results.append(train_one(args, spec, workload, rank, world, device))
+    for index, spec in enumerate(runs):
+        results.append(train_one(args, spec, workload, rank, world, device, index))
         gc.collect()
         dist.barrier()
     if rank == 0:

@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate every N steps (default: a twentieth of the steps); sets time-to-target's "
                         "resolution")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="write checkpoints here (one folder per run, one file per rank; written "
+                        "atomically) and each finished run's result")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="save a checkpoint every N steps (needs --checkpoint-dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each run from the newest checkpoint every rank has in --checkpoint-dir "
+                        "(finished runs are not run again; runs without one start from scratch)")
     p.add_argument("--out", default=None, help="output folder (default runs/<workload>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -218,6 +226,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--batch-size 0 (full batch) is only for linreg")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if (args.checkpoint_every is not None or args.resume) and not args.checkpoint_dir:
+        raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
     if args.eval_every is not None and args.eval_every < 1:
         raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
     if args.target is None:
@@ -241,6 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = resolve_args(args)
         runs = plan_runs(args)
         check_available(args.workload, args.data_dir, args.model_size)
+        if args.checkpoint_dir and any(spec.compressor == "powersgd" for spec in runs):
+            raise ValueError("--checkpoint-dir: torch's PowerSGD hook keeps state gradsieve-train cannot "
+                             "checkpoint; leave powersgd out of a checkpointed run")
     except (ValueError, WorkloadError) as err:
         parser.error(str(err))
     if args.link:

@@ -10,7 +10,9 @@ evaluations would wait.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +21,7 @@ import torch.distributed as dist
 
 from gradsieve import link
 from gradsieve.baselines import is_baseline, register_baseline
+from gradsieve.checkpoint import RunCheckpoints, fault_point
 from gradsieve.hook import CompressionState, compression_hook
 from gradsieve.progress import Progress
 from gradsieve.workloads import epochs_to_steps
@@ -87,9 +90,46 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
+def _signature(args, spec: RunSpec, world: int, steps: int) -> Dict[str, Any]:
+    """What a checkpoint must agree on with the run that resumes it."""
+    fields = ("workload", "model_size", "seed", "batch_size", "lr", "optimizer", "momentum",
+              "heterogeneous", "warmup_steps")
+    return {**{f: getattr(args, f, None) for f in fields}, "steps": steps, "world_size": world,
+            "run": spec.name, "options": dict(spec.options)}
+
+
+def _check_signature(saved: Dict[str, Any], now: Dict[str, Any], path: str) -> None:
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            raise ValueError(f"--resume: {path} was written with {key}={saved.get(key)!r}, this run has "
+                             f"{key}={now.get(key)!r}; resume with the same arguments or use a new "
+                             "--checkpoint-dir")
+
+
+def _replay_first_iteration(ddp, model, state, spec: RunSpec, workload, args, device, saved) -> None:
+    """A resumed process replays DDP's first iteration (forward and backward of a throw-away batch,
+    no optimizer step): DDP then rebuilds its buckets in the order the uninterrupted run used, and
+    the hook learns the parameter keys from DDP's initial layout, as it did. The hook only observes
+    (dense all-reduce, no memory or counter changes); the model's buffers (batch-norm statistics)
+    are reloaded afterwards."""
+    if not spec.from_torch:
+        state.observing = True
+    try:
+        x, y = workload.batch(torch.Generator().manual_seed(0), args.batch_size)
+        workload.loss(ddp(x.to(device)), y.to(device)).backward()
+    finally:
+        if not spec.from_torch:
+            state.observing = False
+    ddp.zero_grad(set_to_none=True)
+    model.load_state_dict(saved["model"])
+
+
+def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torch.device,
+              index: int = 0) -> Dict[str, Any]:
     """Trains ``spec`` from the seed's initial model; returns rank 0's record of the run (the
-    losses are every rank's, averaged)."""
+    losses are every rank's, averaged). With ``args.checkpoint_dir`` it saves a checkpoint every
+    ``args.checkpoint_every`` steps and the finished record; with ``args.resume`` it continues from
+    the newest checkpoint every rank has (``index``: the run's place in the comparison)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(args.seed)  # the same initial model on every rank and in every run
@@ -110,6 +150,51 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
 
     losses, cum_bytes, step_times, evals, link_cum = [], [], [], [], []
     clock = 0.0
+    start = 0
+    signature = _signature(args, spec, world, steps)
+    checkpoints = None
+    if getattr(args, "checkpoint_dir", None):
+        checkpoints = RunCheckpoints(args.checkpoint_dir, index, spec.name, rank)
+        if getattr(args, "resume", False):
+            done = checkpoints.finished(device)
+            if done is not None:
+                _check_signature(done["signature"], signature, checkpoints.done_path)
+                return done["record"]
+            at = checkpoints.newest_common(device)
+            if at is not None:
+                saved = checkpoints.load(checkpoints.path(at))
+                _check_signature(saved["signature"], signature, checkpoints.path(at))
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                if spec.from_torch:
+                    for key, value in saved["state"].items():
+                        setattr(state, key, value)
+                else:
+                    state.load_state_dict(saved["state"])
+                _replay_first_iteration(ddp, model, state, spec, workload, args, device, saved)
+                generator.set_state(saved["generator"])
+                torch.set_rng_state(saved["torch_rng"])
+                if device.type == "cuda" and saved.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(saved["cuda_rng"], device)
+                losses, cum_bytes, step_times = saved["losses"], saved["cum_bytes"], saved["step_times"]
+                evals, link_cum, clock = saved["evals"], saved["link_cum"], saved["clock"]
+                start = at
+                if rank == 0:
+                    print(f"gradsieve-train: {spec.label}: resumed after step {at} from {checkpoints.dir}",
+                          file=sys.stderr, flush=True)
+    every = getattr(args, "checkpoint_every", None) if checkpoints is not None else None
+    fault = fault_point() if start == 0 else None
+
+    def save_checkpoint(done_steps: int) -> None:
+        checkpoints.save(done_steps, {
+            "signature": signature, "step": done_steps, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": dataclasses.asdict(state) if spec.from_torch else state.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "losses": losses, "cum_bytes": cum_bytes, "step_times": step_times, "evals": evals,
+            "link_cum": link_cum, "clock": clock,
+        })
 
     def evaluate(step: int) -> None:
         model.eval()
@@ -132,11 +217,17 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         evals.append(point)
 
     progress = Progress(steps, spec.label) if rank == 0 and not args.no_progress else None
-    if 0 in evaluate_at:
+    if progress is not None and start:
+        progress.update(start)
+    if 0 in evaluate_at and start == 0:
         evaluate(0)
     # Bytes through the shaped loopback (all ranks, headers included), read by rank 0 every step.
-    link_before = link.tx_bytes() if args.link and rank == 0 else None
-    for step in range(steps):
+    link_before = link.tx_bytes() - (link_cum[-1] if link_cum else 0) if args.link and rank == 0 else None
+    for step in range(start, steps):
+        if fault is not None and fault == (rank, step):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(17)  # a killed worker (tests: GRADSIEVE_FAULT_AT_STEP)
         _sync(device)
         started = time.perf_counter()
         x, y = workload.batch(generator, args.batch_size)
@@ -167,6 +258,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
                     shown["acc"] = f"{evals[-1]['accuracy']:.3f}"
             shown["sent"] = human_bytes(state.wire_bytes)
             progress.update(1, **shown)
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            save_checkpoint(step + 1)
     link_bytes: Optional[float] = None
     if args.link:
         # A rank's send returns once its bytes are in the socket buffer: the last step's may still
@@ -219,4 +312,6 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals,
                     "link_cum_bytes": link_cum},
     }
+    if checkpoints is not None:
+        checkpoints.save_done({"signature": signature, "record": record, "model": model.state_dict()})
     return record
