@@ -282,7 +282,8 @@ def roundtrip(numel, indices, values, fmt_values, chunk, valid=None):
         payload, sent = fmt.pack(torch.tensor(True), indices, values, valid)
         assert payload.numel() == fmt.nbytes
         dense = torch.zeros(numel)
-        flags = fmt.decode_sum(payload.view(1, -1), dense)
+        finite, well_formed = fmt.decode_sum(payload.view(1, -1), dense)
+        flags = finite & well_formed
         out[index] = (dense, sent, bool(flags[0]))
     return out
 

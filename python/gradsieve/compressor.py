@@ -124,10 +124,13 @@ class Compressor:
         raise NotImplementedError
 
     def aggregate(self, gathered: torch.Tensor, layout: BucketLayout, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Average of the world's payloads (float32[numel]) and each worker's finite flag."""
+        """Average of the world's payloads (float32[numel]) and each worker's flag: its gradient
+        was finite and its payload well formed. ``self.last_malformed`` (bool[world]) says which
+        payloads were not well formed (the hook counts them)."""
         out = torch.zeros(layout.numel, dtype=torch.float32, device=gathered.device)
-        flags = self.payload_format(layout, step).decode_sum(gathered, out)
-        return out.div_(gathered.shape[0]), flags
+        finite, well_formed = self.payload_format(layout, step).decode_sum(gathered, out)
+        self.last_malformed = ~well_formed
+        return out.div_(gathered.shape[0]), finite & well_formed
 
     def commit(self, memory: BucketMemory, pending: Dict[str, torch.Tensor], average: torch.Tensor,
                layout: BucketLayout) -> torch.Tensor:

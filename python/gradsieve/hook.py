@@ -57,6 +57,7 @@ class CompressionState:
         "compressor",
         "process_group",
         "warmup_steps",
+        "max_bad_steps",
         # internal state
         "memory",
         "step",
@@ -70,6 +71,10 @@ class CompressionState:
         "skipped_steps",
         "compress_s",
         "decode_s",
+        "bad_payloads",
+        "bad_payload_ranks",
+        "_bad_streak",
+        "_bad_this_step",
     ]
 
     def __init__(
@@ -78,6 +83,7 @@ class CompressionState:
         density: Optional[float] = None,
         process_group: Optional[dist.ProcessGroup] = None,
         warmup_steps: int = 1,
+        max_bad_steps: int = 3,
         **options: Any,
     ) -> None:
         if isinstance(compressor, Compressor):
@@ -91,8 +97,16 @@ class CompressionState:
             self.compressor = get_compressor(compressor, **options)
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 1:
             raise ValueError(f"CompressionState: warmup_steps must be an integer >= 1, got {warmup_steps!r}")
+        if not isinstance(max_bad_steps, int) or isinstance(max_bad_steps, bool) or max_bad_steps < 1:
+            raise ValueError(f"CompressionState: max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
         self.process_group = process_group
         self.warmup_steps = warmup_steps
+        # Steps in a row with a malformed payload before the hook raises (naming the sender).
+        self.max_bad_steps = max_bad_steps
+        self.bad_payloads = 0
+        self.bad_payload_ranks: Dict[int, int] = {}
+        self._bad_streak = 0
+        self._bad_this_step = False
         self.memory = MemoryBank()
         self.step = 0
         self._param_keys: Dict[int, int] = {}
@@ -113,7 +127,9 @@ class CompressionState:
         from the payload buffers), ``dense_bytes`` (what fp32 all-reduce would have sent),
         ``compression_ratio`` (their ratio), ``compress_s``/``decode_s`` (host time; on CUDA the
         kernels run asynchronously, so these time the launches), ``steps``, ``compressed_steps``,
-        ``skipped_steps`` (non-finite steps); and the compressor's counters, e.g. ``adaptive``'s
+        ``skipped_steps`` (non-finite steps or malformed payloads), ``bad_payloads`` (payloads
+        that were not well formed, by bucket) and ``bad_payload_ranks`` (``{sending rank:
+        count}``); and the compressor's counters, e.g. ``adaptive``'s
         ``sent`` and ``wanted`` (entries put on the wire, and entries it would have sent without
         its capacity, summed over steps and buckets); ``memory_bytes``: the bytes of compressor
         memory this rank holds now (residuals, momenta, histories, predictors; measured from the
@@ -136,6 +152,8 @@ class CompressionState:
             "compress_s": self.compress_s,
             "decode_s": self.decode_s,
             "memory_bytes": self.memory.nbytes()["total"],
+            "bad_payloads": getattr(self, "bad_payloads", 0),
+            "bad_payload_ranks": dict(getattr(self, "bad_payload_ranks", {})),
         }
 
     # ------------------------------------------------------------------------------ checkpoint
@@ -148,7 +166,8 @@ class CompressionState:
             "memory": self.memory.state_dict(),
             "compressor_state": self.compressor.state_dict(),
             "stats": {k: getattr(self, k) for k in ("wire_bytes", "dense_bytes", "compressed_steps",
-                                                     "skipped_steps", "compress_s", "decode_s")},
+                                                     "skipped_steps", "compress_s", "decode_s",
+                                                     "bad_payloads", "bad_payload_ranks")},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -274,6 +293,32 @@ def _dense_hook(state: CompressionState, bucket: dist.GradBucket, world: int,
     return work.get_future().then(finish)
 
 
+def _count_malformed(state: CompressionState, compressor) -> None:
+    """After a skipped bucket: counts the payloads that were not well formed, by sender (the skip
+    decision has synchronised with the device already; this reads a few flags more)."""
+    malformed = getattr(compressor, "last_malformed", None)
+    if malformed is None or not bool(malformed.any()):
+        return
+    for rank in malformed.nonzero().flatten().tolist():
+        state.bad_payloads += 1
+        state.bad_payload_ranks[rank] = state.bad_payload_ranks.get(rank, 0) + 1
+    state._bad_this_step = True
+
+
+def _end_of_step(state: CompressionState) -> None:
+    if not getattr(state, "_bad_this_step", False):
+        state._bad_streak = 0
+        return
+    state._bad_this_step = False
+    state._bad_streak += 1
+    if state._bad_streak >= state.max_bad_steps:
+        ranks = sorted(state.bad_payload_ranks)
+        raise RuntimeError(
+            f"gradsieve: malformed payloads for {state._bad_streak} steps in a row (max_bad_steps="
+            f"{state.max_bad_steps}) from rank(s) {ranks} (counts {state.bad_payload_ranks}): a peer "
+            "is sending corrupted data")
+
+
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: compressed exchange of one gradient bucket.
 
@@ -323,6 +368,9 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
             result = torch.full_like(average, float("nan"))
             if bucket.is_last():
                 state.skipped_steps += 1
+            _count_malformed(state, compressor)
+        if bucket.is_last():
+            _end_of_step(state)
         buffer.copy_(result)
         state.decode_s += time.perf_counter() - begun
         return buffer

@@ -146,13 +146,23 @@ class PayloadFormat:
             sent = torch.zeros_like(sent).index_copy_(0, order, sent)
         return payload, sent
 
-    def decode_sum(self, gathered: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def decode_sum(self, gathered: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Adds every rank's payload (``gathered``: uint8[world, nbytes]) into ``out`` (float32).
 
+        Whatever the bytes, nothing is written outside ``out`` and nothing raises: a payload that
+        is not well formed (a count outside [0, K], a finite flag other than 0 or 1, an index
+        outside the bucket or a malformed csr16 block, a non-finite scale or value under a flag
+        that says finite) is flagged, and its out-of-range entries are dropped. All of it is
+        tensor arithmetic on the payload's device, with no host synchronisation.
+
         Returns:
-            bool tensor[world]: each rank's finite flag.
+            ``(finite, well_formed)``: bool tensors[world]. A rank's contribution is usable when
+            both are True; the hook skips the step otherwise.
         """
         world = gathered.shape[0]
+        if gathered.dim() != 2 or gathered.shape[1] != self.nbytes or gathered.dtype != torch.uint8:
+            raise ValueError(f"decode_sum: expected uint8 payloads of {self.nbytes} bytes, got "
+                             f"{gathered.dtype} of shape {tuple(gathered.shape)}")
 
         def column(start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
             # Every rank's bytes [start, start + nbytes) as one flat tensor of dtype. reshape(-1),
@@ -164,11 +174,16 @@ class PayloadFormat:
         header = column(0, HEADER_BYTES, torch.int32).view(world, -1)
         flags = header[:, 0] != 0
         slots = self.slots
-        used = header[:, 1].clamp(0, slots)
+        count = header[:, 1]
+        well_formed = (count >= 0) & (count <= slots) & ((header[:, 0] == 0) | (header[:, 0] == 1))
+        used = count.clamp(0, slots)
+        in_use = torch.arange(slots, device=gathered.device) < used[:, None]
         offset = HEADER_BYTES
         if self.index == "int32":
             indices = column(offset, 4 * slots, torch.int32).view(world, slots)
-            valid = torch.arange(slots, device=gathered.device) < used[:, None]
+            inside = (indices >= 0) & (indices < out.numel())
+            well_formed &= (inside | ~in_use).all(dim=1)
+            valid = in_use & inside
             indices = torch.where(valid, indices, torch.zeros_like(indices))
         else:
             blocks = self.blocks
@@ -177,12 +192,20 @@ class PayloadFormat:
             offsets = offsets.view(world, -1)[:, :slots]
             indices = ops.csr16_indices(counts, offsets, used.to(torch.int32), self.numel)
             valid = indices >= 0
+            well_formed &= (valid | ~in_use).all(dim=1)
+            # Block counts must add up to the count in the header (a sender's counts always do).
+            well_formed &= counts.to(torch.int64).clamp(min=0).sum(dim=1) == used
+            well_formed &= (counts >= 0).all(dim=1)
             indices = indices.clamp_(min=0)
         offset += self.index_bytes
         indices = indices.reshape(-1)
+        claims_finite = header[:, 0] == 1
         if self.values == "int8":
             scales = column(offset, 4 * self.num_scales, torch.float32)
             offset += 4 * self.num_scales
+            bad_scale = ~torch.isfinite(scales.view(world, -1)).all(dim=1) if self.num_scales else \
+                torch.zeros(world, dtype=torch.bool, device=gathered.device)
+            well_formed &= ~(claims_finite & bad_scale)
             q = column(offset, slots, torch.int8).view(world, slots)
             q = torch.where(valid, q, torch.zeros_like(q)).reshape(-1)
             ops.sparse_accumulate_(out, indices, q, scales, self.chunk)
@@ -190,6 +213,7 @@ class PayloadFormat:
             dtype = VALUE_DTYPES[self.values]
             size = torch.empty((), dtype=dtype).element_size()
             values = column(offset, size * slots, dtype).view(world, slots)
-            values = torch.where(valid, values, torch.zeros_like(values)).reshape(-1)
-            ops.sparse_accumulate_(out, indices, values)
-        return flags
+            values = torch.where(valid, values, torch.zeros_like(values))
+            well_formed &= ~(claims_finite & ~torch.isfinite(values).all(dim=1))
+            ops.sparse_accumulate_(out, indices, values.reshape(-1))
+        return flags, well_formed

@@ -1,0 +1,186 @@
+"""Hostile and corrupted payloads (issue 16, item 2): decoding never raises and never writes outside
+the bucket, whatever the bytes; a malformed payload is flagged, its step skipped on every rank,
+counted by sender, and after ``max_bad_steps`` steps in a row the hook raises naming the sender."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradsieve
+from distributed import run_workers
+from gradsieve.wire import HEADER_BYTES, PayloadFormat
+from test_hook import batch, flat_params, small_model
+
+GUARD = 64
+SENTINEL = 12345.0
+
+
+def make_payloads(fmt: PayloadFormat, world: int, numel: int, g: torch.Generator):
+    payloads, expected = [], torch.zeros(numel)
+    for _ in range(world):
+        indices = torch.randperm(numel, generator=g)[:fmt.entries]
+        values = torch.randn(fmt.entries, generator=g)
+        payload, sent = fmt.pack(torch.tensor(True), indices, values)
+        expected.index_add_(0, indices, sent)
+        payloads.append(payload)
+    return torch.stack(payloads), expected
+
+
+def guarded_decode(fmt: PayloadFormat, gathered: torch.Tensor, numel: int):
+    """Decodes into the middle of a larger buffer; returns (out, finite, well_formed) after checking
+    that the guard regions on both sides were not written."""
+    big = torch.full((numel + 2 * GUARD,), SENTINEL)
+    out = big[GUARD:GUARD + numel]
+    out.zero_()
+    finite, well_formed = fmt.decode_sum(gathered, out)
+    assert torch.equal(big[:GUARD], torch.full((GUARD,), SENTINEL))
+    assert torch.equal(big[-GUARD:], torch.full((GUARD,), SENTINEL))
+    return out, finite, well_formed
+
+
+FORMATS = st.tuples(st.sampled_from(["fp32", "fp16", "bf16", "int8"]), st.sampled_from(["int32", "csr16"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=FORMATS, numel=st.integers(1, 70_000), density=st.floats(0.0005, 0.3), world=st.integers(1, 3),
+       seed=st.integers(0, 2**31), flips=st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255)),
+                                                   min_size=0, max_size=12))
+def test_random_corruption_never_crashes_or_writes_outside(fmt, numel, density, world, seed, flips):
+    values, index = fmt
+    k = max(1, min(numel, int(density * numel)))
+    chunk = 7 if values == "int8" else 256
+    form = PayloadFormat(k, values, chunk, index, numel)
+    g = torch.Generator().manual_seed(seed)
+    gathered, expected = make_payloads(form, world, numel, g)
+    clean = gathered.clone()
+    for position, byte in flips:
+        rank, where = position % world, (position // world) % form.nbytes
+        gathered[rank, where] = byte
+    out, finite, well_formed = guarded_decode(form, gathered, numel)
+    if torch.equal(gathered, clean):  # untouched (or flipped to the same bytes): exact
+        assert finite.all() and well_formed.all()
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=FORMATS, seed=st.integers(0, 2**31))
+def test_random_bytes_never_crash_or_write_outside(fmt, seed):
+    values, index = fmt
+    numel = 3000
+    form = PayloadFormat(40, values, 8 if values == "int8" else 256, index, numel)
+    g = torch.Generator().manual_seed(seed)
+    gathered = torch.randint(0, 256, (2, form.nbytes), generator=g, dtype=torch.uint8)
+    guarded_decode(form, gathered, numel)
+
+
+def corrupt(form, gathered, what):
+    rank = gathered[1]
+    header = rank[:HEADER_BYTES].view(torch.int32)
+    if what == "count-above-slots":
+        header[1] = form.slots + 1
+    elif what == "count-negative":
+        header[1] = -3
+    elif what == "flag-not-0-or-1":
+        header[0] = 7
+    elif what == "index-at-numel":
+        rank[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] = form.numel
+    elif what == "index-negative":
+        rank[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] = -1
+    elif what == "csr16-count-too-many":
+        rank[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] += 5
+    elif what == "csr16-count-negative":
+        rank[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] = -2
+    elif what == "nan-scale":
+        start = HEADER_BYTES + form.index_bytes
+        rank[start:start + 4].view(torch.float32)[0] = float("nan")
+    elif what == "inf-value":
+        start = HEADER_BYTES + form.index_bytes
+        rank[start:start + 4].view(torch.float32)[0] = float("inf")
+
+
+@pytest.mark.parametrize("values,index,what", [
+    ("fp32", "int32", "count-above-slots"), ("fp32", "int32", "count-negative"),
+    ("fp32", "int32", "flag-not-0-or-1"), ("fp32", "int32", "index-at-numel"),
+    ("int8", "int32", "index-negative"), ("fp32", "csr16", "csr16-count-too-many"),
+    ("int8", "csr16", "csr16-count-negative"), ("int8", "int32", "nan-scale"),
+    ("fp32", "int32", "inf-value"), ("int8", "csr16", "count-above-slots"),
+])
+def test_each_kind_of_malformed_payload_is_flagged(values, index, what):
+    numel = 100_000
+    form = PayloadFormat(300, values, 64, index, numel)
+    gathered, _ = make_payloads(form, 2, numel, torch.Generator().manual_seed(0))
+    corrupt(form, gathered, what)
+    _, finite, well_formed = guarded_decode(form, gathered, numel)
+    assert well_formed.tolist() == [True, False], what
+
+
+def test_a_non_finite_gradient_is_not_a_malformed_payload():
+    numel = 1000
+    form = PayloadFormat(20, "int8", 8, "int32", numel)
+    values = torch.randn(20)
+    values[3] = float("nan")
+    payload, _ = form.pack(torch.tensor(False), torch.randperm(numel)[:20], values)
+    _, finite, well_formed = guarded_decode(form, payload.view(1, -1), numel)
+    assert finite.tolist() == [False] and well_formed.tolist() == [True]
+
+
+def test_a_payload_of_the_wrong_size_is_refused_by_name():
+    form = PayloadFormat(20, "fp32", 256, "int32", 1000)
+    with pytest.raises(ValueError, match=r"decode_sum: expected uint8 payloads of \d+ bytes"):
+        form.decode_sum(torch.zeros(2, form.nbytes + 4, dtype=torch.uint8), torch.zeros(1000))
+
+
+# ------------------------------------------------------------------------------- through the hook
+def corrupting(state, rank, bad_steps):
+    """Rank ``rank``'s payload gets an index far outside the bucket on the steps ``bad_steps``."""
+    compress = state.compressor.compress
+
+    def compress_and_corrupt(grad, memory, layout, step):
+        out = compress(grad, memory, layout, step)
+        if torch.distributed.get_rank() == rank and state.step - 1 in bad_steps:
+            out.payload[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] = 10**9
+        return out
+
+    state.compressor.compress = compress_and_corrupt
+
+
+def worker_corrupted(rank, world, bad_steps, max_bad_steps, steps):
+    model = small_model()
+    state = gradsieve.CompressionState("topk", density=0.1, max_bad_steps=max_bad_steps)
+    corrupting(state, 1, set(bad_steps))
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp = DDP(model)
+    ddp.register_comm_hook(state, gradsieve.compression_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    residuals = []
+    for step in range(steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        if all(torch.isfinite(p.grad).all() for p in model.parameters()):
+            opt.step()
+        residuals.append(state.memory.total("residual").clone() if state.memory.buckets else None)
+    return flat_params(model), state.stats(), residuals
+
+
+def test_a_corrupted_payload_skips_the_step_on_every_rank_and_is_counted(tmp_path):
+    results = run_workers(worker_corrupted, 2, tmp_path, [3, 4], 3, 8)
+    (p0, s0, r0), (p1, s1, r1) = results
+    assert torch.equal(p0, p1) and torch.isfinite(p0).all()
+    for stats in (s0, s1):
+        assert stats["bad_payloads"] == 2 and stats["bad_payload_ranks"] == {1: 2}, stats
+        assert stats["skipped_steps"] == 2
+    for residuals in (r0, r1):  # memory unchanged on the skipped steps
+        assert torch.equal(residuals[3], residuals[2]) and torch.equal(residuals[4], residuals[2])
+
+
+def test_too_many_corrupted_steps_in_a_row_raise_naming_the_sender(tmp_path):
+    with pytest.raises(Exception, match=r"malformed payloads for 2 steps in a row \(max_bad_steps=2\) "
+                                        r"from rank\(s\) \[1\]"):
+        run_workers(worker_corrupted, 2, tmp_path, list(range(2, 8)), 2, 8)
+
+
+def test_max_bad_steps_is_checked():
+    with pytest.raises(ValueError, match="max_bad_steps must be an integer >= 1, got 0"):
+        gradsieve.CompressionState("topk", max_bad_steps=0)
