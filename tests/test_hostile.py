@@ -184,3 +184,39 @@ def test_too_many_corrupted_steps_in_a_row_raise_naming_the_sender(tmp_path):
 def test_max_bad_steps_is_checked():
     with pytest.raises(ValueError, match="max_bad_steps must be an integer >= 1, got 0"):
         gradsieve.CompressionState("topk", max_bad_steps=0)
+
+
+# ------------------------------------------------------------------------------------- checksum
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=FORMATS, seed=st.integers(0, 2**31), position=st.integers(0, 2**31), bit=st.integers(0, 7))
+def test_the_checksum_catches_any_flipped_bit(fmt, seed, position, bit):
+    values, index = fmt
+    numel = 20_000
+    form = PayloadFormat(60, values, 16 if values == "int8" else 256, index, numel, checksum=True)
+    gathered, expected = make_payloads(form, 2, numel, torch.Generator().manual_seed(seed))
+    out, finite, well_formed = guarded_decode(form, gathered.clone(), numel)
+    assert finite.all() and well_formed.all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    where = position % form.nbytes
+    gathered[1, where] ^= 1 << bit
+    _, _, well_formed = guarded_decode(form, gathered, numel)
+    assert well_formed.tolist() == [True, False], where
+
+
+def test_without_the_checksum_a_flipped_value_bit_goes_through():
+    """What the checksum is for: a well-formed but wrong value passes every bounds check."""
+    numel = 1000
+    form = PayloadFormat(10, "fp32", 256, "int32", numel)
+    gathered, _ = make_payloads(form, 1, numel, torch.Generator().manual_seed(0))
+    gathered[0, HEADER_BYTES + 4 * 10] ^= 1  # lowest bit of the first value
+    _, finite, well_formed = guarded_decode(form, gathered, numel)
+    assert finite.all() and well_formed.all()
+
+
+def test_the_checksum_costs_8_bytes_and_changes_no_result():
+    grads = [torch.randn(5000) for _ in range(2)]
+    plain = gradsieve.Simulator("topk", world_size=2, density=0.01, values="int8")
+    summed = gradsieve.Simulator("topk", world_size=2, density=0.01, values="int8", checksum=True)
+    for _ in range(3):
+        assert torch.equal(plain.step(grads), summed.step(grads))
+    assert summed.wire_bytes - plain.wire_bytes == 3 * 2 * 8

@@ -178,6 +178,9 @@ SPARSE_OPTIONS: Dict[str, Option] = {
     "index": Option("int32", "index encoding on the wire: int32 positions (4 bytes per entry) or "
                     "csr16 (per-block counts and 16-bit offsets: 2 bytes per entry)", kind=str,
                     choices=INDEX_FORMATS),
+    "checksum": Option(False, "put a checksum of each payload in its header (8 more bytes): a "
+                       "payload changed on the way (a flipped bit) is caught and its step skipped",
+                       kind=bool),
 }
 
 
@@ -216,7 +219,7 @@ class SparseCompressor(Compressor):
 
     def _format(self, k: int, numel: int) -> PayloadFormat:
         # An int8 chunk larger than the payload would only add padding.
-        return PayloadFormat(k, self.values, max(1, min(self.chunk, k)), self.index, numel)
+        return PayloadFormat(k, self.values, max(1, min(self.chunk, k)), self.index, numel, self.checksum)
 
     def select(self, grad: torch.Tensor, memory: BucketMemory, segments: List[Segment], layout: BucketLayout,
                step: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:

@@ -5,6 +5,8 @@ Layout of one payload (a flat uint8 tensor; every rank's has the same size for a
 
     header  int32[2]          finite flag (1 when every gradient entry this rank read was finite),
                               number C of slots that carry an entry (the first C; C <= K)
+            int32[2]          with checksum=True only: a Fletcher-style sum (mod 65521) of the
+                              whole payload with this field zeroed, and 0
     index   int32[K]          index="int32": bucket coordinates
         or  int32[B]          index="csr16": entries per block of 65536 (B = ceil(numel / 65536)),
             int16[K]          then each entry's offset in its block (unsigned bits), block order;
@@ -32,6 +34,19 @@ HEADER_BYTES = 8
 CSR16_BLOCK = 1 << 16
 
 
+def checksum_of(payloads: torch.Tensor) -> torch.Tensor:
+    """Fletcher-style checksum of each row of ``payloads`` (uint8[world, nbytes]) as int32[world]:
+    ``(sum_i (n - i) * byte_i mod 65521) * 65536 + (sum_i byte_i mod 65521)`` with the bit pattern
+    of a uint32. A flipped bit or two swapped bytes change it. Tensor ops only (no host sync)."""
+    x = payloads.to(torch.int64)
+    n = x.shape[-1]
+    weights = torch.arange(n, 0, -1, dtype=torch.int64, device=payloads.device)
+    low = x.sum(dim=-1) % 65521
+    high = (x * weights).sum(dim=-1) % 65521
+    value = high * 65536 + low  # < 2^32
+    return torch.where(value >= 1 << 31, value - (1 << 32), value).to(torch.int32)
+
+
 def csr16_blocks(numel: int) -> int:
     return -(-numel // CSR16_BLOCK)
 
@@ -45,10 +60,15 @@ class PayloadFormat:
     chunk: int = 256
     index: str = "int32"
     numel: int = 0  # the bucket's size (csr16 needs it for its block counts)
+    checksum: bool = False  # 8 more header bytes: a checksum of the payload
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_FORMATS:
             raise ValueError(f"PayloadFormat: index must be one of {list(INDEX_FORMATS)}, got {self.index!r}")
+
+    @property
+    def header_bytes(self) -> int:
+        return HEADER_BYTES + (8 if self.checksum else 0)
 
     @property
     def slots(self) -> int:
@@ -74,7 +94,7 @@ class PayloadFormat:
     @property
     def nbytes(self) -> int:
         value_size = torch.empty((), dtype=VALUE_DTYPES[self.values]).element_size()
-        return HEADER_BYTES + self.index_bytes + 4 * self.num_scales + value_size * self.slots
+        return self.header_bytes + self.index_bytes + 4 * self.num_scales + value_size * self.slots
 
     def pack(
         self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
@@ -108,13 +128,13 @@ class PayloadFormat:
                 valid = torch.ones(k, dtype=torch.bool, device=device)
             indices = torch.where(valid, indices, torch.zeros_like(indices))
         payload = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
-        header = payload[:HEADER_BYTES].view(torch.int32)
+        header = payload[:self.header_bytes].view(torch.int32)
         header[0] = finite.to(torch.int32)
         if valid is None:
             header[1] = k
         else:
             header[1] = valid.sum().to(torch.int32)
-        offset = HEADER_BYTES
+        offset = self.header_bytes
         if self.index == "int32":
             payload[offset:offset + 4 * k].view(torch.int32).copy_(indices)
         else:
@@ -144,6 +164,8 @@ class PayloadFormat:
             sent = cast.float()
         if order is not None:
             sent = torch.zeros_like(sent).index_copy_(0, order, sent)
+        if self.checksum:
+            header[2] = checksum_of(payload.view(1, -1))[0]
         return payload, sent
 
     def decode_sum(self, gathered: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -171,14 +193,18 @@ class PayloadFormat:
             # of the dtype's size (world size 1, odd k).
             return gathered[:, start:start + nbytes].reshape(-1).view(dtype)
 
-        header = column(0, HEADER_BYTES, torch.int32).view(world, -1)
+        header = column(0, self.header_bytes, torch.int32).view(world, -1)
         flags = header[:, 0] != 0
         slots = self.slots
         count = header[:, 1]
         well_formed = (count >= 0) & (count <= slots) & ((header[:, 0] == 0) | (header[:, 0] == 1))
         used = count.clamp(0, slots)
         in_use = torch.arange(slots, device=gathered.device) < used[:, None]
-        offset = HEADER_BYTES
+        if self.checksum:
+            unsigned = gathered.clone()
+            unsigned[:, HEADER_BYTES:HEADER_BYTES + 4] = 0
+            well_formed &= checksum_of(unsigned) == header[:, 2]
+        offset = self.header_bytes
         if self.index == "int32":
             indices = column(offset, 4 * slots, torch.int32).view(world, slots)
             inside = (indices >= 0) & (indices < out.numel())
