@@ -817,3 +817,21 @@ def test_import_and_cuda_kernels_built():
                 (name, key)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradsieve::{name}", "CUDA") \
             == built
+
+
+def test_every_registered_op_has_cpu_meta_and_cuda_kernels_and_a_python_face():
+    """All ops of the namespace, the ones added after OP_NAMES too (adaptive_select,
+    csr16_indices, predictive_score, ...): a CPU and a Meta kernel, a CUDA kernel exactly when
+    the CUDA kernels are built, and a documented function in gradsieve's namespace."""
+    import gradsieve
+
+    names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                   if n.startswith("gradsieve::"))
+    assert set(OP_NAMES) <= set(names) and len(names) > len(OP_NAMES), names
+    built = gradsieve.cuda_kernels_built()
+    for name in names:
+        for key in ("CPU", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradsieve::{name}", key), (name, key)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradsieve::{name}", "CUDA") == built, name
+        function = getattr(gradsieve, name)
+        assert name in gradsieve.__all__ and function.__doc__, name
