@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
-import subprocess
 import sys
-from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(HERE))
+from sweeps import load as load_settings, mean_std, train  # noqa: E402
 
 # Every adaptive variant spells out beta: the sweep ran when its default was the seed's 0.7 (the
 # stored results were relabelled to say so); the default is now 1.0, the variant that trained best.
@@ -71,15 +70,6 @@ WORKLOADS = {"digits": ["--steps", "1000"], "charlm": []}
 SEEDS = (0, 1, 2)
 
 
-def train(out: str, workload: str, heterogeneous: bool, seed: int, extra: List[str], compare: List[str]) -> None:
-    cmd = [sys.executable, "-m", "gradsieve.train", "--workload", workload, "--compare", ",".join(compare),
-           "--seed", str(seed), "--no-progress", "--out", out, *extra]
-    if heterogeneous:
-        cmd.append("--heterogeneous")
-    print("+", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-
-
 def sweep() -> None:
     for workload, extra in WORKLOADS.items():
         for heterogeneous in (False, True):
@@ -99,31 +89,8 @@ def link_run() -> None:
            "adaptive:beta=0.7:capacity=1.0:error_feedback=False"])
 
 
-def load() -> Dict[str, Dict[str, List[dict]]]:
-    """{setting "digits-iid": {variant: [run record per seed]}}"""
-    found: Dict[str, Dict[str, List[dict]]] = {}
-    for tag in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
-        path = os.path.join(RESULTS, tag, "metrics.json")
-        if "-s" not in tag or not os.path.exists(path):
-            continue
-        setting = tag.rsplit("-s", 1)[0]  # digits-iid-s0 and digits-iid-s0-round2: digits-iid
-        with open(path) as f:
-            for run in json.load(f)["runs"]:
-                found.setdefault(setting, {}).setdefault(run["name"], []).append(run)
-    return found
-
-
-def mean_std(values: List[float]) -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
-
-
 def summarize() -> None:
-    found = load()
+    found = load_settings(RESULTS)
     lines, table = [], {}
     for setting, runs in found.items():
         metric = "accuracy" if setting.startswith("digits") else "eval_loss"

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -30,6 +29,8 @@ from typing import Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(HERE))
+from sweeps import load as load_settings, mean_std, train  # noqa: E402
 
 VARIANTS = [
     "none",
@@ -63,16 +64,6 @@ WORKLOADS = {"digits": ["--steps", "1000"], "charlm": []}
 SEEDS = (0, 1, 2)
 
 
-def train(out: str, workload: str, heterogeneous: bool, seed: int, extra: List[str],
-          variants: List[str]) -> None:
-    cmd = [sys.executable, "-m", "gradsieve.train", "--workload", workload, "--compare", ",".join(variants),
-           "--density", "0.01", "--seed", str(seed), "--no-progress", "--out", out, *extra]
-    if heterogeneous:
-        cmd.append("--heterogeneous")
-    print("+", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-
-
 def sweep(only: List[str], round_: int = 1) -> None:
     variants, suffix = (VARIANTS, "") if round_ == 1 else (ROUND2, "-round2")
     for workload, extra in WORKLOADS.items():
@@ -83,7 +74,7 @@ def sweep(only: List[str], round_: int = 1) -> None:
                 if only and tag not in only:
                     continue
                 if not os.path.exists(os.path.join(out, "metrics.json")):
-                    train(out, workload, heterogeneous, seed, extra, variants)
+                    train(out, workload, heterogeneous, seed, ["--density", "0.01", *extra], variants)
 
 
 # ------------------------------------------------------------------------------------ precision
@@ -170,31 +161,10 @@ def precision_study() -> None:
 
 
 # ------------------------------------------------------------------------------------ summaries
-def load() -> Dict[str, Dict[str, List[dict]]]:
-    found: Dict[str, Dict[str, List[dict]]] = {}
-    for tag in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
-        path = os.path.join(RESULTS, tag, "metrics.json")
-        if "-s" not in tag or not os.path.exists(path):
-            continue
-        with open(path) as f:
-            for run in json.load(f)["runs"]:
-                found.setdefault(tag.rsplit("-s", 1)[0], {}).setdefault(run["name"], []).append(run)
-    return found
-
-
-def mean_std(values: List[float], scale: float = 1.0, digits: int = 4) -> str:
-    values = [v * scale for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}g}"
-    return f"{statistics.mean(values):.{digits}g} ± {statistics.stdev(values):.2g}"
-
-
 def summarize() -> None:
     lines = []
     table: Dict[str, Dict[str, dict]] = {}
-    for setting, runs in load().items():
+    for setting, runs in load_settings(RESULTS).items():
         metric = "accuracy" if setting.startswith("digits") else "eval_loss"
         scale = 100.0 if metric == "accuracy" else 1.0
         lines += [f"### {setting} ({len(next(iter(runs.values())))} seeds; {metric}"
