@@ -12,6 +12,10 @@ For each size n and density k/n it times, on CPU and (when present) CUDA:
                   threshold, mask, blend, torch.topk of the candidates at capacity 2k)
   predictive_score vs the same score in eager torch (features stacked [H + 2, n], the scorer as
                   two matrix products; H = 3 float32 history vectors, 8 hidden units)
+  influence_update vs the same influence score in eager torch (accumulator, |a| eps + 0.5 |h| eps^2,
+                  the rho blend; float32 grad, a Hessian diagonal given)
+  segment_mean    vs eager float64 per-segment sums (repeat_interleave ids, index_add_) over a
+                  bucket cut into 256 random segments (some of them empty)
   csr16_pack / csr16_decode: the wire format with index="csr16" vs index="int32" (k entries, int8
                   values; decode of 8 payloads), whole PayloadFormat.pack / decode_sum calls
 Timings are medians over repeats after warm-up (CUDA: device events). On CUDA each row also shows
@@ -65,6 +69,13 @@ TARGETS: Dict[str, List[Tuple[str, str, float]]] = {
     # that, and its arithmetic (5 log1p, 5 divisions, 80 products and sums per entry at hidden 8)
     # should hide under the memory time; 2x leaves room for the second pass. Not yet measured.
     "predictive_score": [("speedup", ">=", 5.0), ("x_floor", "<=", 2.0)],
+    # One elementwise pass (24 bytes per fp32 entry with a Hessian) against about 11 eager kernels
+    # of 8 to 12 bytes each; a streaming kernel should come within 1.5x of the copy. Not yet
+    # measured.
+    "influence_update": [("speedup", ">=", 3.0), ("x_floor", "<=", 1.5)],
+    # One block per segment: the largest of 256 random segments (about 2% of n) bounds the time,
+    # read by one SM. Not yet measured.
+    "segment_mean": [("speedup", ">=", 2.0), ("x_floor", "<=", 4.0)],
 }
 
 
@@ -172,6 +183,33 @@ def eager_predictive(grad, residual, history, newest, weights, hidden, product):
     logit = w2 @ z + b2
     score = torch.sigmoid(logit) * a.abs() if product else torch.nn.functional.softplus(logit)
     return a, score, s
+
+
+def eager_influence(grad, residual, score, hessian, eps, rho):
+    """influence_update's math in eager torch (the order of gradsieve.influence.influence)."""
+    acc = residual + grad.float()
+    influence = acc.abs() * eps + 0.5 * hessian.abs() * eps * eps
+    return acc, rho * score + (1 - rho) * influence
+
+
+def eager_segment_mean(x, numels):
+    """segment_mean's math in eager torch: float64 sums by segment id, over the lengths."""
+    lengths = torch.tensor(numels, device=x.device)
+    ids = torch.repeat_interleave(torch.arange(len(numels), device=x.device), lengths)
+    sums = torch.zeros(len(numels), dtype=torch.float64, device=x.device).index_add_(0, ids, x.double())
+    return (sums / lengths.clamp_min(1)).float()
+
+
+def bucket_segments(n: int, count: int = 256, seed: int = 0) -> List[int]:
+    """`count` segment lengths summing to n, cut at random points (a fifth of them empty)."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randint(0, n + 1, (count - 1,), generator=g)).values.tolist()
+    numels = [b - a for a, b in zip([0] + cuts, cuts + [n])]
+    for j in range(0, count, 5):  # move every fifth segment into the next one
+        if j + 1 < count:
+            numels[j + 1] += numels[j]
+            numels[j] = 0
+    return numels
 
 
 def eager_quantize(x: torch.Tensor, chunk: int):
@@ -290,6 +328,24 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
     # accumulator and the score.
     add("predictive_score", float("nan"), ours, {"eager_predictive": base},
         n * (2 * (elem + 4) + history * ring[0].element_size() + 8))
+
+    # influence: one step of seed 002's score with a Hessian diagonal.
+    score = torch.rand(n, device=device) * 1e-6
+    hessian = torch.randn(n, device=device) * 4.0
+    influence_args = (grad, residual, score, hessian, 1e-3, 0.9)
+    ours = timer(device, lambda: gradsieve.influence_update(*influence_args), repeats)
+    base = timer(device, lambda: eager_influence(*influence_args), repeats)
+    # Reads: grad, residual, score, hessian; writes: acc, score_out.
+    add("influence_update", float("nan"), ours, {"eager_influence": base}, n * (elem + 20))
+    del score, hessian
+
+    # segment_mean: the means of a bucket's 256 segments.
+    numels = bucket_segments(n)
+    ours = timer(device, lambda: gradsieve.segment_mean(x, numels), repeats)
+    base = timer(device, lambda: eager_segment_mean(x, numels), repeats)
+    # Reads: x and the segment boundaries; writes: the means.
+    add("segment_mean", float("nan"), ours, {"eager_seg_mean": base},
+        n * elem + len(numels) * (8 + 4))
     return rows
 
 

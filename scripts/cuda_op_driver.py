@@ -6,11 +6,14 @@ float32 for the grid-stride paths), float32/float16/bfloat16, k = 0, 1, n / 3 an
 non-contiguous inputs, NaN/Inf and tied magnitudes, threshold_select overflow, sparse_accumulate_
 with duplicate indices and int8 payloads, adaptive_select with and without overflow (bitwise:
 every float operation is rounded on its own), csr16_indices with malformed payloads,
-predictive_score with 1 to 16 history vectors (float32 and bfloat16) and 1 to 64 hidden units.
+predictive_score with 1 to 16 history vectors (float32 and bfloat16) and 1 to 64 hidden units,
+influence_update with and without a Hessian diagonal, segment_mean over empty, tiny, many and
+chunk-spanning segments.
 Every result is compared with a reference written here in plain torch on the CPU (float64 where it
-matters), so the driver is also a correctness smoke test of the CUDA kernels (adaptive_select and
-csr16_indices are also compared bitwise with their CPU ops, predictive_score within its float32
-tolerance); with ``--device cpu`` it checks the CPU kernels the same way.
+matters), so the driver is also a correctness smoke test of the CUDA kernels (adaptive_select,
+csr16_indices and influence_update are also compared bitwise with their CPU ops, predictive_score
+within its float32 tolerance, segment_mean within 1 ulp); with ``--device cpu`` it checks the CPU
+kernels the same way.
 
 It prints one line per op and exits 1 if any case differs from its reference or raises.
 
@@ -254,6 +257,38 @@ def ref_predictive_score(grad, residual, history, newest, weights, hidden, produ
     else:
         score = torch.where(logit > 20.0, logit, torch.log1p(torch.exp(logit.clamp(max=20.0))))
     return a32, score, s, 1e-5 * score.abs() + 2e-5 * (1.0 + terms)
+
+
+def ref_influence_update(grad, residual, score, hessian, eps, rho):
+    """(acc, score_out) of influence_update from its docstring's order of operations, computed in
+    float64 and rounded to float32 after every operation (exact, as in ref_adaptive_select)."""
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32).double()
+
+    def c(v: float) -> float:
+        return float(torch.tensor(v, dtype=torch.float32))
+
+    a = f32(flat64(residual) + flat64(grad))
+    influence = f32(a.abs() * c(eps))
+    if hessian is not None:
+        u = f32(0.5 * flat64(hessian).abs())
+        u = f32(u * c(eps))
+        u = f32(u * c(eps))
+        influence = f32(influence + u)
+    out = f32(f32(c(rho) * flat64(score)) + f32(c(1.0 - rho) * influence))
+    return a.float(), out.float()
+
+
+def ref_segment_mean(x: torch.Tensor, numels: List[int]) -> torch.Tensor:
+    """Each segment's float64 sum over its length, rounded once to float32 (0 when empty)."""
+    a = flat64(x)
+    out = torch.zeros(len(numels), dtype=torch.float32)
+    start = 0
+    for j, m in enumerate(numels):
+        if m:
+            out[j] = float(a[start:start + m].sum() / m)
+        start += m
+    return out
 
 
 def ref_csr16_indices(counts: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor,
@@ -616,6 +651,107 @@ def cases_predictive_score(device: str, sizes, kinds, seeds: Iterator[int]) -> I
         yield f"strided n=1000 history={count} hidden={hidden}", run
 
 
+# (eps, rho, with a Hessian diagonal): the seed's small eps, exact powers of two, rho at both ends.
+INFLUENCE_SETTINGS = ((1e-3, 0.9, True), (0.5, 0.0, False), (3e-2, 0.25, True), (1.0, 0.999, False))
+
+
+def influence_inputs(n: int, dtype: torch.dtype, kind: str, seed: int, hessian: bool):
+    """grad (dtype, of `kind`), residual, score (>= 0, with ties), hessian (signed) or None."""
+    grad = make_input(n, dtype, kind=kind, seed=seed)
+    residual = make_input(n, torch.float32, kind="normal", seed=seed + 1) * 0.5
+    score = make_input(n, torch.float32, kind="ties", seed=seed + 2).abs() * 1e-3
+    h = make_input(n, torch.float32, kind="normal", seed=seed + 3) * 4.0 if hessian else None
+    return grad, residual, score, h
+
+
+def check_influence_update(device, inputs, eps, rho, layout):
+    """The op on the device against the reference and, on CUDA, bitwise against the CPU op."""
+    on = [None if t is None else on_device(t, device, layout) for t in inputs]
+    got = gradsieve.influence_update(*on, eps, rho)
+    want = ref_influence_update(*inputs, eps, rho)
+    for name, g, w in zip(("acc", "score_out"), got, want):
+        expect_equal(name, g, w)
+    if device != "cpu":
+        for name, g, w in zip(("acc", "score_out"), got, gradsieve.influence_update(*inputs, eps, rho)):
+            expect_equal(f"{name} (CPU op)", g, w)
+
+
+def cases_influence_update(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    rotation = 0  # every setting meets every dtype over the sizes
+    for n in sizes:
+        for dtype in DTYPES:
+            for kind in kinds:
+                eps, rho, hessian = INFLUENCE_SETTINGS[rotation % len(INFLUENCE_SETTINGS)]
+                rotation += 1
+                inputs = influence_inputs(n, dtype, kind, next(seeds), hessian)
+                def run(inputs=inputs, eps=eps, rho=rho):
+                    check_influence_update(device, inputs, eps, rho, "contiguous")
+                yield f"n={n} {dtype} {kind} eps={eps} rho={rho} hessian={hessian}", run
+    for dtype in DTYPES:
+        for eps, rho, hessian in INFLUENCE_SETTINGS[:2]:
+            inputs = influence_inputs(1000, dtype, "special", next(seeds), hessian)
+            def run(inputs=inputs, eps=eps, rho=rho):
+                check_influence_update(device, inputs, eps, rho, "strided")
+            yield f"strided n=1000 {dtype} hessian={hessian}", run
+
+
+def segment_layouts(n: int, seed: int) -> List[Tuple[str, List[int]]]:
+    """Ways to cut n entries into segments: one, with empty ones around, many random ones (about a
+    fifth empty), and one entry each (small n)."""
+    g = torch.Generator().manual_seed(seed)
+    layouts = [("one", [n]), ("empty-around", [0, n // 3, 0, n - n // 3, 0])]
+    if n:
+        count = max(1, n // 37)
+        cuts = torch.sort(torch.randint(0, n + 1, (count - 1,), generator=g)).values.tolist()
+        layouts.append(("random", [b - a for a, b in zip([0] + cuts, cuts + [n])]))
+    if n <= 255:
+        layouts.append(("ones", [1] * n))
+    return layouts
+
+
+def check_segment_mean(device, x_cpu, numels, layout):
+    """The op on the device within 1 ulp of the float64 reference and, on CUDA, of the CPU op and
+    deterministic."""
+    got = gradsieve.segment_mean(on_device(x_cpu, device, layout), numels)
+    expect_ulps("mean", got, ref_segment_mean(x_cpu, numels), 1)
+    if device != "cpu":
+        expect_ulps("mean (CPU op)", got, gradsieve.segment_mean(x_cpu, numels), 1)
+        expect_equal("mean (again)", gradsieve.segment_mean(on_device(x_cpu, device, layout), numels), got)
+
+
+def expect_ulps(what: str, got: torch.Tensor, want: torch.Tensor, ulps: int) -> None:
+    """float32 within `ulps` units in the last place of want (NaN exactly where want has NaN)."""
+    got, want = got.detach().cpu(), want.detach().cpu()
+    if got.dtype != torch.float32 or got.shape != want.shape:
+        raise AssertionError(f"{what}: got {got.dtype}{list(got.shape)}, want float32{list(want.shape)}")
+    nan = torch.isnan(want)
+    if not torch.equal(torch.isnan(got), nan):
+        raise AssertionError(f"{what}: NaN at other entries than the reference")
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.contiguous().view(torch.int32).long()
+        return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+    far = ((ordered(got) - ordered(want)).abs() > ulps) & ~nan
+    if bool(far.any()):
+        i = int(torch.nonzero(far)[0])
+        raise AssertionError(f"{what}[{i}] = {float(got[i])!r}, reference {float(want[i])!r}")
+
+
+def cases_segment_mean(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        for kind in kinds:
+            seed = next(seeds)
+            x_cpu = make_input(n, torch.float32, kind=kind, seed=seed)
+            for name, numels in segment_layouts(n, seed):
+                def run(x_cpu=x_cpu, numels=numels):
+                    check_segment_mean(device, x_cpu, numels, "contiguous")
+                yield f"n={n} {kind} {name} ({len(numels)} segments)", run
+    yield "no segments", lambda: check_segment_mean(device, torch.zeros(0), [], "contiguous")
+    x_cpu = make_input(1000, torch.float32, kind="special", seed=next(seeds))
+    yield "strided n=1000", lambda: check_segment_mean(device, x_cpu, [1, 0, 600, 399], "strided")
+
+
 def csr16_payload(numel: int, world: int, slots: int, seed: int):
     """A well-formed payload: per rank, valid <= slots sorted distinct positions in [0, numel) as
     counts per block and 16-bit offsets (the unsigned bits in int16), junk in the unused slots."""
@@ -789,6 +925,17 @@ def cases_large(device: str, seeds: Iterator[int]) -> Iterator[Case]:
         def run(inputs=inputs, newest=newest, hidden=hidden, product=product):
             check_predictive_score(device, inputs, newest, hidden, product, "contiguous")
         yield f"predictive_score n={n} history={count}x{history_dtype} hidden={hidden}", run
+    for dtype, (eps, rho, hessian) in ((torch.float32, INFLUENCE_SETTINGS[0]),
+                                       (torch.bfloat16, INFLUENCE_SETTINGS[1])):
+        inputs = influence_inputs(n, dtype, "special", next(seeds), hessian)
+        def run(inputs=inputs, eps=eps, rho=rho):
+            check_influence_update(device, inputs, eps, rho, "contiguous")
+        yield f"influence_update n={n} {dtype} hessian={hessian}", run
+    x_means = make_input(n, torch.float32, kind="normal", seed=next(seeds))
+    for name, numels in segment_layouts(n, next(seeds))[:3]:
+        def run(numels=numels):
+            check_segment_mean(device, x_means, numels, "contiguous")
+        yield f"segment_mean n={n} {name} ({len(numels)} segments)", run
     csr16 = csr16_payload(2**31 - 1, 2, 20000, next(seeds))
     yield "csr16_indices numel=2^31-1", lambda: check_csr16(device, *csr16, 2**31 - 1)
 
@@ -805,6 +952,8 @@ OPS: Dict[str, Callable] = {
     "adaptive_select": cases_adaptive_select,
     "csr16_indices": cases_csr16_indices,  # with malformed payloads
     "predictive_score": cases_predictive_score,
+    "influence_update": cases_influence_update,
+    "segment_mean": cases_segment_mean,
 }
 
 

@@ -138,3 +138,38 @@ def predictive_score_magnitude(grad, residual, history, newest, weights, hidden,
     with np.errstate(invalid="ignore", over="ignore"):
         terms = abs(b2) + np.abs(w2) @ (np.abs(b1)[:, None] + np.abs(w1) @ np.abs(x))
         return terms * np.abs(a) if product else terms
+
+
+def influence_update_reference(grad, residual, score, hessian, eps, rho):
+    """influence_update's contract in NumPy float32, each operation rounded on its own in the op's
+    order (NumPy's float32 ufuncs never fuse): (acc, score_out) as float32 arrays."""
+    f = np.float32
+    a32 = lambda t: as_float64(t).astype(np.float32)  # noqa: E731  (exact for the op's dtypes)
+    g, r, s = a32(grad), a32(residual), a32(score)
+    with np.errstate(invalid="ignore", over="ignore"):
+        a = r + g
+        t = np.abs(a) * f(eps)
+        if hessian is None:
+            influence = t
+        else:
+            u = f(0.5) * np.abs(a32(hessian))
+            u = u * f(eps)
+            u = u * f(eps)
+            influence = t + u
+        carried = f(rho) * s
+        fresh = f(1.0 - rho) * influence
+        return a, carried + fresh
+
+
+def segment_mean_reference(x, numels):
+    """segment_mean's contract: each segment's float64 sum over its length, rounded once to
+    float32; 0 for an empty segment."""
+    a = as_float64(x)
+    out = np.zeros(len(numels), np.float32)
+    start = 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        for j, m in enumerate(numels):
+            if m:
+                out[j] = np.float32(a[start:start + m].sum() / m)
+            start += m
+    return out

@@ -22,7 +22,7 @@ STAGES = ("build", "pytest", "sanitizer", "bench", "hook")
 CUDA_STAGES = ("sanitizer", "bench", "hook")
 DRIVER_GROUPS = ("topk_abs", "quantile_abs", "ef_topk_", "regtopk_select_", "threshold_select",
                  "quantize_int8", "sparse_accumulate_", "non-contiguous", "adaptive_select",
-                 "csr16_indices", "predictive_score", "large")
+                 "csr16_indices", "predictive_score", "influence_update", "segment_mean", "large")
 HOOK_METHODS = ("backward", "allreduce", "fp16", "powerSGD r1", "powerSGD r4", "topk", "topk int8")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -113,7 +113,7 @@ def test_bench_ops_ran_with_sparse_accumulate_and_targets(dry_run):
     ops = {row["op"] for row in rows}
     assert ops == {"topk_abs", "quantile_abs", "ef_topk_", "regtopk_select_", "quantize_int8",
                    "sparse_accumulate_", "adaptive_select", "csr16_pack", "csr16_decode",
-                   "predictive_score"}
+                   "predictive_score", "influence_update", "segment_mean"}
     sparse = [row for row in rows if row["op"] == "sparse_accumulate_"]
     assert [row["density"] for row in sparse] == [0.001, 0.01]
     assert all(row["baseline"] == "index_add_" and row["n"] == 4096 and row["gradsieve_ms"] > 0

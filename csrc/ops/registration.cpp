@@ -88,6 +88,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictive_score_meta(
           at::empty({}, f32)};
 }
 
+std::tuple<at::Tensor, at::Tensor> influence_update_meta(const at::Tensor& grad,
+                                                         const at::Tensor& residual,
+                                                         const at::Tensor& score,
+                                                         const c10::optional<at::Tensor>& hessian,
+                                                         double eps, double rho) {
+  check_influence_update(grad, residual, score, hessian, eps, rho);
+  const auto f32 = grad.options().dtype(at::kFloat);
+  return {at::empty_symint({grad.sym_numel()}, f32), at::empty_symint({grad.sym_numel()}, f32)};
+}
+
+at::Tensor segment_mean_meta(const at::Tensor& x, at::IntArrayRef numels) {
+  check_segment_mean(x, numels);
+  return at::empty({static_cast<int64_t>(numels.size())}, x.options());
+}
+
 }  // namespace
 }  // namespace gradsieve
 
@@ -114,6 +129,9 @@ TORCH_LIBRARY(gradsieve, m) {
   m.def("predictive_score(Tensor grad, Tensor residual, Tensor[] history, int newest, "
         "Tensor weights, int hidden, bool product) -> (Tensor accumulator, Tensor score, "
         "Tensor scale)");
+  m.def("influence_update(Tensor grad, Tensor residual, Tensor score, Tensor? hessian, float eps, "
+        "float rho) -> (Tensor acc, Tensor score_out)");
+  m.def("segment_mean(Tensor x, int[] numels) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
@@ -128,4 +146,6 @@ TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
   m.impl("adaptive_select", &gradsieve::adaptive_select_meta);
   m.impl("csr16_indices", &gradsieve::csr16_indices_meta);
   m.impl("predictive_score", &gradsieve::predictive_score_meta);
+  m.impl("influence_update", &gradsieve::influence_update_meta);
+  m.impl("segment_mean", &gradsieve::segment_mean_meta);
 }

@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -274,6 +275,56 @@ void check_predictive_score(const at::Tensor& grad, const at::Tensor& residual,
               "gradsieve.predictive_score: weights must have hidden*(H+4)+1 = ", want,
               " entries (hidden ", hidden, ", H ", count, "), got ", weights.sym_numel());
   check_same_device(op, "weights", weights, "grad", grad);
+}
+
+void check_influence_update(const at::Tensor& grad, const at::Tensor& residual,
+                            const at::Tensor& score, const c10::optional<at::Tensor>& hessian,
+                            double eps, double rho) {
+  constexpr const char* op = "influence_update";
+  check_float_input(op, "grad", grad);
+  TORCH_CHECK(grad.dim() == 1, "gradsieve.influence_update: grad must be 1-D, got a tensor of ",
+              grad.dim(), " dims");
+  // residual, score and (when given) hessian: float32 vectors as long as grad, on grad's device.
+  const bool has_hessian = hessian.has_value() && hessian->defined();
+  const std::pair<const char*, const at::Tensor*> state[] = {
+      {"residual", &residual}, {"score", &score}, {"hessian", has_hessian ? &*hessian : nullptr}};
+  for (const auto& [arg, t] : state) {
+    if (t == nullptr) continue;  // hessian None: no curvature term
+    TORCH_CHECK(t->defined() && t->scalar_type() == at::kFloat, "gradsieve.influence_update: ",
+                arg, " must be a float32 tensor, got ",
+                t->defined() ? c10::toString(t->scalar_type()) : "None");
+    TORCH_CHECK(t->dim() == 1, "gradsieve.influence_update: ", arg,
+                " must be 1-D, got a tensor of ", t->dim(), " dims");
+    TORCH_CHECK(t->sym_numel() == grad.sym_numel(), "gradsieve.influence_update: ", arg,
+                " must have as many elements as grad (", grad.sym_numel(), "), got ",
+                t->sym_numel());
+    check_same_device(op, arg, *t, "grad", grad);
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps > 0.0,
+              "gradsieve.influence_update: eps must be a finite number > 0, got ", eps);
+  TORCH_CHECK(rho >= 0.0 && rho < 1.0, "gradsieve.influence_update: rho must be in [0, 1), got ",
+              rho);
+}
+
+void check_segment_mean(const at::Tensor& x, at::IntArrayRef numels) {
+  TORCH_CHECK(x.defined() && x.scalar_type() == at::kFloat,
+              "gradsieve.segment_mean: x must be a float32 tensor, got ",
+              x.defined() ? c10::toString(x.scalar_type()) : "None");
+  TORCH_CHECK(x.dim() == 1, "gradsieve.segment_mean: x must be 1-D, got a tensor of ", x.dim(),
+              " dims");
+  TORCH_CHECK(x.sym_numel() <= kMaxNumel,
+              "gradsieve.segment_mean: x must have at most 2^31 - 1 elements, got ", x.sym_numel());
+  // The sum saturates above 2^31 - 1 (no int64 overflow); it must then differ from x.numel().
+  int64_t total = 0;
+  for (size_t j = 0; j < numels.size(); ++j) {
+    TORCH_CHECK(numels[j] >= 0, "gradsieve.segment_mean: numels[", j, "] must be >= 0, got ",
+                numels[j]);
+    total = std::min<int64_t>(total + std::min<int64_t>(numels[j], kMaxNumel + 1), kMaxNumel + 1);
+  }
+  TORCH_CHECK(total <= kMaxNumel, "gradsieve.segment_mean: numels must sum to x.numel() (",
+              x.sym_numel(), "), got more than 2^31 - 1");
+  TORCH_CHECK(x.sym_numel() == total, "gradsieve.segment_mean: numels must sum to x.numel() (",
+              x.sym_numel(), "), got ", total);
 }
 
 }  // namespace gradsieve

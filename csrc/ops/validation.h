@@ -30,6 +30,10 @@ void check_csr16_indices(const at::Tensor& counts, const at::Tensor& offsets,
 void check_predictive_score(const at::Tensor& grad, const at::Tensor& residual,
                             at::TensorList history, int64_t newest, const at::Tensor& weights,
                             int64_t hidden);
+void check_influence_update(const at::Tensor& grad, const at::Tensor& residual,
+                            const at::Tensor& score, const c10::optional<at::Tensor>& hessian,
+                            double eps, double rho);
+void check_segment_mean(const at::Tensor& x, at::IntArrayRef numels);
 
 // predictive_score's limits: history vectors (H) and hidden units of its scorer. Its features are
 // F = H + 2 per entry, its weights hidden * (F + 2) + 1 floats (W1, b1, w2, b2).

@@ -24,10 +24,12 @@ __all__ = [
     "cuda_kernels_built",
     "dequantize_int8",
     "ef_topk_",
+    "influence_update",
     "predictive_score",
     "quantile_abs",
     "quantize_int8",
     "regtopk_select_",
+    "segment_mean",
     "sparse_accumulate_",
     "threshold_select",
     "topk_abs",
@@ -432,3 +434,83 @@ def predictive_score(
     """
     return torch.ops.gradsieve.predictive_score(
         grad, residual, list(history), int(newest), weights, int(hidden), bool(product))
+
+
+def influence_update(
+    grad: torch.Tensor,
+    residual: torch.Tensor,
+    score: torch.Tensor,
+    hessian: Optional[torch.Tensor],
+    eps: float,
+    rho: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The second-order influence of each weight (seed 002) folded into a running score, fused
+    with the error-feedback accumulator. Inputs are not changed.
+
+    Per entry ``i``, in float32, in exactly this order, each product and sum rounded on its own
+    (no fused multiply-add, on CPU and CUDA alike, so the two agree bit for bit)::
+
+        a         = residual + grad                        -> acc
+        t         = |a| * eps
+        u         = 0.5 * |hessian|                        (hessian None: u = 0, influence = t)
+        u         = u * eps
+        u         = u * eps
+        influence = t + u
+        s         = rho * score
+        w         = (1 - rho) * influence
+        score_out = s + w                                  -> score_out
+
+    ``eps``, ``rho`` and ``1 - rho`` (computed in float64) are each rounded once to float32;
+    ``grad`` is read as float32 (exact for float16 and bfloat16). ``influence`` is
+    :func:`gradsieve.influence.influence` of the accumulator: ``|a| eps + 0.5 |h| eps^2``. A NaN
+    or infinite gradient gives NaN or infinite outputs at its entries, never an error. Cost: one
+    pass over the segment, no host synchronisation.
+
+    Args:
+        grad: Tensor[N] of float32/float16/bfloat16 (1-D; any strides).
+        residual: Tensor[N] float32, the error-feedback memory.
+        score: Tensor[N] float32, the running score of the previous step.
+        hessian: Tensor[N] float32, an estimate of the Hessian's diagonal
+            (:func:`gradsieve.influence.hessian_diagonal`), or None for first-order influence.
+        eps: the perturbation size, a finite number > 0.
+        rho: weight of the previous score, in ``[0, 1)``.
+
+    Returns:
+        ``(acc, score_out)``: Tensor[N] float32 each (new tensors), on grad's device.
+
+    Example::
+
+        >>> acc, score = gradsieve.influence_update(
+        ...     torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.0]), torch.tensor([4.0, 0.0]),
+        ...     torch.tensor([2.0, -8.0]), eps=0.5, rho=0.5)
+        >>> acc.tolist(), score.tolist()
+        ([1.5, -2.0], [2.5, 1.0])
+    """
+    return torch.ops.gradsieve.influence_update(grad, residual, score, hessian, float(eps),
+                                                float(rho))
+
+
+def segment_mean(x: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
+    """The mean of each consecutive segment of ``x``: ``x[0:numels[0]]``, the next ``numels[1]``
+    entries, and so on (for example the parameters of a flattened bucket).
+
+    Each segment is summed in float64 and divided by its length in float64, then rounded once to
+    float32; an empty segment's mean is 0. The CPU sums fixed chunks of 65536 entries (in order,
+    so the result does not depend on the number of threads), CUDA one block per segment (a
+    deterministic block reduction): the two agree to 1 ulp. NaN or inf entries give a NaN or
+    infinite mean for their segment. Cost: one pass over ``x``; on CUDA the segment boundaries go
+    to the device in a pinned-memory copy on the current stream, with no host synchronisation.
+
+    Args:
+        x: Tensor[N] float32 (1-D; any strides).
+        numels: the segments' lengths, each ``>= 0``, summing to ``N`` (empty only when ``x`` is).
+
+    Returns:
+        Tensor[len(numels)] float32 on x's device.
+
+    Example::
+
+        >>> gradsieve.segment_mean(torch.tensor([1.0, 2.0, 3.0, -4.0, 5.0]), [2, 0, 3]).tolist()
+        [1.5, 0.0, 1.3333333730697632]
+    """
+    return torch.ops.gradsieve.segment_mean(x, [int(v) for v in numels])

@@ -170,5 +170,33 @@ size_t predictive_score_workspace_bytes(int64_t n);
 cudaError_t predictive_score(const PredictiveScoreArgs& args, void* workspace,
                              size_t workspace_bytes, cudaStream_t stream);
 
+// The influence score of seed 002 (ops.influence_update), one elementwise pass, no workspace and
+// no host synchronisation. Per entry, in float32, every product and sum rounded on its own in
+// this order (bitwise the CPU kernel's): a = residual + grad -> acc; t = |a| * eps;
+// u = 0.5 * |hessian|, u = u * eps, u = u * eps; influence = t + u (hessian nullptr: t);
+// score_out = rho * score + (1 - rho) * influence (the two products, then their sum), with eps,
+// rho and 1 - rho (computed in double) rounded once to float32.
+struct InfluenceUpdateArgs {
+  const void* grad;        // n entries of grad_dtype
+  DType grad_dtype;
+  const float* residual;   // n float32
+  const float* score;      // n float32
+  const float* hessian;    // n float32, or nullptr (no curvature term)
+  int64_t n;
+  double eps;              // finite, > 0
+  double rho;              // in [0, 1)
+  float* acc;              // n float32
+  float* score_out;        // n float32
+};
+cudaError_t influence_update(const InfluenceUpdateArgs& args, cudaStream_t stream);
+
+// Per-segment means (ops.segment_mean): out[j] = the mean of x[offsets[j] .. offsets[j + 1])
+// (0.0 for an empty segment) for j < segments; offsets: segments + 1 nondecreasing int64 on the
+// device, offsets[0] = 0. One block per segment sums in double (each thread a block-stride loop,
+// then cub's block reduction: a fixed order, so the result is deterministic), divides by the
+// count in double and rounds once to float32. No workspace, no host synchronisation.
+cudaError_t segment_mean(const float* x, const int64_t* offsets, int64_t segments, float* out,
+                         cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace gradsieve
