@@ -184,6 +184,12 @@ def test_density_one_topk_equals_dense_allreduce(tmp_path):
     ("predictive", {"density": 0.05}),
     ("predictive", {"density": 0.05, "scope": "layer", "compress_1d": False, "history_dtype": "bf16",
                     "ranking": "product", "label": "average", "index": "csr16"}),
+    ("granular", {"density": 0.1}),
+    ("granular", {"density": 0.1, "granularity": "layer", "values": "fp32"}),
+    ("granular", {"density": 0.1, "granularity": "hybrid", "index": "csr16", "rho": 0.5}),
+    # The rules policy on progress alone (no losses are reported; no step counts as
+    # communication-bound): layer, layer, hybrid, weight, weight.
+    ("granular", {"density": 0.1, "granularity": "auto", "horizon": 5, "comm_bound": 1.0}),
 ])
 def test_hook_equals_simulator(tmp_path, compressor, options):
     results = run_workers(worker_bookkeeping, 2, tmp_path, compressor, options)
@@ -225,13 +231,13 @@ def test_error_feedback_bookkeeping_in_simulator():
     torch.testing.assert_close(delivered + residuals, total, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("compressor", ["topk", "adaptive", "predictive"])
+@pytest.mark.parametrize("compressor", ["topk", "adaptive", "predictive", "granular"])
 def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     numel = sum(p.numel() for p in small_model().parameters())
     # Per-entry memory after the rebuild (the old buckets' memory is gone), measured: topk keeps a
     # residual, adaptive a residual, momentum and average, predictive a residual, the received
     # average and 3 history slots (plus its small per-parameter predictors).
-    per_entry = {"topk": 4, "adaptive": 12, "predictive": 20}[compressor]
+    per_entry = {"topk": 4, "adaptive": 12, "predictive": 20, "granular": 8}[compressor]
     for r in run_workers(worker_rebuild, 2, tmp_path, compressor):
         assert r["finite"] and r["buckets"] > 1
         assert r["stats"]["compressed_steps"] == 7
@@ -250,6 +256,8 @@ def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     ("adaptive", {"density": 0.05, "values": "fp32"}),
     ("adaptive", {"density": 0.05, "values": "fp32", "capacity": 1.0, "error_feedback": False, "beta": 0.7}),
     ("predictive", {"density": 0.05, "values": "fp32"}),
+    ("granular", {"density": 0.05, "values": "fp32"}),
+    ("granular", {"density": 0.05, "values": "fp32", "granularity": "auto", "horizon": 9, "comm_bound": 1.0}),
 ])
 def test_checkpoint_restore_matches_uninterrupted_run(tmp_path, compressor, options):
     args = (compressor, options)
@@ -260,7 +268,7 @@ def test_checkpoint_restore_matches_uninterrupted_run(tmp_path, compressor, opti
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("compressor", ["topk", "dgc", "ef21", "adaptive", "predictive"])
+@pytest.mark.parametrize("compressor", ["topk", "dgc", "ef21", "adaptive", "predictive", "granular"])
 def test_amp_overflow_skips_step_and_keeps_memory(tmp_path, compressor):
     for seen in run_workers(worker_overflow, 2, tmp_path, compressor):
         overflow = seen[3]
@@ -277,6 +285,7 @@ def test_amp_overflow_skips_step_and_keeps_memory(tmp_path, compressor):
     ("adaptive", "beta", (1.0, 0.5)),  # same payload size: only the configuration check sees it
     ("adaptive", "compare", ("grad", "average")),
     ("predictive", "hidden", (8, 4)),  # same payload size
+    ("granular", "granularity", ("weight", "hybrid")),  # same payload size
 ])
 def test_mismatched_ranks_raise_clear_error(tmp_path, compressor, option, values):
     with pytest.raises(Exception, match="configured differently"):

@@ -160,6 +160,12 @@ class Compressor:
     def report_metric(self, value: float, higher_is_better: bool = True) -> None:
         """A validation metric every rank measured alike (most compressors ignore it)."""
 
+    def report_loss(self, loss: Any) -> None:
+        """This rank's training loss of the coming step (most compressors ignore it)."""
+
+    def note_timing(self, comm_share: float) -> None:
+        """The share of the last step this rank waited for its exchange (most ignore it)."""
+
     def stats(self) -> Dict[str, Any]:
         """Counters for ``state.stats()`` beside the hook's own."""
         return {}

@@ -17,7 +17,7 @@ iteration. The returned future does not block the backward pass.
 import hashlib
 import json
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,10 @@ class CompressionState:
         "bad_payload_ranks",
         "_bad_streak",
         "_bad_this_step",
+        "probe_s",
+        "probe_count",
+        "_last_probe",
+        "_last_launch",
     ]
 
     def __init__(
@@ -120,6 +124,10 @@ class CompressionState:
         self.skipped_steps = 0
         self.compress_s = 0.0
         self.decode_s = 0.0
+        self.probe_s = 0.0
+        self.probe_count = 0
+        self._last_probe: Optional[int] = None
+        self._last_launch: Optional[float] = None
 
     # ------------------------------------------------------------------------------ statistics
     def stats(self) -> Dict[str, Any]:
@@ -154,6 +162,8 @@ class CompressionState:
             "memory_bytes": self.memory.nbytes()["total"],
             "bad_payloads": getattr(self, "bad_payloads", 0),
             "bad_payload_ranks": dict(getattr(self, "bad_payload_ranks", {})),
+            "probe_s": getattr(self, "probe_s", 0.0),
+            "probes": getattr(self, "probe_count", 0),
         }
 
     # ------------------------------------------------------------------------------ checkpoint
@@ -167,7 +177,8 @@ class CompressionState:
             "compressor_state": self.compressor.state_dict(),
             "stats": {k: getattr(self, k) for k in ("wire_bytes", "dense_bytes", "compressed_steps",
                                                      "skipped_steps", "compress_s", "decode_s",
-                                                     "bad_payloads", "bad_payload_ranks")},
+                                                     "bad_payloads", "bad_payload_ranks", "probe_s",
+                                                     "probe_count", "_last_probe")},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -200,6 +211,50 @@ class CompressionState:
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Lets the compressor warn about optimizer settings that clash with it (dgc: momentum)."""
         self.compressor.watch_optimizer(optimizer)
+
+    def report_loss(self, loss: Any) -> None:
+        """This rank's training loss of the step whose backward comes next (a float, or a 0-d
+        tensor, which is not waited for). ``granular``'s ``auto`` policy uses it: its bandit is
+        rewarded by the loss decrease, its rules measure the loss trend. Call it every step,
+        before ``loss.backward()``; other compressors ignore it."""
+        self.compressor.report_loss(loss)
+
+    def probe(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+              batch: Any) -> bool:
+        """Measures the curvature ``granular`` scores weights with, when it is due: call it every
+        step after ``optimizer.step()``; every ``probe_every`` steps (the compressor's option) it
+        estimates the Hessian diagonal of ``loss_fn(model, batch)`` with
+        :func:`gradsieve.influence.hessian_diagonal` (``probes`` directions, 2 extra gradient
+        evaluations each, weights, gradients, buffers and random state restored) and keeps it
+        per parameter. Returns whether it probed. Compressors without ``probe_every`` ignore it.
+
+        ``model``: the model (a DDP wrapper is unwrapped: the probe must not run DDP's
+        reduction); ``loss_fn(model, batch)``: the scalar training loss."""
+        every = getattr(self.compressor, "probe_every", 0)
+        if not every or self.observing:
+            return False
+        if self._last_probe is not None and self.step - self._last_probe < every:
+            return False
+        from torch.nn.parallel import DistributedDataParallel
+
+        from gradsieve.influence import hessian_diagonal
+
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        params = [p for p in model.parameters() if p.requires_grad and id(p) in self._param_keys]
+        if not params:
+            raise ValueError("CompressionState.probe: the hook has not seen this model's parameters "
+                             "yet; call probe after a training step (after optimizer.step())")
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(1_000_003 * self.step + 17)
+        diagonal = hessian_diagonal(model, loss_fn, batch, probes=self.compressor.probes,
+                                    eps=self.compressor.eps, generator=generator, parameters=params)
+        for p, d in zip(params, diagonal):
+            self.compressor.store_hessian(self.memory.params, self._param_keys[id(p)], d)
+        self._last_probe = self.step
+        self.probe_count += 1
+        self.probe_s += time.perf_counter() - started
+        return True
 
     # ------------------------------------------------------------------------------ internals
     def layout_of(self, bucket: dist.GradBucket, world_size: int) -> BucketLayout:
@@ -355,8 +410,13 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     state.wire_bytes += payload.numel() * payload.element_size()
     state.dense_bytes += layout.numel * 4
     state.compress_s += time.perf_counter() - started
+    launched = time.perf_counter()
+    period = None
     if bucket.is_last():
         state.compressed_steps += 1
+        if state._last_launch is not None:
+            period = launched - state._last_launch
+        state._last_launch = launched
 
     def decode(fut: torch.futures.Future) -> torch.Tensor:
         begun = time.perf_counter()
@@ -370,6 +430,10 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
                 state.skipped_steps += 1
             _count_malformed(state, compressor)
         if bucket.is_last():
+            if period:
+                # The share of the step this rank waited for its last exchange: the signal of a
+                # communication-bound step (granular's auto policy).
+                compressor.note_timing(min(1.0, (begun - launched) / period))
             _end_of_step(state)
         buffer.copy_(result)
         state.decode_s += time.perf_counter() - begun

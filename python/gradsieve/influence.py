@@ -38,8 +38,9 @@ def hessian_diagonal(
     """Hutchinson estimate of the Hessian diagonal of ``loss_fn(model, batch)``.
 
     Args:
-        model: the model; its weights are perturbed in place and restored bit for bit, and the
-            ``.grad`` of its parameters is left as it was.
+        model: the model; its weights are perturbed in place and restored bit for bit, the
+            ``.grad`` of its parameters is left as it was, its buffers (batch-norm statistics) and
+            the random state are restored.
         loss_fn: ``loss_fn(model, batch)`` -> scalar loss.
         batch: whatever ``loss_fn`` takes.
         probes: Rademacher directions averaged (2 gradient evaluations each), >= 1.
@@ -58,29 +59,43 @@ def hessian_diagonal(
     if not params:
         raise ValueError("hessian_diagonal: no parameters to probe")
     saved = [p.detach().clone() for p in params]
+    # Buffers (batch-norm statistics) change in a training-mode forward: restored afterwards.
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     estimate = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
 
     def gradient() -> List[torch.Tensor]:
         loss = loss_fn(model, batch)
         return list(torch.autograd.grad(loss, params, allow_unused=True))
 
-    try:
-        for _ in range(probes):
-            directions = [_rademacher(p, generator) for p in params]
-            grads = []
-            for sign in (1.0, -1.0):
-                with torch.no_grad():
-                    for p, w, v in zip(params, saved, directions):
-                        p.copy_(w + sign * eps * v)
-                grads.append(gradient())
-            for e, v, plus, minus in zip(estimate, directions, *grads):
-                if plus is None or minus is None:
-                    continue  # a parameter the loss does not use: zero curvature
-                e.add_(v.float() * (plus.float() - minus.float()) / (2 * eps))
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
+    # Every evaluation starts from the same random state (dropout draws the same masks at
+    # w + eps v and w - eps v, so their difference is curvature, not noise), and the caller's
+    # random state is left as it was.
+    with torch.random.fork_rng(devices=devices):
+        start = torch.random.get_rng_state()
+        cuda_start = [torch.cuda.get_rng_state(d) for d in devices]
+        try:
+            for _ in range(probes):
+                directions = [_rademacher(p, generator) for p in params]
+                grads = []
+                for sign in (1.0, -1.0):
+                    torch.random.set_rng_state(start)
+                    for d, state in zip(devices, cuda_start):
+                        torch.cuda.set_rng_state(state, d)
+                    with torch.no_grad():
+                        for p, w, v in zip(params, saved, directions):
+                            p.copy_(w + sign * eps * v)
+                    grads.append(gradient())
+                for e, v, plus, minus in zip(estimate, directions, *grads):
+                    if plus is None or minus is None:
+                        continue  # a parameter the loss does not use: zero curvature
+                    e.add_(v.float() * (plus.float() - minus.float()) / (2 * eps))
+        finally:
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+                for b, value in buffers:
+                    b.copy_(value)
     return [e.div_(probes) for e in estimate]
 
 

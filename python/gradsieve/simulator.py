@@ -133,6 +133,14 @@ class Simulator:
         """A validation metric, as every worker would report it (see ``CompressionState``)."""
         self.compressor.report_metric(float(value), bool(higher_is_better))
 
+    def report_loss(self, loss: float) -> None:
+        """The training loss of the coming step, as every worker would report it."""
+        self.compressor.report_loss(loss)
+
+    def note_timing(self, comm_share: float) -> None:
+        """A scripted communication share of the step (the hook measures it; see granular)."""
+        self.compressor.note_timing(float(comm_share))
+
     def state_dict(self) -> Dict[str, object]:
         return {"steps": self.steps, "banks": [bank.state_dict() for bank in self.banks],
                 "compressor_state": self.compressor.state_dict()}

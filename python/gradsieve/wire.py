@@ -243,3 +243,159 @@ class PayloadFormat:
             well_formed &= ~(claims_finite & ~torch.isfinite(values).all(dim=1))
             ops.sparse_accumulate_(out, indices, values.reshape(-1))
         return flags, well_formed
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFormat:
+    """Byte layout of a payload that carries whole parameter tensors densely (``granular``'s
+    ``layer`` level): no index per entry, only which of the bucket's ``len(numels)`` parameters
+    are in it::
+
+        header  int32[2]          finite flag, number C of parameters carried
+                int32[2]          with checksum=True only (as in PayloadFormat)
+        ids     int32[P]          the carried parameters' positions in the bucket, ascending
+                                  (the first C; the rest are padding)
+        scales  float32[M/chunk]  only for int8 values
+        values  fp32|fp16|bf16|int8 [M]   the carried parameters' entries, one after the other
+
+    ``M`` (``capacity``) is fixed per bucket; the carried parameters fill its start.
+    """
+
+    numels: Tuple[int, ...]
+    capacity: int
+    values: str = "fp32"
+    chunk: int = 256
+    checksum: bool = False
+
+    @property
+    def header_bytes(self) -> int:
+        return HEADER_BYTES + (8 if self.checksum else 0)
+
+    @property
+    def slots(self) -> int:
+        return self.capacity
+
+    @property
+    def num_scales(self) -> int:
+        """int8: one scale per chunk of values, the last chunk possibly partial."""
+        return -(-self.capacity // self.chunk) if self.values == "int8" else 0
+
+    @property
+    def nbytes(self) -> int:
+        value_size = torch.empty((), dtype=VALUE_DTYPES[self.values]).element_size()
+        # Values padded to 4 bytes.
+        return self.header_bytes + 4 * len(self.numels) + 4 * self.num_scales + \
+            -(-value_size * self.slots // 4) * 4
+
+    def pack(self, finite: torch.Tensor, chosen: Tuple[int, ...], values: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Encodes the entries ``values`` (float32) of the parameters at bucket positions
+        ``chosen`` (ascending; their entries one after the other, at most ``capacity``).
+        Returns ``(payload, sent)``: ``sent`` is what a receiver decodes for ``values``."""
+        chosen = tuple(int(c) for c in chosen)
+        if list(chosen) != sorted(set(chosen)) or any(not 0 <= c < len(self.numels) for c in chosen):
+            raise ValueError(f"LayerFormat.pack: chosen must be ascending distinct positions below "
+                             f"{len(self.numels)}, got {list(chosen)}")
+        total = sum(self.numels[c] for c in chosen)
+        if values.numel() != total or total > self.capacity:
+            raise ValueError(f"LayerFormat.pack: {values.numel()} values for parameters holding {total} "
+                             f"entries (capacity {self.capacity})")
+        device = values.device
+        payload = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+        header = payload[:self.header_bytes].view(torch.int32)
+        header[0] = finite.to(torch.int32)
+        header[1] = len(chosen)
+        offset = self.header_bytes
+        if chosen:
+            payload[offset:offset + 4 * len(chosen)].view(torch.int32).copy_(
+                torch.tensor(chosen, dtype=torch.int32))
+        offset += 4 * len(self.numels)
+        if self.values == "int8":
+            padded = torch.zeros(self.num_scales * self.chunk, dtype=torch.float32, device=device)
+            padded[:total] = values
+            q, scales = ops.quantize_int8(padded, self.chunk)
+            payload[offset:offset + 4 * self.num_scales].view(torch.float32).copy_(scales)
+            offset += 4 * self.num_scales
+            payload[offset:offset + self.slots].view(torch.int8).copy_(q[:self.slots])
+            sent = ops.dequantize_int8(q, scales, self.chunk)[:total]
+        else:
+            dtype = VALUE_DTYPES[self.values]
+            cast = values.to(dtype)
+            payload[offset:offset + cast.element_size() * total].view(dtype).copy_(cast)
+            sent = cast.float()
+        if self.checksum:
+            header[2] = checksum_of(payload.view(1, -1))[0]
+        return payload, sent
+
+    def decode_sum(self, gathered: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Adds every rank's carried parameters into ``out`` (float32, the bucket). As
+        :meth:`PayloadFormat.decode_sum`: whatever the bytes, nothing is written outside ``out``
+        and nothing raises; a payload that is not well formed (count outside [0, P], a flag other
+        than 0 or 1, positions not ascending or outside the bucket, more entries than the
+        capacity, non-finite scales or values under a finite flag, a wrong checksum) is flagged
+        and contributes nothing. Returns ``(finite, well_formed)``, bool[world]."""
+        world, device = gathered.shape[0], gathered.device
+        if gathered.dim() != 2 or gathered.shape[1] != self.nbytes or gathered.dtype != torch.uint8:
+            raise ValueError(f"decode_sum: expected uint8 payloads of {self.nbytes} bytes, got "
+                             f"{gathered.dtype} of shape {tuple(gathered.shape)}")
+        if out.numel() != sum(self.numels):
+            raise ValueError(f"decode_sum: out has {out.numel()} entries, the bucket {sum(self.numels)}")
+
+        def column(start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+            return gathered[:, start:start + nbytes].reshape(-1).view(dtype).view(world, -1)
+
+        P, M = len(self.numels), self.slots
+        header = column(0, self.header_bytes, torch.int32)
+        flags = header[:, 0] != 0
+        count = header[:, 1]
+        well_formed = (count >= 0) & (count <= P) & ((header[:, 0] == 0) | (header[:, 0] == 1))
+        if self.checksum:
+            unsigned = gathered.clone()
+            unsigned[:, HEADER_BYTES:HEADER_BYTES + 4] = 0
+            well_formed &= checksum_of(unsigned) == header[:, 2]
+        offset = self.header_bytes
+        numels = torch.tensor(self.numels, dtype=torch.int64, device=device)
+        ids = column(offset, 4 * P, torch.int32).to(torch.int64) if P else \
+            torch.zeros(world, 0, dtype=torch.int64, device=device)
+        offset += 4 * P
+        in_use = torch.arange(P, device=device) < count.clamp(0, P)[:, None]
+        inside = (ids >= 0) & (ids < P)
+        well_formed &= (inside | ~in_use).all(dim=1)
+        if P > 1:
+            rising = (ids[:, 1:] > ids[:, :-1]) | ~in_use[:, 1:]
+            well_formed &= rising.all(dim=1)
+        carried = torch.zeros(world, P, dtype=torch.bool, device=device)
+        carried.scatter_(1, torch.where(in_use & inside, ids, 0), in_use & inside)
+        carried_numel = torch.where(carried, numels, 0)
+        total = carried_numel.sum(dim=1)
+        well_formed &= total <= self.capacity
+        claims_finite = header[:, 0] == 1
+        if self.values == "int8":
+            scales = column(offset, 4 * self.num_scales, torch.float32)
+            offset += 4 * self.num_scales
+            q = column(offset, M, torch.int8)
+            well_formed &= ~(claims_finite & ~torch.isfinite(scales).all(dim=1))
+            whole = torch.zeros(world, self.num_scales * self.chunk, dtype=torch.int8, device=device)
+            whole[:, :M] = q
+            values = torch.stack([ops.dequantize_int8(whole[r], scales[r].contiguous(), self.chunk)[:M]
+                                  for r in range(world)]) if M else torch.zeros(world, 0, device=device)
+        else:
+            dtype = VALUE_DTYPES[self.values]
+            size = torch.empty((), dtype=dtype).element_size()
+            values = column(offset, size * M, dtype).float()
+        used = torch.arange(M, device=device) < total[:, None]
+        well_formed &= ~(claims_finite & (used & ~torch.isfinite(values)).any(dim=1))
+        if not out.numel() or not M:
+            return flags, well_formed
+        # Entry e of parameter p comes from slot start[p] + (e - offset[p]) of a rank's values,
+        # start[p] being the entries of the carried parameters before p.
+        param_of = torch.repeat_interleave(torch.arange(P, device=device), numels)
+        first = torch.cumsum(numels, 0) - numels
+        local = torch.arange(out.numel(), device=device) - first[param_of]
+        starts = torch.cumsum(carried_numel, dim=1) - carried_numel
+        for r in range(world):
+            source = starts[r][param_of] + local
+            take = carried[r][param_of] & (source < M) & well_formed[r]  # a malformed payload adds nothing
+            picked = values[r].gather(0, source.clamp(0, M - 1))
+            out.add_(torch.where(take, picked, torch.zeros_like(picked)))
+        return flags, well_formed

@@ -1,3 +1,3 @@
 """The registered compressors. Importing this package fills the registry."""
 
-from gradsieve.compressors import adaptive, dense, dgc, ef21, predictive, regtopk, topk  # noqa: F401
+from gradsieve.compressors import adaptive, dense, dgc, ef21, granular, predictive, regtopk, topk  # noqa: F401
