@@ -36,6 +36,11 @@ def measure(spec: str, steps: int, world: int = 2):
         options[key] = int(value) if value.isdigit() else value
     sim = gradsieve.Simulator(name, world_size=world, param_sizes=SIZES, param_ndims=NDIMS, **options)
     numel = sum(SIZES)
+    if name == "granular":
+        # What one probe leaves (the hook's state.probe; the Simulator has no model to probe): a
+        # Hessian-diagonal estimate per parameter.
+        for key, size in enumerate(SIZES):
+            sim.compressor.store_hessian(sim.banks[0].params, key, torch.zeros(size))
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         sim.step([torch.randn(numel, generator=g) for _ in range(world)])

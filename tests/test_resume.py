@@ -13,7 +13,8 @@ from distributed import run_workers
 from gradsieve.checkpoint import FAULT_ENV, RunCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPRESSORS = ["topk", "dgc", "ef21", "regtopk", "adaptive", "predictive"]
+COMPRESSORS = ["topk", "dgc", "ef21", "regtopk", "adaptive", "predictive",
+               "granular:granularity=auto:policy=bandit:probe_every=3"]
 BASE = ["--workload", "digits", "--steps", "12", "--eval-every", "6", "--checkpoint-every", "4",
         "--no-progress", "--timeout", "60"]
 
@@ -23,8 +24,13 @@ def train(*args, env=None, timeout=600):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def folder(index, name):
+    """A run's checkpoint folder (the run name's ':' become '_')."""
+    return f"{index:02d}-{name.replace(':', '_')}"
+
+
 def finished(root, index, name):
-    return torch.load(os.path.join(root, f"{index:02d}-{name}", "done-rank0.pt"), weights_only=False)
+    return torch.load(os.path.join(root, folder(index, name), "done-rank0.pt"), weights_only=False)
 
 
 def test_killed_runs_resume_bit_identical(tmp_path):
@@ -57,7 +63,7 @@ def test_killed_runs_resume_bit_identical(tmp_path):
         assert [e["loss"] for e in a["record"]["history"]["eval"]] == \
             [e["loss"] for e in b["record"]["history"]["eval"]], name
         # Only the two newest checkpoints of each rank are kept.
-        files = sorted(os.listdir(resumed / f"{index:02d}-{name}"))
+        files = sorted(os.listdir(resumed / folder(index, name)))
         assert files == ["done-rank0.pt", "done-rank1.pt", "step-000000004-rank0.pt",
                          "step-000000004-rank1.pt", "step-000000008-rank0.pt",
                          "step-000000008-rank1.pt"], files

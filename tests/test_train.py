@@ -40,14 +40,19 @@ def fake_cifar(root, per_batch=8):
 
 
 @pytest.mark.parametrize("workload,extra", [
-    ("digits", ["--compare", "none,topk,dgc,ef21,regtopk,adaptive,predictive:k_min=0.005:k_max=0.04",
+    ("digits", ["--compare", "none,topk,dgc,ef21,regtopk,adaptive,predictive:k_min=0.005:k_max=0.04,"
+                "granular:granularity=auto:policy=bandit:probe_every=4",
                 "--steps", "12", "--eval-every", "3"]),
-    ("charlm", ["--compare", "none,topk,regtopk,adaptive:index=csr16,predictive", "--steps", "4",
+    ("charlm", ["--compare", "none,topk,regtopk,adaptive:index=csr16,predictive,granular:granularity=hybrid",
+                "--steps", "4",
                 "--batch-size", "4"]),
-    ("linreg", ["--compare", "none,topk,ef21,regtopk,adaptive,predictive", "--steps", "20", "--density", "0.1"]),
-    ("cifar10", ["--compare", "topk,regtopk,adaptive,predictive", "--steps", "2", "--batch-size", "4",
+    ("linreg", ["--compare", "none,topk,ef21,regtopk,adaptive,predictive,granular", "--steps", "20",
+                "--density", "0.1"]),
+    ("cifar10", ["--compare", "topk,regtopk,adaptive,predictive,granular:granularity=layer", "--steps", "2",
+                 "--batch-size", "4",
                  "--heterogeneous"]),
-    ("textcls", ["--compare", "none,torch-fp16,powersgd,topk,adaptive,predictive", "--steps", "6"]),
+    ("textcls", ["--compare", "none,torch-fp16,powersgd,topk,adaptive,predictive,granular:granularity=auto",
+                 "--steps", "6"]),
 ])
 def test_tiny_run_of_each_workload(tmp_path, workload, extra):
     if workload == "cifar10":
@@ -71,6 +76,11 @@ def test_tiny_run_of_each_workload(tmp_path, workload, extra):
         if run["compressor"].startswith("predictive"):  # the metric reached the state (adaptive k)
             densities = [e["density"] for e in run["history"]["eval"]]
             assert len(densities) >= 2 and all(0 < d <= 1 for d in densities)
+        if run["compressor"] == "granular":  # the probe ran on the clock (after the first step)
+            assert run["probes"] >= 1 and 0 < run["probe_share"] < 1
+            if "auto" in run["name"]:
+                played = run["history"]["eval"][-1]["level_steps"]
+                assert sum(played.values()) == run["steps"] - 1  # every compressed step
     for png in ("loss_vs_step.png", "loss_vs_bytes.png", "metric_vs_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -139,7 +139,11 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     if spec.from_torch:
         state, after_step = register_baseline(spec.compressor, ddp, spec.options, steps)
     else:
-        state = CompressionState(spec.compressor, warmup_steps=args.warmup_steps, **spec.options)
+        options = dict(spec.options)
+        if spec.compressor == "granular" and "horizon" not in options:
+            # The auto policy's progress signal: the run's length in compressed steps.
+            options["horizon"] = max(0, steps - args.warmup_steps)
+        state = CompressionState(spec.compressor, warmup_steps=args.warmup_steps, **options)
         ddp.register_comm_hook(state, compression_hook)
         after_step = None
     optimizer = _optimizer(args, spec, ddp.parameters())
@@ -211,10 +215,17 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         counters = getattr(state, "stats", lambda: {})()
         if "density" in counters:  # predictive: the density now (adaptive k)
             point["density"] = counters["density"]
+        if "level_steps" in counters:  # granular auto: steps played per level so far
+            point["level_steps"] = counters["level_steps"]
         if "sent" in counters:  # adaptive: entries on the wire so far (rank 0's)
             point["entries_sent"] = counters["sent"]
             point["entries_wanted"] = counters["wanted"]
         evals.append(point)
+
+    probing = None
+    if not spec.from_torch and spec.compressor == "granular":
+        def probing(module, data):
+            return workload.loss(module(data[0]), data[1])
 
     progress = Progress(steps, spec.label) if rank == 0 and not args.no_progress else None
     if progress is not None and start:
@@ -235,8 +246,13 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         optimizer.zero_grad(set_to_none=True)
         output = ddp(x)
         loss = workload.loss(output, y)
+        if probing is not None:
+            state.report_loss(loss.detach())  # granular's auto policy (not waited for)
         loss.backward()
         optimizer.step()
+        if probing is not None:
+            # granular's curvature probe when it is due (on the clock: it is training cost).
+            state.probe(model, probing, (x, y))
         value = loss.item()  # also waits for the step
         _sync(device)
         elapsed = time.perf_counter() - started
@@ -305,6 +321,9 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "compress_s_per_step": None if stats["compress_s"] is None else stats["compress_s"] / steps,
         "decode_s_per_step": None if stats["decode_s"] is None else stats["decode_s"] / steps,
         "skipped_steps": stats["skipped_steps"],
+        # granular's curvature probes (rank 0): how many, and their share of the training time.
+        "probes": stats.get("probes", 0),
+        "probe_share": stats.get("probe_s", 0.0) / clock if clock else None,
         # adaptive's counters (rank 0): entries put on the wire, and entries it would have sent
         # without its capacity, per compressed step.
         "entries_sent_per_step": _per_step(stats.get("sent"), stats.get("compressed_steps", 0)),
