@@ -366,12 +366,17 @@ class GranularCompressor(Compressor):
             pending["_indices"] = indices
         return Compressed(payload, pending)
 
+    @staticmethod
+    def _ranked(score, layout) -> List[int]:
+        """The bucket's parameters by mean score, highest first (non-finite means last, then by
+        position)."""
+        means = ops.segment_mean(score, list(layout.param_numels)).tolist()
+        return sorted(range(len(means)), key=lambda p: (-_finite_or(means[p]), p))
+
     def _fill_layers(self, score, layout, capacity: int) -> List[int]:
         """Parameters by mean score, highest first, each taken if it still fits (ascending)."""
-        means = ops.segment_mean(score, list(layout.param_numels)).tolist()
-        order = sorted(range(len(means)), key=lambda p: (-_finite_or(means[p]), p))
         chosen, room = [], capacity
-        for p in order:
+        for p in self._ranked(score, layout):
             n = layout.param_numels[p]
             if 0 < n <= room:
                 chosen.append(p)
@@ -383,11 +388,9 @@ class GranularCompressor(Compressor):
         bucket (and at least ``k`` entries), in ascending order."""
         if len(layout.param_numels) == 1:
             return torch.arange(layout.numel, device=score.device)
-        means = ops.segment_mean(score, list(layout.param_numels)).tolist()
-        order = sorted(range(len(means)), key=lambda p: (-_finite_or(means[p]), p))
         want = max(k, math.ceil(self.hybrid_share * layout.numel))
         chosen, held = [], 0
-        for p in order:
+        for p in self._ranked(score, layout):
             if held >= want:
                 break
             chosen.append(p)
