@@ -4,7 +4,9 @@
   :mod:`gradsieve.ops`;
 * compressors: a registry (:func:`available_compressors`, :func:`get_compressor`);
 * the DDP hook: :class:`CompressionState` and :func:`compression_hook`;
-* the N-worker :class:`Simulator`, running the same compressor code in one process.
+* the N-worker :class:`Simulator`, running the same compressor code in one process;
+* :class:`SpeculativeOptimizer`: speculative sparse training (communication overlaps the next
+  step).
 """
 
 from gradsieve import compressors as _compressors  # noqa: F401  (fills the registry)
@@ -29,6 +31,7 @@ from gradsieve.ops import (
 )
 from gradsieve.registry import available_compressors, get_compressor, register_compressor
 from gradsieve.simulator import Simulator
+from gradsieve.speculative import SpeculativeOptimizer
 
 __version__ = "0.1.0"
 
@@ -37,6 +40,7 @@ __all__ = [
     "CompressionState",
     "Compressor",
     "Simulator",
+    "SpeculativeOptimizer",
     "SparseCompressor",
     "adaptive_select",
     "available_compressors",

@@ -116,6 +116,9 @@ class Compressor:
 
     # Dense compressors: the dtype to all-reduce in (None: the bucket's own).
     allreduce_dtype: Optional[torch.dtype] = None
+    # commit() returns the average of the decoded payloads (False for EF21, whose result is a
+    # running estimate). Speculative training (gradsieve.SpeculativeOptimizer) needs it.
+    returns_average: bool = True
 
     def payload_format(self, layout: BucketLayout, step: int) -> PayloadFormat:
         raise NotImplementedError
@@ -131,6 +134,14 @@ class Compressor:
         finite, well_formed = self.payload_format(layout, step).decode_sum(gathered, out)
         self.last_malformed = ~well_formed
         return out.div_(gathered.shape[0]), finite & well_formed
+
+    def own_update(self, compressed: Compressed, layout: BucketLayout, step: int) -> torch.Tensor:
+        """This worker's own contribution to the sum the average is taken of, dense
+        (float32[numel]): its payload decoded alone, the values as they went on the wire. Pure.
+        Speculative training applies it to the working weights before the exchange ends."""
+        out = torch.zeros(layout.numel, dtype=torch.float32, device=compressed.payload.device)
+        self.payload_format(layout, step).decode_sum(compressed.payload.unsqueeze(0), out)
+        return out
 
     def commit(self, memory: BucketMemory, pending: Dict[str, torch.Tensor], average: torch.Tensor,
                layout: BucketLayout) -> torch.Tensor:

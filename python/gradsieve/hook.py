@@ -17,7 +17,7 @@ iteration. The returned future does not block the backward pass.
 import hashlib
 import json
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,28 @@ from gradsieve.registry import compressor_class, get_compressor
 __all__ = ["CompressionState", "compression_hook"]
 
 HOOK_OPTIONS = ("warmup_steps",)
+
+
+class _Exchange(NamedTuple):
+    """One bucket's all-gather in flight under speculative training."""
+
+    at: int  # the hook's step
+    step: int  # compressed step
+    params: Tuple[torch.nn.Parameter, ...]
+    layout: BucketLayout
+    memory: Any
+    pending: Dict[str, torch.Tensor]
+    future: torch.futures.Future
+    last: bool
+    period: Optional[float]
+
+
+class Landed(NamedTuple):
+    """What one step's exchanges gave: ``dense`` (a warm-up step's all-reduce, applied at once)
+    and, per bucket, its parameters and the average (None: the step is skipped)."""
+
+    dense: bool
+    buckets: List[Tuple[Tuple[torch.nn.Parameter, ...], Optional[torch.Tensor]]]
 
 
 class CompressionState:
@@ -79,6 +101,11 @@ class CompressionState:
         "probe_count",
         "_last_probe",
         "_last_launch",
+        # speculative training (gradsieve.speculative): the revert threshold while an optimizer
+        # wrapper drives the exchange, exchanges in flight, and averages not yet applied
+        "speculative",
+        "_inflight",
+        "_landed",
     ]
 
     def __init__(
@@ -128,6 +155,9 @@ class CompressionState:
         self.probe_count = 0
         self._last_probe: Optional[int] = None
         self._last_launch: Optional[float] = None
+        self.speculative: Optional[float] = None
+        self._inflight: List[_Exchange] = []
+        self._landed: Dict[int, Landed] = {}
 
     # ------------------------------------------------------------------------------ statistics
     def stats(self) -> Dict[str, Any]:
@@ -168,7 +198,14 @@ class CompressionState:
 
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
-        """This rank's state (not the process group): step, config, memory per parameter."""
+        """This rank's state (not the process group): step, config, memory per parameter.
+
+        Under speculative training, save the optimizer wrapper's state first
+        (:meth:`gradsieve.SpeculativeOptimizer.state_dict` ends the exchanges in flight)."""
+        if getattr(self, "_inflight", None) or getattr(self, "_landed", None):
+            raise ValueError("CompressionState.state_dict: speculative exchanges are still in flight or "
+                             "not applied; call the SpeculativeOptimizer's state_dict() (or "
+                             "synchronize()) first")
         return {
             "config": self.compressor.config(),
             "warmup_steps": self.warmup_steps,
@@ -195,12 +232,48 @@ class CompressionState:
             setattr(self, key, value)
 
     def __getstate__(self):
-        return {name: getattr(self, name) for name in self.__slots__ if name != "process_group"}
+        skip = ("process_group", "_inflight", "_landed")
+        return {name: getattr(self, name) for name in self.__slots__ if name not in skip}
 
     def __setstate__(self, state):
         self.process_group = None
+        self._inflight, self._landed = [], {}
         for name, value in state.items():
             setattr(self, name, value)
+
+    # ------------------------------------------------------------------------------ speculative
+    def finish_exchanges(self) -> None:
+        """Speculative training: waits for the exchanges in flight (one step's buckets), decodes
+        them and commits the compressor's memory exactly as the synchronous hook does, and keeps
+        each bucket's average (None when the step is skipped) for the optimizer wrapper. The hook
+        calls it before the first bucket of the next step, so the compressor sees the same
+        sequence of compress, aggregate and commit as in synchronous training."""
+        inflight, self._inflight = self._inflight, []
+        for exchange in inflight:
+            begun = time.perf_counter()
+            gathered = exchange.future.wait()
+            waited = time.perf_counter() - begun
+            compressor = self.compressor
+            average, flags = compressor.aggregate(gathered, exchange.layout, exchange.step)
+            landed = self._landed.setdefault(exchange.at, Landed(False, []))
+            if bool(flags.all()):
+                result = compressor.commit(exchange.memory, exchange.pending, average, exchange.layout)
+                landed.buckets.append((exchange.params, result))
+            else:
+                landed.buckets.append((exchange.params, None))
+                if exchange.last:
+                    self.skipped_steps += 1
+                _count_malformed(self, compressor)
+            if exchange.last:
+                if exchange.period:
+                    compressor.note_timing(min(1.0, waited / exchange.period))
+                _end_of_step(self)
+            self.decode_s += time.perf_counter() - begun
+
+    def take_landed(self) -> Dict[int, "Landed"]:
+        """The averages that arrived since the last call, by hook step (the wrapper's input)."""
+        landed, self._landed = self._landed, {}
+        return landed
 
     def report_metric(self, value: float, higher_is_better: bool = True) -> None:
         """Tells the compressor a validation metric (``predictive`` adapts its density to it).
@@ -298,7 +371,8 @@ def _verify_config(state: CompressionState, layout: BucketLayout, nbytes: int, w
     and the 32-byte digests are all-gathered as a tensor. Only when they differ are the JSON texts
     themselves exchanged (as bytes, read with ``json.loads``) to name what differs."""
     mine = {"config": state.compressor.config(), "bucket_numel": layout.numel, "payload_bytes": nbytes,
-            "warmup_steps": state.warmup_steps, "runtime": state.compressor.runtime()}
+            "warmup_steps": state.warmup_steps, "runtime": state.compressor.runtime(),
+            "speculative": getattr(state, "speculative", None)}
     text = json.dumps(mine, sort_keys=True).encode()
     digest = torch.tensor(list(hashlib.sha256(text).digest()), dtype=torch.uint8, device=device)
     digests = _gather_bytes(digest, world, state.process_group)
@@ -331,7 +405,7 @@ def _gather_bytes(tensor: torch.Tensor, world: int, group) -> torch.Tensor:
 
 
 def _dense_hook(state: CompressionState, bucket: dist.GradBucket, world: int,
-                count: bool = True) -> torch.futures.Future:
+                count: bool = True, step: int = 0) -> torch.futures.Future:
     buffer = bucket.buffer()
     dtype = state.compressor.allreduce_dtype or buffer.dtype
     tensor = buffer.to(dtype) if dtype != buffer.dtype else buffer
@@ -340,9 +414,14 @@ def _dense_hook(state: CompressionState, bucket: dist.GradBucket, world: int,
         state.dense_bytes += buffer.numel() * 4
     work = dist.all_reduce(tensor, group=state.process_group, async_op=True)
 
+    keep = count and getattr(state, "speculative", None) is not None
+
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         reduced = fut.value()[0]
         buffer.copy_(reduced.div_(world))
+        if keep:  # speculative training: the wrapper applies it to the global weights too
+            landed = state._landed.setdefault(step, Landed(True, []))
+            landed.buckets.append((tuple(bucket.parameters()), buffer.clone()))
         return buffer
 
     return work.get_future().then(finish)
@@ -393,8 +472,15 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     if compressor.dense or step_now < state.warmup_steps:
         if not compressor.dense:
             state.layout_of(bucket, world)  # learn parameter keys from DDP's first layout
-        return _dense_hook(state, bucket, world)
+        return _dense_hook(state, bucket, world, step=step_now)
 
+    speculative = getattr(state, "speculative", None) is not None
+    if speculative:
+        if not compressor.returns_average:
+            raise ValueError(f"gradsieve: speculative training needs a compressor whose result is the "
+                             f"average of the payloads; {compressor.name!r} is not one")
+        if state._inflight and state._inflight[0].at != step_now:
+            state.finish_exchanges()  # the previous step's, before this step's memory is read
     started = time.perf_counter()
     buffer = bucket.buffer()
     layout = state.layout_of(bucket, world)
@@ -403,7 +489,10 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     compressed_step = step_now - state.warmup_steps
     compressed = compressor.compress(buffer.float(), memory, layout, compressed_step)
     payload = compressed.payload
-    verified = (payload.numel(), json.dumps(compressor.runtime(), sort_keys=True))
+    verified = (payload.numel(), json.dumps(compressor.runtime(), sort_keys=True),
+                getattr(state, "speculative", None))
+    if speculative and sum(layout.param_numels) != layout.numel:
+        raise ValueError("gradsieve: speculative training needs DDP buckets made of whole parameters")
     if state._verified.get(layout.index) != verified:
         _verify_config(state, layout, payload.numel(), world, payload.device)
         state._verified[layout.index] = verified
@@ -417,6 +506,17 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         if state._last_launch is not None:
             period = launched - state._last_launch
         state._last_launch = launched
+
+    if speculative:
+        # The exchange goes on while the next step runs; DDP gets this rank's own sent update
+        # (the optimizer wrapper applies it to the working weights) and does not wait.
+        future = _all_gather(payload, world, state.process_group)
+        state._inflight.append(_Exchange(step_now, compressed_step, tuple(bucket.parameters()), layout,
+                                         memory, compressed.pending, future, bucket.is_last(), period))
+        buffer.copy_(compressor.own_update(compressed, layout, compressed_step))
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(buffer)
+        return done
 
     def decode(fut: torch.futures.Future) -> torch.Tensor:
         begun = time.perf_counter()

@@ -26,6 +26,7 @@ class EF21Compressor(SparseCompressor):
     """
 
     memory_names = ("estimate", "global_estimate")
+    returns_average = False  # the optimizer receives the global estimate, not this step's average
 
     def select(self, grad, memory, segments, layout, step):
         estimate = memory.entries["estimate"]

@@ -418,6 +418,13 @@ class GranularCompressor(Compressor):
                                    gathered.shape[1])
         return out.div_(world), finite & well_formed
 
+    def own_update(self, compressed, layout, step):
+        level = self.bucket_level(self.level_at(step), layout)
+        fmt = self.layer_format(layout) if level == "layer" else self.weight_format(layout)
+        out = torch.zeros(layout.numel, dtype=torch.float32, device=compressed.payload.device)
+        fmt.decode_sum(compressed.payload[SIDE_BYTES:].unsqueeze(0), out)
+        return out
+
     def commit(self, memory, pending, average, layout):
         memory.entries["residual"] = pending["residual"]
         memory.entries["score"] = pending["score"]

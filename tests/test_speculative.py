@@ -1,0 +1,346 @@
+"""Speculative sparse training (gradsieve.SpeculativeOptimizer, issue 15 part 3) on 2 gloo workers:
+global weights bit-identical on every rank, working weights within revert_threshold after every
+correction, speculative=False and revert_threshold=0 equal to synchronous training bit for bit,
+checkpoint and restore bit for bit; and the wrapper's errors."""
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradsieve
+from distributed import run_workers
+from test_hook import batch, flat_params, small_model
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    "momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+}
+GRANULAR = {"density": 0.1, "probe_every": 0}
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def make(rank, optimizer, mode, threshold, options, bucket_cap_mb=25.0, seed=0, warmup_steps=1,
+         compressor="granular"):
+    model = small_model(seed)
+    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
+    state = gradsieve.CompressionState(compressor, warmup_steps=warmup_steps, **options)
+    ddp.register_comm_hook(state, gradsieve.compression_hook)
+    opt = OPTIMIZERS[optimizer](ddp.parameters())
+    if mode != "sync":
+        opt = gradsieve.SpeculativeOptimizer(opt, state, revert_threshold=threshold,
+                                             speculative=mode == "spec")
+    return model, ddp, state, opt
+
+
+def run_steps(rank, ddp, opt, steps, start=0, record=None):
+    for step in range(start, start + steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        if record is not None:
+            record(step)
+
+
+def worker_properties(rank, world, optimizer, threshold, options, bucket_cap_mb):
+    model, ddp, state, opt = make(rank, optimizer, "spec", threshold, options, bucket_cap_mb)
+    globals_, after_correction, working_differs, inflight = [], [], [], []
+    correct = opt._correct
+
+    def checked_correct():
+        correct()
+        # Independent of the wrapper's own bookkeeping: plain torch on the two copies.
+        after_correction.append([float(torch.linalg.vector_norm(p.detach() - g) / torch.linalg.vector_norm(g))
+                                 for p, g in zip(model.parameters(), opt.global_parameters())])
+
+    opt._correct = checked_correct
+
+    def record(step):
+        globals_.append(flat(opt.global_parameters()))
+        working_differs.append(not torch.equal(flat_params(model), globals_[-1]))
+        inflight.append(len(state._inflight))
+
+    run_steps(rank, ddp, opt, 16, record=record)
+    return {"globals": globals_, "after": after_correction, "differs": working_differs,
+            "inflight": inflight, "stats": opt.stats(), "hook": state.stats(),
+            "finite": bool(torch.isfinite(flat_params(model)).all())}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_global_weights_identical_and_working_weights_within_threshold(tmp_path, optimizer):
+    threshold = 0.02
+    results = run_workers(worker_properties, 2, tmp_path, optimizer, threshold, GRANULAR, 25.0)
+    a, b = results
+    assert len(a["globals"]) == 16
+    for step, (ga, gb) in enumerate(zip(a["globals"], b["globals"])):
+        assert torch.equal(ga, gb), f"global weights differ between ranks after step {step}"
+    for r in results:
+        assert r["finite"]
+        # Warm-up step 0 is synchronous; every later step left its exchange in flight.
+        assert r["inflight"][0] == 0 and all(n == 1 for n in r["inflight"][1:])
+        assert len(r["after"]) == 14  # a correction at every step after the first compressed one
+        assert all(d <= threshold for after in r["after"] for d in after)
+        stats = r["stats"]
+        assert stats["corrections"] == 14 and stats["global_steps"] == 15  # the last in flight
+        # The threshold is met both ways: some layers reverted, some kept their speculative
+        # weights (so the model differed from the global weights after some steps).
+        assert stats["layer_reverts"] > 0 and stats["layers_kept"] > 0
+        assert any(r["differs"][1:])
+        assert 0 < stats["max_drift"] <= threshold
+
+
+def test_several_buckets_and_a_bucket_rebuild(tmp_path):
+    results = run_workers(worker_properties, 2, tmp_path, "momentum", 0.05, GRANULAR, 0.001)
+    a, b = results
+    assert all(torch.equal(x, y) for x, y in zip(a["globals"], b["globals"]))
+    for r in results:
+        assert r["finite"] and all(d <= 0.05 for after in r["after"] for d in after)
+        assert max(r["inflight"]) > 1  # several buckets in flight at once
+
+
+def worker_compare(rank, world, optimizer, mode, threshold, options, compressor="granular"):
+    model, ddp, state, opt = make(rank, optimizer, mode, threshold, options, compressor=compressor)
+    trail = []
+    run_steps(rank, ddp, opt, 10, record=lambda step: trail.append(flat_params(model)))
+    out = {"trail": trail, "hook": state.stats()}
+    if mode == "spec":
+        out["global"] = flat(opt.global_parameters())
+        out["stats"] = opt.stats()
+    return out
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_threshold_zero_is_synchronous_training_bit_for_bit(tmp_path, optimizer):
+    sync = run_workers(worker_compare, 2, tmp_path, optimizer, "sync", 0.0, GRANULAR)
+    spec = run_workers(worker_compare, 2, tmp_path, optimizer, "spec", 0.0, GRANULAR)
+    for s, p in zip(sync, spec):
+        for step, (x, y) in enumerate(zip(s["trail"], p["trail"])):
+            assert torch.equal(x, y), f"step {step}"
+        assert torch.equal(p["global"], p["trail"][-1])
+        assert p["stats"]["global_steps"] == 10 and p["stats"]["corrections"] == 0
+        assert s["hook"]["wire_bytes"] == p["hook"]["wire_bytes"]
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_speculative_false_is_synchronous_training_bit_for_bit(tmp_path, optimizer):
+    sync = run_workers(worker_compare, 2, tmp_path, optimizer, "sync", 0.0, GRANULAR)
+    off = run_workers(worker_compare, 2, tmp_path, optimizer, "off", 0.05, GRANULAR)
+    for s, p in zip(sync, off):
+        assert all(torch.equal(x, y) for x, y in zip(s["trail"], p["trail"]))
+
+
+def test_speculation_changes_the_trajectory_and_topk_works_too(tmp_path):
+    # The counterpart of the two tests above: with a threshold the run is not the synchronous one.
+    sync = run_workers(worker_compare, 2, tmp_path, "sgd", "sync", 0.0, {"density": 0.1}, "topk")
+    spec = run_workers(worker_compare, 2, tmp_path, "sgd", "spec", 0.05, {"density": 0.1}, "topk")
+    for s, p in zip(sync, spec):
+        assert torch.equal(s["trail"][0], p["trail"][0])  # the warm-up step is synchronous
+        assert not torch.equal(s["trail"][-1], p["trail"][-1])
+        assert bool(torch.isfinite(p["global"]).all())
+    assert torch.equal(spec[0]["global"], spec[1]["global"])
+
+
+AUTO = {"density": 0.1, "probe_every": 0, "granularity": "auto", "policy": "bandit"}
+
+
+def worker_checkpoint(rank, world, tmp, phase, optimizer):
+    threshold = 0.03
+    if phase == "straight":
+        model, ddp, state, opt = make(rank, optimizer, "spec", threshold, AUTO)
+        run_steps(rank, ddp, opt, 10)
+        return {"working": flat_params(model), "global": flat(opt.global_parameters()),
+                "opt": opt.optimizer.state_dict(), "gopt": opt.global_optimizer.state_dict(),
+                "bandit": state.compressor.bandit.state_dict(), "residual": state.memory.total("residual")}
+    if phase == "first":
+        model, ddp, state, opt = make(rank, optimizer, "spec", threshold, AUTO)
+        run_steps(rank, ddp, opt, 5)
+        errors = []
+        try:
+            state.state_dict()  # exchanges in flight: the wrapper's state must be saved first
+        except ValueError as e:
+            errors.append(str(e))
+        saved = {"opt": opt.state_dict(), "hook": state.state_dict(), "model": model.state_dict()}
+        torch.save(saved, f"{tmp}/spec{rank}.pt")
+        return errors
+    saved = torch.load(f"{tmp}/spec{rank}.pt", weights_only=False)
+    model, ddp, state, opt = make(rank, optimizer, "spec", threshold, AUTO, seed=123)
+    model.load_state_dict(saved["model"])
+    state.load_state_dict(saved["hook"])
+    opt.load_state_dict(saved["opt"])
+    run_steps(rank, ddp, opt, 5, start=5)
+    return {"working": flat_params(model), "global": flat(opt.global_parameters()),
+            "opt": opt.optimizer.state_dict(), "gopt": opt.global_optimizer.state_dict(),
+            "bandit": state.compressor.bandit.state_dict(), "residual": state.memory.total("residual")}
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_checkpoint_restore_continues_bit_for_bit(tmp_path, optimizer):
+    straight = run_workers(worker_checkpoint, 2, tmp_path, str(tmp_path), "straight", optimizer)
+    errors = run_workers(worker_checkpoint, 2, tmp_path, str(tmp_path), "first", optimizer)
+    assert all(e and "SpeculativeOptimizer" in e[0] for e in errors)
+    resumed = run_workers(worker_checkpoint, 2, tmp_path, str(tmp_path), "second", optimizer)
+    for a, b in zip(straight, resumed):
+        for key in a:
+            assert same(a[key], b[key]), key
+    assert not torch.equal(straight[0]["working"], straight[1]["working"])  # each rank's own
+    assert torch.equal(straight[0]["global"], straight[1]["global"])
+
+
+def worker_memory(rank, world, optimizer):
+    model, ddp, state, opt = make(rank, optimizer, "spec", 0.05, GRANULAR)
+    run_steps(rank, ddp, opt, 4)
+    return opt.stats()["memory_bytes"]
+
+
+@pytest.mark.parametrize("optimizer,per_param", [("sgd", 4), ("momentum", 8), ("adam", 12)])
+def test_extra_memory_is_a_copy_of_the_weights_and_of_the_optimizer_state(tmp_path, optimizer, per_param):
+    numel = sum(p.numel() for p in small_model().parameters())
+    tensors = len(list(small_model().parameters()))
+    extra = 4 * tensors if optimizer == "adam" else 0  # Adam's step counters (0-d float32)
+    for measured in run_workers(worker_memory, 2, tmp_path, optimizer):
+        assert measured == per_param * numel + extra
+
+
+def worker_scheduler(rank, world):
+    model, ddp, state, opt = make(rank, "sgd", "spec", 0.05, GRANULAR)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for step in range(5):
+        run_steps(rank, ddp, opt, 1, start=step)
+        scheduler.step()
+    opt.synchronize()
+    return opt.optimizer.param_groups[0]["lr"], opt.global_optimizer.param_groups[0]["lr"]
+
+
+def test_a_scheduler_reaches_the_global_optimizer(tmp_path):
+    for working, global_lr in run_workers(worker_scheduler, 2, tmp_path):
+        assert working == pytest.approx(0.025)
+        assert global_lr == working
+
+
+def worker_global_weights(rank, world):
+    model, ddp, state, opt = make(rank, "sgd", "spec", 0.05, GRANULAR)
+    run_steps(rank, ddp, opt, 6)
+    working = flat_params(model)
+    with opt.global_weights():
+        inside = flat_params(model)
+    return working, inside, flat_params(model), flat(opt.global_parameters()), len(state._inflight)
+
+
+def test_global_weights_context_swaps_and_restores(tmp_path):
+    (w0, in0, after0, g0, n0), (w1, in1, after1, g1, n1) = run_workers(worker_global_weights, 2, tmp_path)
+    assert torch.equal(in0, in1) and torch.equal(in0, g0) and torch.equal(g0, g1)
+    assert torch.equal(w0, after0) and torch.equal(w1, after1)
+    assert n0 == n1 == 0  # synchronize() ended the exchange in flight
+
+
+def worker_mismatch(rank, world):
+    model = small_model()
+    ddp = DDP(model)
+    state = gradsieve.CompressionState("granular", **GRANULAR)
+    ddp.register_comm_hook(state, gradsieve.compression_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    if rank == 0:
+        opt = gradsieve.SpeculativeOptimizer(opt, state, revert_threshold=0.05)
+    try:
+        run_steps(rank, ddp, opt, 3)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_that_disagree_on_speculation_fail_with_a_clear_error(tmp_path):
+    for message in run_workers(worker_mismatch, 2, tmp_path):
+        assert message is not None and "configured differently" in message and "speculative" in message
+
+
+# ------------------------------------------------------------------------------ single process
+def test_wrapper_errors_name_the_argument():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = torch.optim.SGD(params, lr=0.1)
+    state = gradsieve.CompressionState("granular", density=0.1)
+    with pytest.raises(ValueError, match="revert_threshold.*-1"):
+        gradsieve.SpeculativeOptimizer(sgd, state, revert_threshold=-1)
+    with pytest.raises(ValueError, match="revert_threshold.*nan"):
+        gradsieve.SpeculativeOptimizer(sgd, state, revert_threshold=float("nan"))
+    with pytest.raises(ValueError, match="optimizer must be"):
+        gradsieve.SpeculativeOptimizer(params, state)
+    with pytest.raises(ValueError, match="state must be"):
+        gradsieve.SpeculativeOptimizer(sgd, "granular")
+    with pytest.raises(ValueError, match="speculative must be"):
+        gradsieve.SpeculativeOptimizer(sgd, state, speculative="yes")
+    with pytest.raises(ValueError, match="'none' is dense"):
+        gradsieve.SpeculativeOptimizer(sgd, gradsieve.CompressionState("none"))
+    with pytest.raises(ValueError, match="'ef21' does not return the average"):
+        gradsieve.SpeculativeOptimizer(sgd, gradsieve.CompressionState("ef21", density=0.1))
+    wrapped = gradsieve.SpeculativeOptimizer(sgd, state)
+    with pytest.raises(ValueError, match="already wrapped"):
+        gradsieve.SpeculativeOptimizer(wrapped, state)
+    with pytest.raises(ValueError, match="closures"):
+        wrapped.step(lambda: 0.0)
+    with pytest.raises(ValueError, match="before wrapping"):
+        wrapped.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+    other = gradsieve.SpeculativeOptimizer(torch.optim.SGD(params, lr=0.1),
+                                           gradsieve.CompressionState("granular", density=0.1),
+                                           revert_threshold=0.5)
+    with pytest.raises(ValueError, match="revert_threshold=0.01"):
+        other.load_state_dict(wrapped.state_dict())
+    assert isinstance(wrapped, torch.optim.Optimizer) and wrapped.param_groups is sgd.param_groups
+
+
+def test_revert_is_per_layer_and_copies_the_optimizer_state():
+    # The correction alone, on hand-made weights: layer 0 drifted 10%, layer 1 0.1%.
+    params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    opt = gradsieve.SpeculativeOptimizer(sgd, gradsieve.CompressionState("topk", density=0.5),
+                                         revert_threshold=0.01)
+    opt.global_optimizer.state[opt._global[0]] = {"momentum_buffer": torch.full((4,), 7.0)}
+    sgd.state[params[0]] = {"momentum_buffer": torch.full((4,), -1.0)}
+    sgd.state[params[1]] = {"momentum_buffer": torch.full((4,), -2.0)}
+    with torch.no_grad():
+        params[0].add_(0.1)
+        params[1][0] += 0.004
+    opt._correct()
+    assert torch.equal(params[0].detach(), torch.ones(4))  # reverted
+    assert torch.equal(sgd.state[params[0]]["momentum_buffer"], torch.full((4,), 7.0))
+    assert params[1].detach()[0] == pytest.approx(1.004)  # kept: 0.2% < 1%
+    assert torch.equal(sgd.state[params[1]]["momentum_buffer"], torch.full((4,), -2.0))
+    assert opt.counters["layer_reverts"] == 1 and opt.counters["layers_kept"] == 1
+    assert opt.last_drifts[0] == 0.0 and opt.last_drifts[1] == pytest.approx(0.002, rel=1e-3)
+
+
+@pytest.mark.parametrize("compressor,options", [
+    ("topk", {"density": 0.05}),
+    ("topk", {"density": 0.05, "values": "int8", "index": "csr16"}),
+    ("regtopk", {"density": 0.05}),
+    ("granular", {"density": 0.05, "granularity": "weight", "values": "int8"}),
+    ("granular", {"density": 0.05, "granularity": "layer"}),
+    ("granular", {"density": 0.05, "granularity": "hybrid"}),
+])
+def test_own_update_is_what_left_the_residual(compressor, options):
+    # With empty memory, error feedback keeps grad - sent: the own update is grad - residual.
+    from gradsieve.compressor import BucketLayout
+    from gradsieve.memory import MemoryBank
+
+    comp = gradsieve.get_compressor(compressor, **options)
+    layout = BucketLayout(600, (400, 150, 50), (2, 2, 1), 2)
+    memory = MemoryBank().get(0, layout.keys, layout.param_numels, comp.memory_names, torch.device("cpu"),
+                              comp.memory_dtypes)
+    grad = torch.randn(600, generator=torch.Generator().manual_seed(3))
+    compressed = comp.compress(grad, memory, layout, 0)
+    own = comp.own_update(compressed, layout, 0)
+    assert torch.allclose(own, grad - compressed.pending["residual"], atol=1e-6)
+    assert 0 < int((own != 0).sum()) < 600
