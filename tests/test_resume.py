@@ -14,7 +14,8 @@ from gradsieve.checkpoint import FAULT_ENV, RunCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPRESSORS = ["topk", "dgc", "ef21", "regtopk", "adaptive", "predictive",
-               "granular:granularity=auto:policy=bandit:probe_every=3"]
+               "granular:granularity=auto:policy=bandit:probe_every=3",
+               "granular:speculative=True:revert_threshold=0.02:probe_every=3"]
 BASE = ["--workload", "digits", "--steps", "12", "--eval-every", "6", "--checkpoint-every", "4",
         "--no-progress", "--timeout", "60"]
 

@@ -41,17 +41,22 @@ def fake_cifar(root, per_batch=8):
 
 @pytest.mark.parametrize("workload,extra", [
     ("digits", ["--compare", "none,topk,dgc,ef21,regtopk,adaptive,predictive:k_min=0.005:k_max=0.04,"
-                "granular:granularity=auto:policy=bandit:probe_every=4",
+                "granular:granularity=auto:policy=bandit:probe_every=4,"
+                "granular:speculative=true:revert_threshold=0.02,topk:speculative=true",
                 "--steps", "12", "--eval-every", "3"]),
-    ("charlm", ["--compare", "none,topk,regtopk,adaptive:index=csr16,predictive,granular:granularity=hybrid",
+    ("charlm", ["--compare", "none,topk,regtopk,adaptive:index=csr16,predictive,granular:granularity=hybrid,"
+                "granular:speculative=true",
                 "--steps", "4",
                 "--batch-size", "4"]),
-    ("linreg", ["--compare", "none,topk,ef21,regtopk,adaptive,predictive,granular", "--steps", "20",
+    ("linreg", ["--compare", "none,topk,ef21,regtopk,adaptive,predictive,granular,granular:speculative=true",
+                "--steps", "20",
                 "--density", "0.1"]),
-    ("cifar10", ["--compare", "topk,regtopk,adaptive,predictive,granular:granularity=layer", "--steps", "2",
+    ("cifar10", ["--compare", "topk,regtopk,adaptive,predictive,granular:granularity=layer,"
+                 "granular:speculative=true", "--steps", "2",
                  "--batch-size", "4",
                  "--heterogeneous"]),
-    ("textcls", ["--compare", "none,torch-fp16,powersgd,topk,adaptive,predictive,granular:granularity=auto",
+    ("textcls", ["--compare", "none,torch-fp16,powersgd,topk,adaptive,predictive,granular:granularity=auto,"
+                 "granular:granularity=auto:speculative=true",
                  "--steps", "6"]),
 ])
 def test_tiny_run_of_each_workload(tmp_path, workload, extra):
@@ -81,6 +86,15 @@ def test_tiny_run_of_each_workload(tmp_path, workload, extra):
             if "auto" in run["name"]:
                 played = run["history"]["eval"][-1]["level_steps"]
                 assert sum(played.values()) == run["steps"] - 1  # every compressed step
+        if "speculative=True" in run["name"]:
+            # Every step reached the global weights (the last evaluation waited for the last
+            # exchange); corrections after every compressed step but the first.
+            spec = run["speculative"]
+            assert spec["global_steps"] == run["steps"] and spec["global_skipped"] == 0
+            assert spec["corrections"] == run["steps"] - 2
+            assert 0 <= spec["max_drift"] <= spec["revert_threshold"]
+        else:
+            assert run["speculative"] is None
     for png in ("loss_vs_step.png", "loss_vs_bytes.png", "metric_vs_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -149,6 +163,10 @@ def test_same_seed_same_numbers_and_dense_baseline_first(tmp_path):
     (["--eval-every", "0"], "--eval-every must be >= 1"),
     (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0.0"),
     (["--opt", "density=0.1"], "not with --opt"),
+    (["--compare", "ef21", "--opt", "speculative=true"], "speculative are not accepted by any of ef21"),
+    (["--compare", "none:speculative=true"], "none has no option speculative"),
+    (["--compare", "granular:speculative=true:revert_threshold=-1"],
+     "revert_threshold must be a finite number >= 0, got -1.0"),
     (["--compare", "topk:density=2"], "density must be in (0, 1], got 2.0"),
 ])
 def test_bad_arguments_give_one_line_error(args, message):

@@ -55,8 +55,33 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 from gradsieve.hook import CompressionState, Landed
+from gradsieve.options import Option, resolve
 
-__all__ = ["SpeculativeOptimizer"]
+__all__ = ["SpeculativeOptimizer", "WRAPPER_OPTIONS", "split_options", "supports"]
+
+# gradsieve-train's --opt keys for the wrapper (the compressor never sees them).
+WRAPPER_OPTIONS = {
+    "speculative": Option(False, "speculative training (gradsieve.SpeculativeOptimizer): apply the own "
+                          "update at once, let the exchange overlap the next step", kind=bool),
+    "revert_threshold": Option(0.01, "speculative: relative L2 distance per layer beyond which the "
+                               "working weights revert to the global ones (0: synchronous)",
+                               check=lambda v: math.isfinite(v) and v >= 0, allowed="a finite number >= 0"),
+}
+
+
+def supports(compressor_cls) -> bool:
+    """Whether speculative training works with this compressor class."""
+    return not compressor_cls.dense and compressor_cls.returns_average
+
+
+def split_options(name: str, options: Dict[str, Any]):
+    """(compressor options, validated wrapper options or None when not speculative)."""
+    own = {k: options[k] for k in options if k in WRAPPER_OPTIONS}
+    rest = {k: v for k, v in options.items() if k not in WRAPPER_OPTIONS}
+    if not own:
+        return rest, None
+    wrapper = resolve(f"{name} (speculative training)", WRAPPER_OPTIONS, own)
+    return rest, wrapper if wrapper["speculative"] else None
 
 
 class SpeculativeOptimizer(torch.optim.Optimizer):

@@ -29,6 +29,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from gradsieve import link
+from gradsieve import speculative
 from gradsieve.baselines import BASELINES, baseline_options, is_baseline
 from gradsieve.launcher import launch, under_torchrun
 from gradsieve.registry import available_compressors, compressor_class, get_compressor
@@ -70,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.01, help="fraction of entries sent (sparse compressors)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="compressor option, repeatable (e.g. values=int8, scope=layer, momentum=0.9; "
-                        "powersgd: rank=4, start_iter=N); a key goes to every run that accepts it")
+                        "powersgd: rank=4, start_iter=N; speculative=true and revert_threshold=X "
+                        "for speculative training with sparse compressors); a key goes to every run "
+                        "that accepts it")
     p.add_argument("--warmup-steps", type=int, default=1, help="dense all-reduce steps before compression")
     p.add_argument("--nproc", type=int, default=2, help="local worker processes (ignored under torchrun)")
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
@@ -167,7 +170,9 @@ def plan_runs(args: argparse.Namespace) -> List[RunSpec]:
         if is_baseline(name):
             declared = BASELINES[name].OPTIONS
         else:
-            declared = compressor_class(name).OPTIONS  # ValueError for an unknown name
+            declared = dict(compressor_class(name).OPTIONS)  # ValueError for an unknown name
+            if speculative.supports(compressor_class(name)):
+                declared.update(speculative.WRAPPER_OPTIONS)
         unknown = sorted(set(own) - set(declared))
         if unknown:
             raise ValueError(f"--compare {item}: {name} has no option {', '.join(unknown)}; "
@@ -189,7 +194,8 @@ def plan_runs(args: argparse.Namespace) -> List[RunSpec]:
                 options["momentum"] = args.momentum
             elif args.optimizer == "adam":
                 options["momentum"] = 0.0
-        get_compressor(name, **options)  # validates values and ranges
+        compressor_options, _ = speculative.split_options(name, options)  # validates the wrapper's
+        get_compressor(name, **compressor_options)  # validates values and ranges
         runs.append(RunSpec(name, options, variant))
     unused = sorted(set(given) - used)
     if unused:

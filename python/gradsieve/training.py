@@ -24,6 +24,7 @@ from gradsieve.baselines import is_baseline, register_baseline
 from gradsieve.checkpoint import RunCheckpoints, fault_point
 from gradsieve.hook import CompressionState, compression_hook
 from gradsieve.progress import Progress
+from gradsieve.speculative import SpeculativeOptimizer, split_options
 from gradsieve.workloads import epochs_to_steps
 
 __all__ = ["RunSpec", "train_one", "eval_steps"]
@@ -136,10 +137,11 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     model = workload.model().to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps = args.steps or epochs_to_steps(args.epochs, workload.shard_size, args.batch_size)
+    wrapper = None
     if spec.from_torch:
         state, after_step = register_baseline(spec.compressor, ddp, spec.options, steps)
     else:
-        options = dict(spec.options)
+        options, wrapper = split_options(spec.compressor, dict(spec.options))
         if spec.compressor == "granular" and "horizon" not in options:
             # The auto policy's progress signal: the run's length in compressed steps.
             options["horizon"] = max(0, steps - args.warmup_steps)
@@ -149,6 +151,10 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     optimizer = _optimizer(args, spec, ddp.parameters())
     if not spec.from_torch:
         state.watch_optimizer(optimizer)
+    if wrapper is not None:
+        # Speculative training: the model holds this rank's working weights; evaluations and the
+        # finished model use the global weights (the same on every rank).
+        optimizer = SpeculativeOptimizer(optimizer, state, revert_threshold=wrapper["revert_threshold"])
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)  # same batches in every run
     evaluate_at = set(eval_steps(steps, args.eval_every or max(1, steps // 20)))
 
@@ -202,7 +208,11 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
 
     def evaluate(step: int) -> None:
         model.eval()
-        loss, accuracy = workload.evaluate(model, device)
+        if wrapper is not None:
+            with optimizer.global_weights():
+                loss, accuracy = workload.evaluate(model, device)
+        else:
+            loss, accuracy = workload.evaluate(model, device)
         model.train()
         point = {"step": step, "seconds": clock, "loss": loss, "accuracy": accuracy}
         if not spec.from_torch:
@@ -254,6 +264,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
             # granular's curvature probe when it is due (on the clock: it is training cost).
             state.probe(model, probing, (x, y))
         value = loss.item()  # also waits for the step
+        if wrapper is not None and step + 1 in evaluate_at:
+            optimizer.synchronize()  # the evaluation needs this step's exchange: wait on the clock
         _sync(device)
         elapsed = time.perf_counter() - started
         clock += elapsed
@@ -328,9 +340,16 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         # without its capacity, per compressed step.
         "entries_sent_per_step": _per_step(stats.get("sent"), stats.get("compressed_steps", 0)),
         "entries_wanted_per_step": _per_step(stats.get("wanted"), stats.get("compressed_steps", 0)),
+        # speculative training (rank 0): corrections, layer reverts, drift kept, extra memory.
+        "speculative": optimizer.stats() if wrapper is not None else None,
         "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals,
                     "link_cum_bytes": link_cum},
     }
     if checkpoints is not None:
-        checkpoints.save_done({"signature": signature, "record": record, "model": model.state_dict()})
+        if wrapper is not None:
+            with optimizer.global_weights():  # the finished model is the global one
+                final = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            final = model.state_dict()
+        checkpoints.save_done({"signature": signature, "record": record, "model": final})
     return record
