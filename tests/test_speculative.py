@@ -341,6 +341,45 @@ def test_own_update_is_what_left_the_residual(compressor, options):
                               comp.memory_dtypes)
     grad = torch.randn(600, generator=torch.Generator().manual_seed(3))
     compressed = comp.compress(grad, memory, layout, 0)
-    own = comp.own_update(compressed, layout, 0)
+    own, usable = comp.own_update(compressed, layout, 0)
+    assert usable.tolist() == [True]
     assert torch.allclose(own, grad - compressed.pending["residual"], atol=1e-6)
     assert 0 < int((own != 0).sum()) < 600
+
+
+def worker_overflow(rank, world):
+    model, ddp, state, opt = make(rank, "momentum", "spec", 0.05, GRANULAR)
+    seen = []
+    for step in range(8):
+        x, y = batch(rank, step)
+        if step == 4 and rank == 1:
+            x[0, 0] = float("inf")  # this rank's gradient is not finite
+        residual = state.memory.total("residual").clone() if state.memory.buckets else None
+        before = flat_params(model)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        seen.append({"moved": not torch.equal(before, flat_params(model)), "residual": residual,
+                     "stats": dict(opt.counters)})
+    opt.synchronize()
+    return {"seen": seen, "global": flat(opt.global_parameters()), "hook": state.stats(),
+            "finite": bool(torch.isfinite(flat_params(model)).all())}
+
+
+def test_a_non_finite_step_is_skipped_on_every_rank_and_memory_kept(tmp_path):
+    a, b = run_workers(worker_overflow, 2, tmp_path)
+    assert torch.equal(a["global"], b["global"]) and bool(torch.isfinite(a["global"]).all())
+    for r in (a, b):
+        assert r["finite"]
+        # The exchange of step 4 ends in step 5's backward: the global step is skipped on both
+        # ranks and nothing is committed (residuals are read before each step: the one before
+        # step 5 holds step 3's commit, the one before step 6 the same).
+        assert r["seen"][4]["stats"]["global_skipped"] == 0 and r["seen"][5]["stats"]["global_skipped"] == 1
+        assert r["seen"][7]["stats"]["global_skipped"] == 1
+        assert r["hook"]["skipped_steps"] == 1
+        assert torch.equal(r["seen"][5]["residual"], r["seen"][6]["residual"])
+        assert not torch.equal(r["seen"][4]["residual"], r["seen"][5]["residual"])
+    # Only the rank whose update was not finite skipped its own speculative step.
+    # (Its weights may still move at that step: the correction for step 3 comes first.)
+    assert b["seen"][4]["stats"]["own_skipped"] == 1 and b["seen"][7]["stats"]["own_skipped"] == 1
+    assert a["seen"][7]["stats"]["own_skipped"] == 0

@@ -135,13 +135,16 @@ class Compressor:
         self.last_malformed = ~well_formed
         return out.div_(gathered.shape[0]), finite & well_formed
 
-    def own_update(self, compressed: Compressed, layout: BucketLayout, step: int) -> torch.Tensor:
+    def own_update(self, compressed: Compressed, layout: BucketLayout,
+                   step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """This worker's own contribution to the sum the average is taken of, dense
-        (float32[numel]): its payload decoded alone, the values as they went on the wire. Pure.
-        Speculative training applies it to the working weights before the exchange ends."""
+        (float32[numel]): its payload decoded alone, the values as they went on the wire; and
+        whether it is usable (bool[1]: finite and well formed, read from the payload's header, no
+        pass over the values). Pure. Speculative training applies it to the working weights
+        before the exchange ends."""
         out = torch.zeros(layout.numel, dtype=torch.float32, device=compressed.payload.device)
-        self.payload_format(layout, step).decode_sum(compressed.payload.unsqueeze(0), out)
-        return out
+        finite, well_formed = self.payload_format(layout, step).decode_sum(compressed.payload.unsqueeze(0), out)
+        return out, finite & well_formed
 
     def commit(self, memory: BucketMemory, pending: Dict[str, torch.Tensor], average: torch.Tensor,
                layout: BucketLayout) -> torch.Tensor:

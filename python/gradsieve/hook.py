@@ -104,8 +104,10 @@ class CompressionState:
         # speculative training (gradsieve.speculative): the revert threshold while an optimizer
         # wrapper drives the exchange, exchanges in flight, and averages not yet applied
         "speculative",
+        "wait_s",
         "_inflight",
         "_landed",
+        "_own_ok",
     ]
 
     def __init__(
@@ -156,8 +158,10 @@ class CompressionState:
         self._last_probe: Optional[int] = None
         self._last_launch: Optional[float] = None
         self.speculative: Optional[float] = None
+        self.wait_s = 0.0  # speculative: time blocked on exchanges that were not over yet
         self._inflight: List[_Exchange] = []
         self._landed: Dict[int, Landed] = {}
+        self._own_ok: List[torch.Tensor] = []  # per bucket of this step: own update usable
 
     # ------------------------------------------------------------------------------ statistics
     def stats(self) -> Dict[str, Any]:
@@ -165,7 +169,8 @@ class CompressionState:
         from the payload buffers), ``dense_bytes`` (what fp32 all-reduce would have sent),
         ``compression_ratio`` (their ratio), ``compress_s``/``decode_s`` (host time; on CUDA the
         kernels run asynchronously, so these time the launches), ``steps``, ``compressed_steps``,
-        ``skipped_steps`` (non-finite steps or malformed payloads), ``bad_payloads`` (payloads
+        ``skipped_steps`` (non-finite steps or malformed payloads), ``wait_s`` (speculative
+        training: time blocked on exchanges still in flight when they were needed), ``bad_payloads`` (payloads
         that were not well formed, by bucket) and ``bad_payload_ranks`` (``{sending rank:
         count}``); and the compressor's counters, e.g. ``adaptive``'s
         ``sent`` and ``wanted`` (entries put on the wire, and entries it would have sent without
@@ -194,6 +199,7 @@ class CompressionState:
             "bad_payload_ranks": dict(getattr(self, "bad_payload_ranks", {})),
             "probe_s": getattr(self, "probe_s", 0.0),
             "probes": getattr(self, "probe_count", 0),
+            "wait_s": getattr(self, "wait_s", 0.0),
         }
 
     # ------------------------------------------------------------------------------ checkpoint
@@ -215,7 +221,7 @@ class CompressionState:
             "stats": {k: getattr(self, k) for k in ("wire_bytes", "dense_bytes", "compressed_steps",
                                                      "skipped_steps", "compress_s", "decode_s",
                                                      "bad_payloads", "bad_payload_ranks", "probe_s",
-                                                     "probe_count", "_last_probe")},
+                                                     "probe_count", "_last_probe", "wait_s")},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -232,12 +238,12 @@ class CompressionState:
             setattr(self, key, value)
 
     def __getstate__(self):
-        skip = ("process_group", "_inflight", "_landed")
+        skip = ("process_group", "_inflight", "_landed", "_own_ok")
         return {name: getattr(self, name) for name in self.__slots__ if name not in skip}
 
     def __setstate__(self, state):
         self.process_group = None
-        self._inflight, self._landed = [], {}
+        self._inflight, self._landed, self._own_ok = [], {}, []
         for name, value in state.items():
             setattr(self, name, value)
 
@@ -253,6 +259,7 @@ class CompressionState:
             begun = time.perf_counter()
             gathered = exchange.future.wait()
             waited = time.perf_counter() - begun
+            self.wait_s += waited
             compressor = self.compressor
             average, flags = compressor.aggregate(gathered, exchange.layout, exchange.step)
             landed = self._landed.setdefault(exchange.at, Landed(False, []))
@@ -513,7 +520,9 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         future = _all_gather(payload, world, state.process_group)
         state._inflight.append(_Exchange(step_now, compressed_step, tuple(bucket.parameters()), layout,
                                          memory, compressed.pending, future, bucket.is_last(), period))
-        buffer.copy_(compressor.own_update(compressed, layout, compressed_step))
+        own, usable = compressor.own_update(compressed, layout, compressed_step)
+        state._own_ok.append(usable)
+        buffer.copy_(own)
         done: torch.futures.Future = torch.futures.Future()
         done.set_result(buffer)
         return done

@@ -192,6 +192,7 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
         if self.revert_threshold == 0:
             state.finish_exchanges()  # synchronous: this step's exchange, now
         landed = state.take_landed()
+        usable, state._own_ok = state._own_ok, []  # per bucket: this step's own update is finite
         current = state.step - 1  # the hook's step of the backward just done
         dense_now = self._dense_at == current or (current in landed and landed[current].dense)
         self._dense_at = None
@@ -202,8 +203,7 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
             return None
         if self._correct_due:
             self._correct()
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if usable and not bool(torch.cat(usable).all()):
             # A non-finite own update (an overflow): the working weights stay; the exchange flags
             # it on every rank, so the global step is skipped too.
             self.counters["own_skipped"] += 1

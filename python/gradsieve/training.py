@@ -341,7 +341,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "entries_sent_per_step": _per_step(stats.get("sent"), stats.get("compressed_steps", 0)),
         "entries_wanted_per_step": _per_step(stats.get("wanted"), stats.get("compressed_steps", 0)),
         # speculative training (rank 0): corrections, layer reverts, drift kept, extra memory.
-        "speculative": optimizer.stats() if wrapper is not None else None,
+        "speculative": {**optimizer.stats(), "wait_s_per_step": stats["wait_s"] / steps}
+        if wrapper is not None else None,
         "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals,
                     "link_cum_bytes": link_cum},
     }

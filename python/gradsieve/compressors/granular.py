@@ -422,8 +422,8 @@ class GranularCompressor(Compressor):
         level = self.bucket_level(self.level_at(step), layout)
         fmt = self.layer_format(layout) if level == "layer" else self.weight_format(layout)
         out = torch.zeros(layout.numel, dtype=torch.float32, device=compressed.payload.device)
-        fmt.decode_sum(compressed.payload[SIDE_BYTES:].unsqueeze(0), out)
-        return out
+        finite, well_formed = fmt.decode_sum(compressed.payload[SIDE_BYTES:].unsqueeze(0), out)
+        return out, finite & well_formed
 
     def commit(self, memory, pending, average, layout):
         memory.entries["residual"] = pending["residual"]

@@ -1,0 +1,97 @@
+"""Speculative training (gradsieve.SpeculativeOptimizer) on and off, in wall-clock time.
+
+``gradsieve-train`` runs granular with and without ``speculative=true`` at a few byte budgets, once
+over the emulated 100 Mbit/s link of the network issue (``--link 100mbit``) and once over the
+unshaped loopback, where communication costs almost nothing. The unshaped pair gives the compute
+time per step and the wrapper's own cost; the shaped pair what communication adds and how much of
+it the overlap takes back:
+
+    hidden = (sync over the link - speculative over the link) / (sync over the link - sync unshaped)
+
+Each setting's metrics go under ``results/speculative-<link>-s<seed>/``; existing results are
+reused.
+
+    python experiments/granular/speculative.py               # about 10 min on 2 cores
+    python experiments/granular/speculative.py --summarize   # the table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(HERE))
+from sweeps import train  # noqa: E402
+
+WORKLOAD = "textcls"
+DENSITIES = ("0.01", "0.05", "0.2")
+THRESHOLD = "0.01"
+LINKS = {"100mbit": ["--link", "100mbit"], "loopback": []}
+SEEDS = (0,)
+
+
+def compare() -> List[str]:
+    runs = []
+    for density in DENSITIES:
+        runs += [f"granular:density={density}",
+                 f"granular:density={density}:speculative=true:revert_threshold={THRESHOLD}"]
+    return runs
+
+
+def tag(link: str, seed: int) -> str:
+    return f"speculative-{link}-s{seed}"
+
+
+def sweep() -> None:
+    for seed in SEEDS:
+        for link, extra in LINKS.items():
+            out = os.path.join(RESULTS, tag(link, seed))
+            if os.path.exists(os.path.join(out, "metrics.json")):
+                print(f"= {tag(link, seed)} (kept)")
+                continue
+            train(out, WORKLOAD, False, seed, extra, compare())
+
+
+def load(link: str, seed: int) -> Dict[str, dict]:
+    with open(os.path.join(RESULTS, tag(link, seed), "metrics.json")) as f:
+        return {run["name"]: run for run in json.load(f)["runs"]}
+
+
+def summarize() -> str:
+    lines = ["| density | link KB/step | ms/step unshaped: sync / spec | ms/step 100 Mbit/s: sync / spec | "
+             "communication added (sync) | hidden by the overlap | reverts | accuracy sync / spec |",
+             "|---|---|---|---|---|---|---|---|"]
+    for seed in SEEDS:
+        shaped, free = load("100mbit", seed), load("loopback", seed)
+        for density in DENSITIES:
+            sync = f"granular:density={density}"
+            spec = f"{sync}:speculative=True:revert_threshold={THRESHOLD}"
+            ms = {(k, n): runs[n]["time_per_step_s"] * 1000 for k, runs in (("free", free), ("link", shaped))
+                  for n in (sync, spec)}
+            added = ms["link", sync] - ms["free", sync]
+            hidden = (ms["link", sync] - ms["link", spec]) / added if added > 0 else float("nan")
+            info = shaped[spec]["speculative"]
+            link_kb = (shaped[sync]["link_bytes_per_step"] or 0) / 1024
+            lines.append(
+                f"| {density} | {link_kb:.0f} | {ms['free', sync]:.1f} / {ms['free', spec]:.1f} | "
+                f"{ms['link', sync]:.1f} / {ms['link', spec]:.1f} | {added:.1f} ms | {hidden:.0%} | "
+                f"{info['revert_rate']:.0%} | {shaped[sync]['accuracy']:.1%} / {shaped[spec]['accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--summarize", action="store_true", help="print the table from stored results")
+    args = p.parse_args()
+    if not args.summarize:
+        sweep()
+    print(summarize())
+
+
+if __name__ == "__main__":
+    main()
