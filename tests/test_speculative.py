@@ -383,3 +383,16 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_memory_kept(tmp_path):
     # (Its weights may still move at that step: the correction for step 3 comes first.)
     assert b["seen"][4]["stats"]["own_skipped"] == 1 and b["seen"][7]["stats"]["own_skipped"] == 1
     assert a["seen"][7]["stats"]["own_skipped"] == 0
+
+
+@pytest.mark.parametrize("compressor,options", [
+    ("dgc", {"density": 0.1, "momentum": 0.9}),
+    ("adaptive", {"density": 0.1}),
+    ("predictive", {"density": 0.1}),
+    ("regtopk", {"density": 0.1}),
+])
+def test_other_averaging_compressors_run_speculatively(tmp_path, compressor, options):
+    a, b = run_workers(worker_compare, 2, tmp_path, "sgd", "spec", 0.05, options, compressor)
+    assert torch.equal(a["global"], b["global"]) and bool(torch.isfinite(a["global"]).all())
+    assert not torch.equal(a["trail"][-1], b["trail"][-1])  # each rank's own working weights
+    assert a["stats"]["global_steps"] == 9 and a["stats"]["corrections"] == 8
