@@ -498,7 +498,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     payload = compressed.payload
     verified = (payload.numel(), json.dumps(compressor.runtime(), sort_keys=True),
                 getattr(state, "speculative", None))
-    if speculative and sum(layout.param_numels) != layout.numel:
+    if speculative and sum(p.numel() for p in bucket.parameters()) != layout.numel:
         raise ValueError("gradsieve: speculative training needs DDP buckets made of whole parameters")
     if state._verified.get(layout.index) != verified:
         _verify_config(state, layout, payload.numel(), world, payload.device)
