@@ -70,6 +70,8 @@ def summarize() -> None:
     lines: List[str] = []
     table: Dict[str, Dict[str, dict]] = {}
     for setting, runs in load_settings(RESULTS).items():
+        if setting.split("-")[0] not in WORKLOADS:  # speculative-*: speculative.py's results
+            continue
         metric = "accuracy" if setting.startswith("digits") else "eval_loss"
         scale = 100.0 if metric == "accuracy" else 1.0
         lines += [f"### {setting} ({len(next(iter(runs.values())))} seeds; {metric}"
