@@ -24,7 +24,7 @@ def flat(tensors):
 
 
 def make(rank, optimizer, mode, threshold, options, bucket_cap_mb=25.0, seed=0, warmup_steps=1,
-         compressor="granular"):
+         compressor="granular", overlap=None):
     model = small_model(seed)
     ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
     state = gradsieve.CompressionState(compressor, warmup_steps=warmup_steps, **options)
@@ -32,7 +32,7 @@ def make(rank, optimizer, mode, threshold, options, bucket_cap_mb=25.0, seed=0, 
     opt = OPTIMIZERS[optimizer](ddp.parameters())
     if mode != "sync":
         opt = gradsieve.SpeculativeOptimizer(opt, state, revert_threshold=threshold,
-                                             speculative=mode == "spec")
+                                             speculative=mode == "spec", overlap_compress=overlap)
     return model, ddp, state, opt
 
 
@@ -347,8 +347,8 @@ def test_own_update_is_what_left_the_residual(compressor, options):
     assert 0 < int((own != 0).sum()) < 600
 
 
-def worker_overflow(rank, world):
-    model, ddp, state, opt = make(rank, "momentum", "spec", 0.05, GRANULAR)
+def worker_overflow(rank, world, overlap):
+    model, ddp, state, opt = make(rank, "momentum", "spec", 0.05, GRANULAR, overlap=overlap)
     seen = []
     for step in range(8):
         x, y = batch(rank, step)
@@ -367,7 +367,7 @@ def worker_overflow(rank, world):
 
 
 def test_a_non_finite_step_is_skipped_on_every_rank_and_memory_kept(tmp_path):
-    a, b = run_workers(worker_overflow, 2, tmp_path)
+    a, b = run_workers(worker_overflow, 2, tmp_path, False)
     assert torch.equal(a["global"], b["global"]) and bool(torch.isfinite(a["global"]).all())
     for r in (a, b):
         assert r["finite"]
@@ -376,12 +376,36 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_memory_kept(tmp_path):
         # step 5 holds step 3's commit, the one before step 6 the same).
         assert r["seen"][4]["stats"]["global_skipped"] == 0 and r["seen"][5]["stats"]["global_skipped"] == 1
         assert r["seen"][7]["stats"]["global_skipped"] == 1
-        assert r["hook"]["skipped_steps"] == 1
+        assert r["hook"]["skipped_steps"] == 1 and r["hook"]["rolled_back"] == 0
         assert torch.equal(r["seen"][5]["residual"], r["seen"][6]["residual"])
         assert not torch.equal(r["seen"][4]["residual"], r["seen"][5]["residual"])
     # Only the rank whose update was not finite skipped its own speculative step.
     # (Its weights may still move at that step: the correction for step 3 comes first.)
     assert b["seen"][4]["stats"]["own_skipped"] == 1 and b["seen"][7]["stats"]["own_skipped"] == 1
+    assert a["seen"][7]["stats"]["own_skipped"] == 0
+
+
+def test_a_non_finite_step_rolls_back_the_early_commit(tmp_path):
+    """overlap_compress: step 4's memory was committed when its payload was sent, and step 5 was
+    compressed from it. When step 4's exchange lands skipped (at the end of step 5's backward),
+    step 5's exchange is dropped as well and the memory goes back to what it was before step 4:
+    synchronous training with steps 4 and 5 skipped holds the same."""
+    a, b = run_workers(worker_overflow, 2, tmp_path, True)
+    assert torch.equal(a["global"], b["global"]) and bool(torch.isfinite(a["global"]).all())
+    for r in (a, b):
+        assert r["finite"]
+        assert r["seen"][4]["stats"]["global_skipped"] == 0 and r["seen"][5]["stats"]["global_skipped"] == 2
+        assert r["seen"][7]["stats"]["global_skipped"] == 2
+        assert r["hook"]["skipped_steps"] == 2 and r["hook"]["rolled_back"] == 1
+        # Read before steps 4, 5, 6, 7: before 4 (step 3 committed), before 5 (step 4 committed
+        # early), before 6 (rolled back to before 4), before 7 (step 6 committed on top).
+        assert torch.equal(r["seen"][4]["residual"], r["seen"][6]["residual"])
+        assert not torch.equal(r["seen"][4]["residual"], r["seen"][5]["residual"])
+        assert not torch.equal(r["seen"][6]["residual"], r["seen"][7]["residual"])
+        assert bool(torch.isfinite(r["seen"][7]["residual"]).all())
+    # Rank 1's own updates of steps 4 (its gradient) and 5 (compressed from step 4's residual)
+    # were not finite: it skipped both; rank 0 skipped none.
+    assert b["seen"][4]["stats"]["own_skipped"] == 1 and b["seen"][7]["stats"]["own_skipped"] == 2
     assert a["seen"][7]["stats"]["own_skipped"] == 0
 
 
@@ -396,3 +420,130 @@ def test_other_averaging_compressors_run_speculatively(tmp_path, compressor, opt
     assert torch.equal(a["global"], b["global"]) and bool(torch.isfinite(a["global"]).all())
     assert not torch.equal(a["trail"][-1], b["trail"][-1])  # each rank's own working weights
     assert a["stats"]["global_steps"] == 9 and a["stats"]["corrections"] == 8
+
+
+# ------------------------------------------------------------------------------ overlap_compress
+def memory_snapshot(state):
+    """Every bucket's memory entries, by bucket and name (what a commit writes)."""
+    return {(index, name): t.clone() for index, m in sorted(state.memory.buckets.items())
+            for name, t in sorted(m.entries.items())}
+
+
+def worker_overlap(rank, world, compressor, options, overlap, bucket_cap_mb, sync_every=0):
+    model, ddp, state, opt = make(rank, "momentum", "spec", 0.05, options, bucket_cap_mb,
+                                  compressor=compressor, overlap=overlap)
+    compress = state.compressor.compress
+    earlier_in_flight = []  # at each compression: is an exchange of an earlier step still in flight?
+
+    def watched(grad, memory, layout, step):
+        hook_step = step + state.warmup_steps
+        earlier_in_flight.append(any(x.at < hook_step for x in state._inflight))
+        return compress(grad, memory, layout, step)
+
+    state.compressor.compress = watched
+    trail, globals_, held, consumed = [], [], [], []
+
+    def record(step):
+        previous = getattr(state.compressor, "previous", None)  # granular: last observation used
+        consumed.append(previous[0] if previous else None)
+        trail.append(flat_params(model))
+        globals_.append(flat(opt.global_parameters()))
+        held.append(state.stats()["rollback_bytes"])
+        if sync_every and step % sync_every == 0:
+            opt.synchronize()
+
+    run_steps(rank, ddp, opt, 12, record=record)
+    opt.synchronize()
+    return {"trail": trail, "globals": globals_, "memory": memory_snapshot(state), "held": held,
+            "earlier_in_flight": earlier_in_flight, "stats": opt.stats(), "hook": state.stats(),
+            "consumed": consumed,
+            "level_steps": list(getattr(state.compressor, "level_steps", []))}
+
+
+@pytest.mark.parametrize("compressor,options", [
+    ("granular", GRANULAR),
+    ("granular", {**GRANULAR, "granularity": "hybrid"}),
+    ("topk", {"density": 0.1}),
+    ("dgc", {"density": 0.1, "momentum": 0.9}),
+    ("adaptive", {"density": 0.1}),
+])
+def test_overlap_compress_moves_the_wait_and_changes_no_number(tmp_path, compressor, options):
+    """Committing memory when a payload is sent changes when the previous exchange is waited for
+    (after this step's compression instead of before it) and nothing else, when no step is
+    skipped: working and global weights at every step and the final memory are bit-identical,
+    with several buckets."""
+    late = run_workers(worker_overlap, 2, tmp_path, compressor, options, False, 0.001)
+    early = run_workers(worker_overlap, 2, tmp_path, compressor, options, None, 0.001)
+    for off, on in zip(late, early):
+        assert on["stats"]["overlap_compress"] and not off["stats"]["overlap_compress"]
+        assert all(torch.equal(x, y) for x, y in zip(off["trail"], on["trail"]))
+        assert all(torch.equal(x, y) for x, y in zip(off["globals"], on["globals"]))
+        assert same(off["memory"], on["memory"]) and len(on["memory"]) >= 2
+        # The overlap is real: compressions ran with an earlier step's exchange still in flight.
+        assert sum(on["earlier_in_flight"]) >= 10 and not any(off["earlier_in_flight"])
+        assert on["hook"]["rolled_back"] == 0 and on["hook"]["skipped_steps"] == 0
+        # Between steps the memory of one step is held to roll back (the old tensors).
+        assert max(on["held"]) > 0 and not any(off["held"])
+    assert torch.equal(early[0]["globals"][-1], early[1]["globals"][-1])
+
+
+def test_rollback_memory_is_one_step_of_compressor_memory(tmp_path):
+    numel = sum(p.numel() for p in small_model().parameters())
+    for r in run_workers(worker_overlap, 2, tmp_path, "granular", GRANULAR, None, 25.0):
+        # granular's memory: residual and score, float32 each; warm-up and first compressed step
+        # hold nothing yet.
+        assert r["held"][0] == 0 and all(h == 8 * numel for h in r["held"][2:]), r["held"]
+        assert r["hook"]["memory_bytes"] == 8 * numel
+
+
+def test_the_auto_policy_does_not_depend_on_when_exchanges_end(tmp_path):
+    """With overlap_compress the bandit reads each step's observations one step later (they land
+    after the next step is compressed); ending exchanges early (synchronize, an evaluation's
+    global_weights) must not change what it decides."""
+    plain = run_workers(worker_overlap, 2, tmp_path, "granular", AUTO, None, 25.0)
+    synced = run_workers(worker_overlap, 2, tmp_path, "granular", AUTO, None, 25.0, 3)
+    for a, b in zip(plain, synced):
+        # After hook step s (compressed step s - 1) the policy has used the observations up to
+        # compressed step s - 3, whether or not exchanges were ended early.
+        assert a["consumed"] == b["consumed"] == [None, None, None] + list(range(0, 9)), a["consumed"]
+        assert a["level_steps"] == b["level_steps"] and sum(a["level_steps"]) == 11
+        assert all(torch.equal(x, y) for x, y in zip(a["globals"], b["globals"]))
+    assert plain[0]["level_steps"] == plain[1]["level_steps"]
+
+
+def worker_corrupted_overlap(rank, world, overlap):
+    from test_hostile import corrupting
+    model, ddp, state, opt = make(rank, "sgd", "spec", 0.05, {"density": 0.1}, compressor="topk",
+                                  overlap=overlap)
+    state.max_bad_steps = 2
+    corrupting(state, 1, set(range(2, 20)))
+    run_steps(rank, ddp, opt, 12)
+
+
+@pytest.mark.parametrize("overlap", [False, None])
+def test_a_peer_that_keeps_sending_garbage_is_named_with_overlap_too(tmp_path, overlap):
+    # With overlap_compress every bad step also drops the step after it; the dropped steps
+    # neither count as bad nor end the streak.
+    with pytest.raises(Exception, match=r"malformed payloads for 2 steps in a row \(max_bad_steps=2\) "
+                                        r"from rank\(s\) \[1\]"):
+        run_workers(worker_corrupted_overlap, 2, tmp_path, overlap)
+
+
+def test_overlap_compress_errors_and_defaults():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = torch.optim.SGD(params, lr=0.1)
+    with pytest.raises(ValueError, match="overlap_compress must be True, False or None, got 'yes'"):
+        gradsieve.SpeculativeOptimizer(sgd, gradsieve.CompressionState("granular", density=0.1),
+                                       overlap_compress="yes")
+    with pytest.raises(ValueError, match="overlap_compress=True.*'regtopk'"):
+        gradsieve.SpeculativeOptimizer(sgd, gradsieve.CompressionState("regtopk", density=0.1),
+                                       overlap_compress=True)
+    for name, expected in (("regtopk", False), ("predictive", False), ("granular", True), ("topk", True)):
+        state = gradsieve.CompressionState(name, density=0.1)
+        wrapped = gradsieve.SpeculativeOptimizer(torch.optim.SGD(params, lr=0.1), state)
+        assert wrapped.overlap_compress is expected and state.overlap_compress is expected
+        assert state.compressor.observation_lag == int(expected)
+    # Threshold 0 waits for every exchange in its own step: nothing to overlap.
+    state = gradsieve.CompressionState("granular", density=0.1)
+    wrapped = gradsieve.SpeculativeOptimizer(sgd, state, revert_threshold=0, overlap_compress=True)
+    assert not wrapped.overlap_compress and not state.overlap_compress

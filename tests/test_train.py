@@ -42,7 +42,7 @@ def fake_cifar(root, per_batch=8):
 @pytest.mark.parametrize("workload,extra", [
     ("digits", ["--compare", "none,topk,dgc,ef21,regtopk,adaptive,predictive:k_min=0.005:k_max=0.04,"
                 "granular:granularity=auto:policy=bandit:probe_every=4,"
-                "granular:speculative=true:revert_threshold=0.02,topk:speculative=true",
+                "granular:speculative=true:revert_threshold=0.02,topk:speculative=true:overlap_compress=false",
                 "--steps", "12", "--eval-every", "3"]),
     ("charlm", ["--compare", "none,topk,regtopk,adaptive:index=csr16,predictive,granular:granularity=hybrid,"
                 "granular:speculative=true",
@@ -93,6 +93,8 @@ def test_tiny_run_of_each_workload(tmp_path, workload, extra):
             assert spec["global_steps"] == run["steps"] and spec["global_skipped"] == 0
             assert spec["corrections"] == run["steps"] - 2
             assert 0 <= spec["max_drift"] <= spec["revert_threshold"]
+            assert spec["overlap_compress"] is ("overlap_compress=False" not in run["name"])
+            assert spec["rolled_back"] == 0
         else:
             assert run["speculative"] is None
     for png in ("loss_vs_step.png", "loss_vs_bytes.png", "metric_vs_time.png"):
@@ -167,6 +169,10 @@ def test_same_seed_same_numbers_and_dense_baseline_first(tmp_path):
     (["--compare", "none:speculative=true"], "none has no option speculative"),
     (["--compare", "granular:speculative=true:revert_threshold=-1"],
      "revert_threshold must be a finite number >= 0, got -1.0"),
+    (["--compare", "granular:speculative=true:overlap_compress=maybe"],
+     "overlap_compress must be one of ['auto', True, False], got 'maybe'"),
+    (["--compare", "regtopk:speculative=true:overlap_compress=true"],
+     "regtopk: overlap_compress=true needs a compressor whose memory does not depend on the average"),
     (["--compare", "topk:density=2"], "density must be in (0, 1], got 2.0"),
 ])
 def test_bad_arguments_give_one_line_error(args, message):

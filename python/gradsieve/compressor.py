@@ -119,6 +119,15 @@ class Compressor:
     # commit() returns the average of the decoded payloads (False for EF21, whose result is a
     # running estimate). Speculative training (gradsieve.SpeculativeOptimizer) needs it.
     returns_average: bool = True
+    # commit() reads the average (regtopk's distortion, predictive's labels, ef21's estimate): the
+    # memory can only be committed once the exchange has ended. False: commit() uses only what
+    # compress() produced, so speculative training may commit before the exchange ends (and roll
+    # back when the step is skipped), letting the exchange overlap the next step's compression.
+    commit_needs_average: bool = False
+    # Steps by which run-time policies fed by the exchange (granular's auto) lag behind: 1 when
+    # speculative training commits early and aggregates a step after the next one is compressed
+    # (the wrapper sets it), so that the policy does not depend on when exchanges happen to end.
+    observation_lag: int = 0
 
     def payload_format(self, layout: BucketLayout, step: int) -> PayloadFormat:
         raise NotImplementedError

@@ -43,6 +43,9 @@ class _Exchange(NamedTuple):
     future: torch.futures.Future
     last: bool
     period: Optional[float]
+    # Early commit (overlap_compress): the bucket's memory as it was before this step's commit,
+    # (entries, extra), to roll back to when the step is skipped; None: commit when it lands.
+    before: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = None
 
 
 class Landed(NamedTuple):
@@ -104,6 +107,9 @@ class CompressionState:
         # speculative training (gradsieve.speculative): the revert threshold while an optimizer
         # wrapper drives the exchange, exchanges in flight, and averages not yet applied
         "speculative",
+        "overlap_compress",
+        "rolled_back",
+        "_discarded",
         "wait_s",
         "_inflight",
         "_landed",
@@ -158,6 +164,11 @@ class CompressionState:
         self._last_probe: Optional[int] = None
         self._last_launch: Optional[float] = None
         self.speculative: Optional[float] = None
+        # speculative: commit memory when a payload is sent, so that the exchange also overlaps
+        # the next step's compression (set by the wrapper; see finish_exchanges)
+        self.overlap_compress = False
+        self.rolled_back = 0  # speculative: exchanges dropped because an earlier one was skipped
+        self._discarded: set = set()  # hook steps whose exchanges are all dropped
         self.wait_s = 0.0  # speculative: time blocked on exchanges that were not over yet
         self._inflight: List[_Exchange] = []
         self._landed: Dict[int, Landed] = {}
@@ -172,7 +183,9 @@ class CompressionState:
         ``skipped_steps`` (non-finite steps or malformed payloads), ``wait_s`` (speculative
         training: time blocked on exchanges still in flight when they were needed), ``bad_payloads`` (payloads
         that were not well formed, by bucket) and ``bad_payload_ranks`` (``{sending rank:
-        count}``); and the compressor's counters, e.g. ``adaptive``'s
+        count}``); under speculative training with ``overlap_compress``, ``rolled_back``
+        (exchanges dropped because an earlier step of theirs was skipped) and ``rollback_bytes``
+        (memory held now to undo early commits); and the compressor's counters, e.g. ``adaptive``'s
         ``sent`` and ``wanted`` (entries put on the wire, and entries it would have sent without
         its capacity, summed over steps and buckets); ``memory_bytes``: the bytes of compressor
         memory this rank holds now (residuals, momenta, histories, predictors; measured from the
@@ -200,7 +213,25 @@ class CompressionState:
             "probe_s": getattr(self, "probe_s", 0.0),
             "probes": getattr(self, "probe_count", 0),
             "wait_s": getattr(self, "wait_s", 0.0),
+            "rolled_back": getattr(self, "rolled_back", 0),
+            "rollback_bytes": self._rollback_bytes(),
         }
+
+    def _rollback_bytes(self) -> int:
+        """Bytes of compressor memory held only to roll back early commits still in flight."""
+        def ident(t: torch.Tensor):
+            storage = t.untyped_storage()
+            return str(t.device), storage.data_ptr(), storage.nbytes()
+
+        live = {ident(t) for m in self.memory.buckets.values() for t in (*m.entries.values(), *m.extra.values())
+                if isinstance(t, torch.Tensor)}
+        held = {}
+        for exchange in getattr(self, "_inflight", []):
+            for part in exchange.before or ():
+                for t in part.values():
+                    if isinstance(t, torch.Tensor) and ident(t) not in live:
+                        held[ident(t)] = t.untyped_storage().nbytes()
+        return sum(held.values())
 
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
@@ -221,7 +252,8 @@ class CompressionState:
             "stats": {k: getattr(self, k) for k in ("wire_bytes", "dense_bytes", "compressed_steps",
                                                      "skipped_steps", "compress_s", "decode_s",
                                                      "bad_payloads", "bad_payload_ranks", "probe_s",
-                                                     "probe_count", "_last_probe", "wait_s")},
+                                                     "probe_count", "_last_probe", "wait_s",
+                                                     "rolled_back")},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -238,44 +270,86 @@ class CompressionState:
             setattr(self, key, value)
 
     def __getstate__(self):
-        skip = ("process_group", "_inflight", "_landed", "_own_ok")
+        skip = ("process_group", "_inflight", "_landed", "_own_ok", "_discarded")
         return {name: getattr(self, name) for name in self.__slots__ if name not in skip}
 
     def __setstate__(self, state):
         self.process_group = None
-        self._inflight, self._landed, self._own_ok = [], {}, []
+        self._inflight, self._landed, self._own_ok, self._discarded = [], {}, [], set()
         for name, value in state.items():
             setattr(self, name, value)
 
     # ------------------------------------------------------------------------------ speculative
-    def finish_exchanges(self) -> None:
-        """Speculative training: waits for the exchanges in flight (one step's buckets), decodes
-        them and commits the compressor's memory exactly as the synchronous hook does, and keeps
-        each bucket's average (None when the step is skipped) for the optimizer wrapper. The hook
-        calls it before the first bucket of the next step, so the compressor sees the same
-        sequence of compress, aggregate and commit as in synchronous training."""
-        inflight, self._inflight = self._inflight, []
-        for exchange in inflight:
+    def finish_exchanges(self, before: Optional[int] = None) -> None:
+        """Speculative training: waits for the exchanges in flight (of hook steps before
+        ``before``; all when None), decodes them, commits the compressor's memory exactly as the
+        synchronous hook does, and keeps each bucket's average (None when the step is skipped)
+        for the optimizer wrapper.
+
+        Without ``overlap_compress`` the hook calls it before the next step's first bucket, so the
+        compressor sees the sequence of compress, aggregate and commit of synchronous training.
+        With it, each bucket's memory was committed when its payload was sent (nothing in a
+        commit depends on the average then), the hook calls it after the next step's last
+        bucket, and a skipped bucket is rolled back: its memory returns to what it was before
+        that step, and every later exchange in flight (compressed from the memory being undone)
+        is waited for and dropped, its step skipped on every rank too (``rolled_back`` counts
+        them). Either way the memory after each step is what synchronous training would hold
+        after the same steps were skipped."""
+        while self._inflight and (before is None or self._inflight[0].at < before):
+            exchange = self._inflight.pop(0)
             begun = time.perf_counter()
             gathered = exchange.future.wait()
             waited = time.perf_counter() - begun
             self.wait_s += waited
+            landed = self._landed.setdefault(exchange.at, Landed(False, []))
+            if exchange.at in self._discarded:
+                self._drop(exchange)
+                self.decode_s += time.perf_counter() - begun
+                continue
             compressor = self.compressor
             average, flags = compressor.aggregate(gathered, exchange.layout, exchange.step)
-            landed = self._landed.setdefault(exchange.at, Landed(False, []))
             if bool(flags.all()):
-                result = compressor.commit(exchange.memory, exchange.pending, average, exchange.layout)
-                landed.buckets.append((exchange.params, result))
+                if exchange.before is None:
+                    average = compressor.commit(exchange.memory, exchange.pending, average, exchange.layout)
+                landed.buckets.append((exchange.params, average))
             else:
                 landed.buckets.append((exchange.params, None))
                 if exchange.last:
                     self.skipped_steps += 1
                 _count_malformed(self, compressor)
+                if exchange.before is not None:
+                    self._roll_back(exchange)
             if exchange.last:
                 if exchange.period:
                     compressor.note_timing(min(1.0, waited / exchange.period))
                 _end_of_step(self)
             self.decode_s += time.perf_counter() - begun
+        oldest = min((x.at for x in self._inflight), default=None)
+        self._discarded = {a for a in self._discarded if oldest is not None and a >= oldest}
+
+    def _drop(self, exchange: "_Exchange") -> None:
+        """Skips an exchange compressed from memory that was rolled back since, and undoes its
+        own commit."""
+        self._landed.setdefault(exchange.at, Landed(False, [])).buckets.append((exchange.params, None))
+        self.rolled_back += 1
+        if exchange.last:
+            self.skipped_steps += 1
+        if exchange.before is not None:
+            exchange.memory.entries, exchange.memory.extra = dict(exchange.before[0]), dict(exchange.before[1])
+
+    def _roll_back(self, exchange: "_Exchange") -> None:
+        """``exchange`` (committed early) is skipped: every later step in flight is dropped
+        (newest first, each undoing its commit), then this bucket's memory goes back to what it
+        was before ``exchange``'s step."""
+        later = [x for x in self._inflight if x.at > exchange.at]
+        self._discarded.update(x.at for x in later)
+        self._inflight = [x for x in self._inflight if x.at <= exchange.at]
+        for x in later:
+            x.future.wait()
+        for x in reversed(later):
+            self._drop(x)
+        memory = exchange.memory
+        memory.entries, memory.extra = dict(exchange.before[0]), dict(exchange.before[1])
 
     def take_landed(self) -> Dict[int, "Landed"]:
         """The averages that arrived since the last call, by hook step (the wrapper's input)."""
@@ -379,7 +453,8 @@ def _verify_config(state: CompressionState, layout: BucketLayout, nbytes: int, w
     themselves exchanged (as bytes, read with ``json.loads``) to name what differs."""
     mine = {"config": state.compressor.config(), "bucket_numel": layout.numel, "payload_bytes": nbytes,
             "warmup_steps": state.warmup_steps, "runtime": state.compressor.runtime(),
-            "speculative": getattr(state, "speculative", None)}
+            "speculative": getattr(state, "speculative", None),
+            "overlap_compress": bool(getattr(state, "overlap_compress", False))}
     text = json.dumps(mine, sort_keys=True).encode()
     digest = torch.tensor(list(hashlib.sha256(text).digest()), dtype=torch.uint8, device=device)
     digests = _gather_bytes(digest, world, state.process_group)
@@ -486,18 +561,22 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         if not compressor.returns_average:
             raise ValueError(f"gradsieve: speculative training needs a compressor whose result is the "
                              f"average of the payloads; {compressor.name!r} is not one")
-        if state._inflight and state._inflight[0].at != step_now:
-            state.finish_exchanges()  # the previous step's, before this step's memory is read
     started = time.perf_counter()
     buffer = bucket.buffer()
     layout = state.layout_of(bucket, world)
+    early = speculative and bool(getattr(state, "overlap_compress", False))
+    if speculative and state._inflight and state._inflight[0].at != step_now:
+        # The previous step's exchanges end before this step's memory is read, unless its memory
+        # was committed early and this bucket is the one it was (DDP may rebuild its buckets).
+        if not early or not any(x.layout == layout for x in state._inflight if x.at != step_now):
+            state.finish_exchanges(before=step_now)
     memory = state.memory.get(layout.index, layout.keys, layout.param_numels,
                               compressor.memory_names, buffer.device, compressor.memory_dtypes)
     compressed_step = step_now - state.warmup_steps
     compressed = compressor.compress(buffer.float(), memory, layout, compressed_step)
     payload = compressed.payload
     verified = (payload.numel(), json.dumps(compressor.runtime(), sort_keys=True),
-                getattr(state, "speculative", None))
+                getattr(state, "speculative", None), bool(getattr(state, "overlap_compress", False)))
     if speculative and sum(p.numel() for p in bucket.parameters()) != layout.numel:
         raise ValueError("gradsieve: speculative training needs DDP buckets made of whole parameters")
     if state._verified.get(layout.index) != verified:
@@ -518,11 +597,20 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         # The exchange goes on while the next step runs; DDP gets this rank's own sent update
         # (the optimizer wrapper applies it to the working weights) and does not wait.
         future = _all_gather(payload, world, state.process_group)
+        before = None
+        if early:
+            before = (dict(memory.entries), dict(memory.extra))
+            compressor.commit(memory, compressed.pending, None, layout)
         state._inflight.append(_Exchange(step_now, compressed_step, tuple(bucket.parameters()), layout,
-                                         memory, compressed.pending, future, bucket.is_last(), period))
+                                         memory, compressed.pending, future, bucket.is_last(), period,
+                                         before))
         own, usable = compressor.own_update(compressed, layout, compressed_step)
         state._own_ok.append(usable)
         buffer.copy_(own)
+        if early and bucket.is_last():
+            # overlap_compress: the previous step's exchanges had all of this step's compression
+            # to end in; they end now, before the optimizer step that applies them.
+            state.finish_exchanges(before=step_now)
         done: torch.futures.Future = torch.futures.Future()
         done.set_result(buffer)
         return done

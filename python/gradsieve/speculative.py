@@ -56,6 +56,7 @@ import torch
 
 from gradsieve.hook import CompressionState, Landed
 from gradsieve.options import Option, resolve
+from gradsieve.registry import compressor_class
 
 __all__ = ["SpeculativeOptimizer", "WRAPPER_OPTIONS", "split_options", "supports"]
 
@@ -63,6 +64,10 @@ __all__ = ["SpeculativeOptimizer", "WRAPPER_OPTIONS", "split_options", "supports
 WRAPPER_OPTIONS = {
     "speculative": Option(False, "speculative training (gradsieve.SpeculativeOptimizer): apply the own "
                           "update at once, let the exchange overlap the next step", kind=bool),
+    "overlap_compress": Option("auto", "speculative: commit the compressor's memory when a payload is sent "
+                               "(rolled back if the step is skipped) so the exchange also overlaps the next "
+                               "step's compression; auto: when the compressor allows it",
+                               choices=("auto", True, False)),
     "revert_threshold": Option(0.01, "speculative: relative L2 distance per layer beyond which the "
                                "working weights revert to the global ones (0: synchronous)",
                                check=lambda v: math.isfinite(v) and v >= 0, allowed="a finite number >= 0"),
@@ -81,6 +86,9 @@ def split_options(name: str, options: Dict[str, Any]):
     if not own:
         return rest, None
     wrapper = resolve(f"{name} (speculative training)", WRAPPER_OPTIONS, own)
+    if wrapper["overlap_compress"] is True and compressor_class(name).commit_needs_average:
+        raise ValueError(f"{name}: overlap_compress=true needs a compressor whose memory does not depend on "
+                         "the average; use overlap_compress=auto or false")
     return rest, wrapper if wrapper["speculative"] else None
 
 
@@ -115,7 +123,8 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, state: CompressionState,
-                 revert_threshold: float = 0.01, speculative: bool = True) -> None:
+                 revert_threshold: float = 0.01, speculative: bool = True,
+                 overlap_compress: Optional[bool] = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"SpeculativeOptimizer: optimizer must be a torch.optim.Optimizer, got "
                              f"{type(optimizer).__name__}")
@@ -130,6 +139,9 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
                              f"{revert_threshold!r}")
         if not isinstance(speculative, bool):
             raise ValueError(f"SpeculativeOptimizer: speculative must be True or False, got {speculative!r}")
+        if overlap_compress is not None and not isinstance(overlap_compress, bool):
+            raise ValueError(f"SpeculativeOptimizer: overlap_compress must be True, False or None, got "
+                             f"{overlap_compress!r}")
         compressor = state.compressor
         if speculative and compressor.dense:
             raise ValueError(f"SpeculativeOptimizer: compressor {compressor.name!r} is dense (all-reduced, "
@@ -137,6 +149,10 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
         if speculative and not compressor.returns_average:
             raise ValueError(f"SpeculativeOptimizer: compressor {compressor.name!r} does not return the "
                              "average of the payloads, which speculative training applies")
+        if speculative and overlap_compress and compressor.commit_needs_average:
+            raise ValueError(f"SpeculativeOptimizer: overlap_compress=True needs a compressor whose memory "
+                             f"does not depend on the average; {compressor.name!r}'s does (use "
+                             "overlap_compress=None or False)")
         # Not Optimizer.__init__: the wrapper shares the inner optimizer's groups and state, so
         # schedulers, gradient clipping and zero_grad act on the working optimizer.
         self.optimizer = optimizer
@@ -155,8 +171,13 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
                          "layers_kept": 0, "own_skipped": 0}
         self.max_drift = 0.0  # largest relative distance kept after a correction, over the run
         self.last_drifts: List[float] = []  # per layer, after the last correction (0: reverted)
+        # Committing early only matters when the exchange is left in flight (threshold > 0).
+        self.overlap_compress = bool(speculative and self.revert_threshold > 0 and overlap_compress is not False
+                                     and not compressor.commit_needs_average)
         if speculative:
             state.speculative = self.revert_threshold
+            state.overlap_compress = self.overlap_compress
+            compressor.observation_lag = int(self.overlap_compress)
             self._global = [p.detach().clone() for p in self._params]
             groups = [{**{k: v for k, v in group.items() if k != "params"},
                        "params": [self._global[self._index[id(p)]] for p in group["params"]]}
@@ -327,11 +348,12 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
         """``global_steps`` (averages applied), ``global_skipped`` (steps skipped on every rank),
         ``corrections``, ``layer_reverts`` and ``layers_kept`` (per parameter tensor, summed over
         corrections), ``revert_rate`` (their ratio), ``max_drift`` (largest relative distance a
-        layer kept), ``own_skipped`` (non-finite own updates), ``memory_bytes``."""
+        layer kept), ``own_skipped`` (non-finite own updates), ``memory_bytes``, and the settings."""
         decided = self.counters["layer_reverts"] + self.counters["layers_kept"]
         return {**self.counters, "revert_rate": self.counters["layer_reverts"] / decided if decided else None,
                 "max_drift": self.max_drift, "memory_bytes": self.memory_bytes(),
-                "revert_threshold": self.revert_threshold, "speculative": self.speculative}
+                "revert_threshold": self.revert_threshold, "speculative": self.speculative,
+                "overlap_compress": self.overlap_compress}
 
     # --------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]

@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.01, help="fraction of entries sent (sparse compressors)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="compressor option, repeatable (e.g. values=int8, scope=layer, momentum=0.9; "
-                        "powersgd: rank=4, start_iter=N; speculative=true and revert_threshold=X "
-                        "for speculative training with sparse compressors); a key goes to every run "
+                        "powersgd: rank=4, start_iter=N; speculative=true, revert_threshold=X and "
+                        "overlap_compress=auto|true|false for speculative training with sparse "
+                        "compressors); a key goes to every run "
                         "that accepts it")
     p.add_argument("--warmup-steps", type=int, default=1, help="dense all-reduce steps before compression")
     p.add_argument("--nproc", type=int, default=2, help="local worker processes (ignored under torchrun)")

@@ -154,7 +154,9 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     if wrapper is not None:
         # Speculative training: the model holds this rank's working weights; evaluations and the
         # finished model use the global weights (the same on every rank).
-        optimizer = SpeculativeOptimizer(optimizer, state, revert_threshold=wrapper["revert_threshold"])
+        overlap = wrapper["overlap_compress"]
+        optimizer = SpeculativeOptimizer(optimizer, state, revert_threshold=wrapper["revert_threshold"],
+                                         overlap_compress=None if overlap == "auto" else overlap)
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)  # same batches in every run
     evaluate_at = set(eval_steps(steps, args.eval_every or max(1, steps // 20)))
 
@@ -341,7 +343,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "entries_sent_per_step": _per_step(stats.get("sent"), stats.get("compressed_steps", 0)),
         "entries_wanted_per_step": _per_step(stats.get("wanted"), stats.get("compressed_steps", 0)),
         # speculative training (rank 0): corrections, layer reverts, drift kept, extra memory.
-        "speculative": {**optimizer.stats(), "wait_s_per_step": stats["wait_s"] / steps}
+        "speculative": {**optimizer.stats(), "wait_s_per_step": stats["wait_s"] / steps,
+                        "rolled_back": stats.get("rolled_back", 0)}
         if wrapper is not None else None,
         "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals,
                     "link_cum_bytes": link_cum},

@@ -27,6 +27,7 @@ class EF21Compressor(SparseCompressor):
 
     memory_names = ("estimate", "global_estimate")
     returns_average = False  # the optimizer receives the global estimate, not this step's average
+    commit_needs_average = True
 
     def select(self, grad, memory, segments, layout, step):
         estimate = memory.entries["estimate"]

@@ -204,6 +204,7 @@ class GranularCompressor(Compressor):
         self.losses: List[float] = []        # mean training loss per observed step (last `window`)
         self.level_steps = [0] * len(LEVELS)  # steps played per level
         self.decided: Optional[Tuple[int, int]] = None  # (step, level code)
+        self.played: Dict[int, int] = {}  # level code of the last few steps decided
         # Observations of steps not yet consumed by the policy: step -> (loss, comm, level, bytes),
         # tensors until consumed. "previous": the last consumed one, for the bandit's reward.
         self.observed: Dict[int, Tuple[Any, Any, int, int]] = {}
@@ -271,14 +272,19 @@ class GranularCompressor(Compressor):
         """The level of compressed step ``step`` (decided once, from what was observed before)."""
         if self.granularity != "auto":
             return self.granularity
-        if self.decided is None or self.decided[0] != step:
-            self._consume(step)
-            self.decided = (step, self._decide(step))
-            self.level_steps[self.decided[1]] += 1
+        if step in self.played:  # decided already (a later step may have been decided since)
+            return LEVELS[self.played[step]]
+        self._consume(step)
+        self.decided = (step, self._decide(step))
+        self.level_steps[self.decided[1]] += 1
+        # Speculative training may aggregate a step after the next one was compressed: keep the
+        # levels of the steps not aggregated yet.
+        self.played = {s: c for s, c in self.played.items() if s >= step - 2}
+        self.played[step] = self.decided[1]
         return LEVELS[self.decided[1]]
 
     def _consume(self, step: int) -> None:
-        for seen in sorted(s for s in self.observed if s < step):
+        for seen in sorted(s for s in self.observed if s < step - self.observation_lag):
             loss, comm, code, nbytes = self.observed.pop(seen)
             loss, comm = float(loss), float(comm)
             self.last_signals = {"step": seen, "loss": loss, "comm": comm}
@@ -413,9 +419,8 @@ class GranularCompressor(Compressor):
         well_formed = well_formed & (side[:, 0] == LEVELS.index(level))
         self.last_malformed = ~well_formed
         if step not in self.observed and (self.previous is None or self.previous[0] < step):
-            self.observed[step] = (floats[:, 0].mean(), floats[:, 1].mean(), self.decided[1] if self.decided
-                                   else LEVELS.index(level),
-                                   gathered.shape[1])
+            code = self.played.get(step, LEVELS.index(level))
+            self.observed[step] = (floats[:, 0].mean(), floats[:, 1].mean(), code, gathered.shape[1])
         return out.div_(world), finite & well_formed
 
     def own_update(self, compressed, layout, step):
@@ -453,6 +458,7 @@ class GranularCompressor(Compressor):
         self.losses = [float(v) for v in state["losses"]]
         self.level_steps = [int(v) for v in state["level_steps"]]
         self.decided = tuple(state["decided"]) if state["decided"] else None
+        self.played = {self.decided[0]: self.decided[1]} if self.decided else {}
         self.observed = {int(s): tuple(v) for s, v in state["observed"].items()}
         self.previous = tuple(state["previous"]) if state["previous"] else None
         self.reward_scale = float(state["reward_scale"])

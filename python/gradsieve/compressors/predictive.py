@@ -164,6 +164,8 @@ class PredictiveCompressor(SparseCompressor):
         >>> average = sim.step([torch.randn(10_000) for _ in range(4)])
     """
 
+    commit_needs_average = True  # the predictor learns from the average
+
     OPTIONS = {
         **SPARSE_OPTIONS,
         "values": Option("int8", SPARSE_OPTIONS["values"].doc, kind=str,

@@ -47,6 +47,8 @@ class RegTopKCompressor(TopKCompressor):
         >>> average = sim.step([torch.randn(10_000) for _ in range(4)])
     """
 
+    commit_needs_average = True  # the distortion of the next step compares with the average
+
     OPTIONS = {
         **SPARSE_OPTIONS,
         "mu": Option(4.0, "regularisation of the score tanh(|1 + Delta| / mu) * |a|, a finite "
