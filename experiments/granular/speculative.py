@@ -1,6 +1,7 @@
 """Speculative training (gradsieve.SpeculativeOptimizer) on and off, in wall-clock time.
 
-``gradsieve-train`` runs granular with and without ``speculative=true`` at a few byte budgets, once
+``gradsieve-train`` runs granular without and with ``speculative=true`` (with its memory committed
+early, ``overlap_compress``, the default, and without) at a few byte budgets, once
 over the emulated 100 Mbit/s link of the network issue (``--link 100mbit``) and once over the
 unshaped loopback, where communication costs almost nothing. The unshaped pair gives the compute
 time per step and the wrapper's own cost; the shaped pair what communication adds and how much of
@@ -41,8 +42,8 @@ SEEDS = (0,)
 def compare() -> List[str]:
     runs = []
     for density in DENSITIES:
-        runs += [f"granular:density={density}",
-                 f"granular:density={density}:speculative=true:revert_threshold={THRESHOLD}"]
+        spec = f"granular:density={density}:speculative=true:revert_threshold={THRESHOLD}"
+        runs += [f"granular:density={density}", spec, f"{spec}:overlap_compress=false"]
     return runs
 
 
@@ -66,29 +67,33 @@ def load(link: str, seed: int) -> Dict[str, dict]:
 
 
 def summarize() -> str:
-    lines = ["| density | link KB/step | compress ms/step | ms/step unshaped: sync / spec | ms/step 100 Mbit/s: "
-             "sync / spec | communication added (sync) | spec still waits | hidden, net (gross) | reverts | "
-             "accuracy sync / spec |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| density | link KB/step | compress ms/step | speculative | ms/step unshaped: sync / spec | "
+             "ms/step 100 Mbit/s: sync / spec | communication added (sync) | spec still waits | "
+             "hidden, net (gross) | reverts | accuracy sync / spec |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for seed in SEEDS:
         shaped, free = load("100mbit", seed), load("loopback", seed)
         for density in DENSITIES:
             sync = f"granular:density={density}"
-            spec = f"{sync}:speculative=True:revert_threshold={THRESHOLD}"
-            ms = {(k, n): runs[n]["time_per_step_s"] * 1000 for k, runs in (("free", free), ("link", shaped))
-                  for n in (sync, spec)}
-            added = ms["link", sync] - ms["free", sync]
-            hidden = (ms["link", sync] - ms["link", spec]) / added if added > 0 else float("nan")
-            info = shaped[spec]["speculative"]
-            wait = info["wait_s_per_step"] * 1000
-            gross = (added - wait) / added if added > 0 else float("nan")
-            link_kb = (shaped[sync]["link_bytes_per_step"] or 0) / 1024
-            compress = shaped[sync]["compress_s_per_step"] * 1000
-            lines.append(
-                f"| {density} | {link_kb:.0f} | {compress:.1f} | {ms['free', sync]:.1f} / {ms['free', spec]:.1f} | "
-                f"{ms['link', sync]:.1f} / {ms['link', spec]:.1f} | {added:.1f} ms | {wait:.1f} ms | "
-                f"{hidden:.0%} ({gross:.0%}) | {info['revert_rate']:.0%} | "
-                f"{shaped[sync]['accuracy']:.1%} / {shaped[spec]['accuracy']:.1%} |")
+            base = f"{sync}:speculative=True:revert_threshold={THRESHOLD}"
+            for label, spec in (("overlap_compress (default)", base),
+                                ("commit on landing", f"{base}:overlap_compress=False")):
+                if spec not in shaped or spec not in free:
+                    continue
+                ms = {(k, n): runs[n]["time_per_step_s"] * 1000 for k, runs in (("free", free), ("link", shaped))
+                      for n in (sync, spec)}
+                added = ms["link", sync] - ms["free", sync]
+                hidden = (ms["link", sync] - ms["link", spec]) / added if added > 0 else float("nan")
+                info = shaped[spec]["speculative"]
+                wait = info["wait_s_per_step"] * 1000
+                gross = (added - wait) / added if added > 0 else float("nan")
+                link_kb = (shaped[sync]["link_bytes_per_step"] or 0) / 1024
+                compress = shaped[sync]["compress_s_per_step"] * 1000
+                lines.append(
+                    f"| {density} | {link_kb:.0f} | {compress:.1f} | {label} | {ms['free', sync]:.1f} / "
+                    f"{ms['free', spec]:.1f} | {ms['link', sync]:.1f} / {ms['link', spec]:.1f} | {added:.1f} ms | "
+                    f"{wait:.1f} ms | {hidden:.0%} ({gross:.0%}) | {info['revert_rate']:.0%} | "
+                    f"{shaped[sync]['accuracy']:.1%} / {shaped[spec]['accuracy']:.1%} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Speculative sparse training: communication of step t overlaps the forward and backward of t+1.
+"""Speculative sparse training: communication of step t overlaps the computation of step t+1.
 
 The idea of seed 002 (``shared/seeds``), built for DDP. Each rank keeps two copies of the model:
 
@@ -12,11 +12,12 @@ The idea of seed 002 (``shared/seeds``), built for DDP. Each rank keeps two copi
 Timeline of step t (``revert_threshold > 0``)::
 
     backward t     the hook compresses each bucket, starts its all-gather and returns this
-                   rank's own sent update at once (DDP does not wait for the exchange)
-    step()   t     global weights += the average of step t-1 (its exchange ended during step t's
-                   backward, before step t's first bucket was compressed); correction; then the
-                   working weights take this rank's own update of step t
-    forward  t+1   ... while step t's exchange is on the wire
+                   rank's own sent update at once (DDP does not wait for the exchange); after
+                   the last bucket, step t-1's exchanges end (overlap_compress)
+    step()   t     global weights += the average of step t-1; correction; then the working
+                   weights take this rank's own update of step t
+    forward  t+1   ... while step t's exchange is on the wire, and on through step t+1's
+                   backward and compression
 
 Correction: after each global update, every parameter tensor (a "layer") whose working weights
 are further than ``revert_threshold`` from the global ones, in relative L2 norm
@@ -31,14 +32,22 @@ waits for this step's exchange, updates the global weights and copies them into 
 is the synchronous run, bit for bit (tested), at the synchronous speed. Warm-up steps (dense
 all-reduce) are synchronous too: the working weights become the global weights.
 
-The compressor sees exactly the sequence of compress, aggregate and commit of synchronous
-training (each step's exchanges end, and the memory is committed, before the next step's first
-bucket is compressed): residuals, scores and policies (granular's bandit) evolve as they would on
-the same gradients.
+The compressor's memory follows synchronous training. With ``overlap_compress`` (the default
+where the compressor allows it, i.e. its commit does not read the average: granular, topk, dgc,
+adaptive) each bucket's memory is committed when its payload is sent; if the step turns out
+skipped on some rank, the memory is rolled back and the next step, already compressed from it,
+is dropped as well (on every rank alike), which is what synchronous training holds with both
+steps skipped. Without a skip the numbers are those of ``overlap_compress=False`` bit for bit
+(tested), where each step's exchanges end, and the memory is committed, before the next step's
+first bucket is compressed, which leaves the compression outside the overlap. Granular's auto
+policy reads each step's observations one step later under ``overlap_compress`` (the same on
+every rank, whenever exchanges happen to end).
 
 Extra memory per rank: one copy of the weights (4 bytes per fp32 parameter) and one copy of the
 optimizer's state (SGD: 4 more bytes with momentum, none without; Adam: 8 more bytes), plus one
-step's payloads in flight. :meth:`SpeculativeOptimizer.stats` measures it.
+step's payloads in flight (:meth:`SpeculativeOptimizer.stats` measures it); with
+``overlap_compress`` one step of the compressor's memory held for the rollback (granular: 8
+bytes per parameter; ``CompressionState.stats()["rollback_bytes"]``).
 
 Not supported: loss scaling (``GradScaler``: the averaged update would stay scaled; bf16 autocast
 needs no scaler), closures, compressors whose result is not the average of the payloads (ef21),
@@ -105,6 +114,10 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
             working weights are reverted to the global ones after each correction (>= 0; 0:
             synchronous, see the module's notes).
         speculative: False makes the wrapper a plain pass-through (synchronous sparse training).
+        overlap_compress: commit the compressor's memory when a payload is sent, so that an
+            exchange may run on through the next step's compression (see the module's notes).
+            None (default): when the compressor allows it; True: required (an error for
+            regtopk and predictive, whose commit reads the average); False: never.
 
     Use::
 
