@@ -347,8 +347,8 @@ def test_own_update_is_what_left_the_residual(compressor, options):
     assert 0 < int((own != 0).sum()) < 600
 
 
-def worker_overflow(rank, world, overlap):
-    model, ddp, state, opt = make(rank, "momentum", "spec", 0.05, GRANULAR, overlap=overlap)
+def worker_overflow(rank, world, overlap, bucket_cap_mb=25.0):
+    model, ddp, state, opt = make(rank, "momentum", "spec", 0.05, GRANULAR, bucket_cap_mb, overlap=overlap)
     seen = []
     for step in range(8):
         x, y = batch(rank, step)
@@ -363,7 +363,7 @@ def worker_overflow(rank, world, overlap):
                      "stats": dict(opt.counters)})
     opt.synchronize()
     return {"seen": seen, "global": flat(opt.global_parameters()), "hook": state.stats(),
-            "finite": bool(torch.isfinite(flat_params(model)).all())}
+            "finite": bool(torch.isfinite(flat_params(model)).all()), "buckets": list(state.memory.buckets)}
 
 
 def test_a_non_finite_step_is_skipped_on_every_rank_and_memory_kept(tmp_path):
@@ -385,18 +385,21 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_memory_kept(tmp_path):
     assert a["seen"][7]["stats"]["own_skipped"] == 0
 
 
-def test_a_non_finite_step_rolls_back_the_early_commit(tmp_path):
+@pytest.mark.parametrize("bucket_cap_mb", [25.0, 0.001])
+def test_a_non_finite_step_rolls_back_the_early_commit(tmp_path, bucket_cap_mb):
     """overlap_compress: step 4's memory was committed when its payload was sent, and step 5 was
     compressed from it. When step 4's exchange lands skipped (at the end of step 5's backward),
     step 5's exchange is dropped as well and the memory goes back to what it was before step 4:
-    synchronous training with steps 4 and 5 skipped holds the same."""
-    a, b = run_workers(worker_overflow, 2, tmp_path, True)
+    synchronous training with steps 4 and 5 skipped holds the same. One bucket, and several."""
+    a, b = run_workers(worker_overflow, 2, tmp_path, True, bucket_cap_mb)
     assert torch.equal(a["global"], b["global"]) and bool(torch.isfinite(a["global"]).all())
     for r in (a, b):
         assert r["finite"]
         assert r["seen"][4]["stats"]["global_skipped"] == 0 and r["seen"][5]["stats"]["global_skipped"] == 2
         assert r["seen"][7]["stats"]["global_skipped"] == 2
-        assert r["hook"]["skipped_steps"] == 2 and r["hook"]["rolled_back"] == 1
+        buckets = len(r["buckets"])
+        assert r["hook"]["skipped_steps"] == 2 and r["hook"]["rolled_back"] == buckets
+        assert (buckets > 1) == (bucket_cap_mb < 1)
         # Read before steps 4, 5, 6, 7: before 4 (step 3 committed), before 5 (step 4 committed
         # early), before 6 (rolled back to before 4), before 7 (step 6 committed on top).
         assert torch.equal(r["seen"][4]["residual"], r["seen"][6]["residual"])
