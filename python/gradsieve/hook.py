@@ -324,8 +324,9 @@ class CompressionState:
                     compressor.note_timing(min(1.0, waited / exchange.period))
                 _end_of_step(self)
             self.decode_s += time.perf_counter() - begun
-        oldest = min((x.at for x in self._inflight), default=None)
-        self._discarded = {a for a in self._discarded if oldest is not None and a >= oldest}
+        # A dropped step may still have buckets to come while the hook is in it (a finish before
+        # compression, after DDP rebuilt its buckets); older ones can have nothing left.
+        self._discarded = {a for a in self._discarded if a >= self.step - 1}
 
     def _drop(self, exchange: "_Exchange") -> None:
         """Skips an exchange compressed from memory that was rolled back since, and undoes its
