@@ -8,7 +8,10 @@ with duplicate indices and int8 payloads, adaptive_select with and without overf
 every float operation is rounded on its own), csr16_indices with malformed payloads,
 predictive_score with 1 to 16 history vectors (float32 and bfloat16) and 1 to 64 hidden units,
 influence_update with and without a Hessian diagonal, segment_mean over empty, tiny, many and
-chunk-spanning segments.
+chunk-spanning segments, and hostile positions: sparse_accumulate_ and regtopk_select_ given
+indices outside their range (just outside and at the int32/int64 extremes) must skip and flag them
+with ``bad`` and raise the named error without it, and the wire decode of random bytes must never
+write outside its buffer and must flag the same payloads as on the CPU.
 Every result is compared with a reference written here in plain torch on the CPU (float64 where it
 matters), so the driver is also a correctness smoke test of the CUDA kernels (adaptive_select,
 csr16_indices and influence_update are also compared bitwise with their CPU ops, predictive_score
@@ -940,6 +943,145 @@ def cases_large(device: str, seeds: Iterator[int]) -> Iterator[Case]:
     yield "csr16_indices numel=2^31-1", lambda: check_csr16(device, *csr16, 2**31 - 1)
 
 
+# ------------------------------------------------------------------ hostile positions (issue 16)
+EXTREMES = (-2**63, -2**31, -1, 2**31 - 1, 2**63 - 1)
+
+
+def wild_positions(n: int, m: int, index_dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """m positions, most in [0, n), a tenth just outside ([-3, 0) or [n, n + 3)), a few extreme."""
+    inside = torch.randint(0, max(n, 1), (m,), generator=g)
+    near = torch.where(torch.rand(m, generator=g) < 0.5, -1 - torch.randint(0, 3, (m,), generator=g),
+                       n + torch.randint(0, 3, (m,), generator=g))
+    info = torch.iinfo(index_dtype)
+    extreme = torch.tensor([v for v in EXTREMES if info.min <= v <= info.max])
+    far = extreme[torch.randint(0, extreme.numel(), (m,), generator=g)]
+    roll = torch.rand(m, generator=g)
+    return torch.where(roll < 0.1, near, torch.where(roll < 0.13, far, inside)).to(index_dtype)
+
+
+def check_hostile_accumulate(device, n, payloads, per, values_dtype, index_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = payloads * per
+    indices = wild_positions(n, m, index_dtype, g)
+    chunk, scales = 0, None
+    if values_dtype == torch.int8:
+        chunk = 5
+        values = torch.randint(-127, 128, (m,), generator=g).to(torch.int8)
+        scales = torch.rand(-(-m // chunk), generator=g)
+        contributions = values.double() * scales.double().repeat_interleave(chunk)[:m]
+    else:
+        values = torch.randn(m, generator=g).to(values_dtype)
+        contributions = values.double()
+    inside = (indices >= 0) & (indices < n)
+    guard = 64
+    big = torch.full((n + 2 * guard,), 777.0, device=device)
+    out = big[guard:guard + n]
+    out.zero_()
+    bad = torch.zeros(payloads, dtype=torch.int32, device=device)
+    gradsieve.sparse_accumulate_(out, indices.to(device), values.to(device),
+                                 None if scales is None else scales.to(device), chunk, bad=bad)
+    edges = torch.cat([big[:guard], big[-guard:]]).cpu()
+    if not bool((edges == 777.0).all()):
+        raise AssertionError("wrote outside out")
+    want_bad = (~inside).view(payloads, per).any(dim=1).to(torch.int32) if m else bad.cpu() * 0
+    expect_equal("bad", bad.cpu(), want_bad)
+    want = torch.zeros(n, dtype=torch.float64).index_add(0, indices[inside].long(),
+                                                         contributions[inside])
+    err = (flat64(out) - want).abs()
+    magnitude = torch.zeros(n, dtype=torch.float64).index_add(0, indices[inside].long(),
+                                                              contributions[inside].abs())
+    if not bool((err <= 1e-5 * magnitude + 1e-30).all()):
+        raise AssertionError(f"largest error {float(err.max())}")
+
+
+def check_hostile_raises(device, call, message):
+    try:
+        call()
+    except RuntimeError as error:
+        if message not in str(error):
+            raise AssertionError(f"raised {str(error).splitlines()[0]!r}, expected {message!r}")
+        return
+    raise AssertionError(f"did not raise {message!r}")
+
+
+def check_hostile_regtopk(device, n, m, index_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.randn(n, generator=g)
+    residual_cpu = torch.randn(n, generator=g) * 0.25
+    prev = wild_positions(n, m, index_dtype, g)
+    sent, agg = torch.randn(m, generator=g), torch.randn(m, generator=g)
+    inside = (prev >= 0) & (prev < n)
+    a, score = regtopk_reference(residual_cpu, grad, prev[inside], sent[inside], agg[inside], 2.0, 4,
+                                 None)
+    k = n // 3
+    residual = residual_cpu.to(device)
+    bad = torch.zeros(1, dtype=torch.int32, device=device)
+    values, indices = gradsieve.regtopk_select_(residual, grad.to(device), prev.to(device),
+                                                sent.to(device), agg.to(device), 2.0, k, 4, bad=bad)
+    expect_equal("bad", bad.cpu(), torch.tensor([int(not bool(inside.all()))], dtype=torch.int32))
+    expect_selection("indices", indices, score, k, near_tie_rtol=NEAR_TIE_RTOL)
+    expect_equal("values", values, a[indices.cpu()])
+    a[indices.cpu()] = 0.0
+    expect_equal("residual", residual, a)
+
+
+def check_hostile_decode(device, values, index, seed):
+    from gradsieve.wire import PayloadFormat
+
+    numel = 3000
+    form = PayloadFormat(40, values, 8 if values == "int8" else 256, index, numel)
+    g = torch.Generator().manual_seed(seed)
+    gathered = torch.randint(0, 256, (3, form.nbytes), generator=g, dtype=torch.uint8)
+    results = {}
+    for where in ("cpu", device):
+        big = torch.full((numel + 128,), 777.0, device=where)
+        out = big[64:64 + numel]
+        out.zero_()
+        finite, well_formed = form.decode_sum(gathered.to(where), out)
+        edges = torch.cat([big[:64], big[-64:]]).cpu()
+        if not bool((edges == 777.0).all()):
+            raise AssertionError(f"decode_sum on {where} wrote outside out")
+        results[where] = (out.cpu(), finite.cpu(), well_formed.cpu())
+    expect_equal("finite", results[device][1], results["cpu"][1])
+    expect_equal("well_formed", results[device][2], results["cpu"][2])
+
+
+def cases_hostile(device: str, sizes, kinds, seeds: Iterator[int]) -> Iterator[Case]:
+    for n in sizes:
+        if n == 0:
+            continue
+        for values_dtype in (torch.float32, torch.bfloat16, torch.int8):
+            for index_dtype in (torch.int32, torch.int64):
+                for payloads, per in ((1, 0), (1, 1), (3, 100), (2, 2 * n)):
+                    seed = next(seeds)
+                    yield (f"sparse_accumulate_ flags n={n} {values_dtype} {index_dtype} "
+                           f"{payloads}x{per}"), (
+                        lambda n=n, p=payloads, e=per, v=values_dtype, i=index_dtype, s=seed:
+                        check_hostile_accumulate(device, n, p, e, v, i, s))
+        for index_dtype in (torch.int32, torch.int64):
+            for m in (1, n // 10 + 1, 2 * n):
+                seed = next(seeds)
+                yield f"regtopk_select_ flags n={n} m={m} {index_dtype}", (
+                    lambda n=n, m=m, i=index_dtype, s=seed: check_hostile_regtopk(device, n, m, i, s))
+        yield f"sparse_accumulate_ raises n={n}", lambda n=n: check_hostile_raises(
+            device, lambda: gradsieve.sparse_accumulate_(
+                torch.zeros(n, device=device), torch.tensor([0, n], device=device),
+                torch.ones(2, device=device)),
+            f"indices must lie in [0, {n}) (out.numel()), got indices[1] = {n}")
+        yield f"regtopk_select_ raises n={n}", lambda n=n: check_hostile_raises(
+            device, lambda: gradsieve.regtopk_select_(
+                torch.zeros(n, device=device), torch.ones(n, device=device),
+                torch.tensor([-1], device=device), torch.ones(1, device=device),
+                torch.ones(1, device=device), 1.0, 1, 2),
+            "prev_indices must lie in [0, ")
+    for values in ("fp32", "fp16", "bf16", "int8"):
+        for index in ("int32", "csr16"):
+            for _ in range(4):
+                seed = next(seeds)
+                yield f"decode_sum random bytes {values} {index}", (
+                    lambda v=values, i=index, s=seed: check_hostile_decode(device, v, i, s))
+
+
 OPS: Dict[str, Callable] = {
     "topk_abs": cases_topk_abs,
     "quantile_abs": cases_quantile_abs,
@@ -954,6 +1096,7 @@ OPS: Dict[str, Callable] = {
     "predictive_score": cases_predictive_score,
     "influence_update": cases_influence_update,
     "segment_mean": cases_segment_mean,
+    "hostile": cases_hostile,  # positions outside their range, flags, random payload bytes
 }
 
 

@@ -22,7 +22,8 @@ STAGES = ("build", "pytest", "sanitizer", "bench", "hook")
 CUDA_STAGES = ("sanitizer", "bench", "hook")
 DRIVER_GROUPS = ("topk_abs", "quantile_abs", "ef_topk_", "regtopk_select_", "threshold_select",
                  "quantize_int8", "sparse_accumulate_", "non-contiguous", "adaptive_select",
-                 "csr16_indices", "predictive_score", "influence_update", "segment_mean", "large")
+                 "csr16_indices", "predictive_score", "influence_update", "segment_mean", "hostile",
+                 "large")
 HOOK_METHODS = ("backward", "allreduce", "fp16", "powerSGD r1", "powerSGD r4", "topk", "topk int8")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 

@@ -171,19 +171,28 @@ void accumulate_payload(O* out, int64_t out_n, const I* idx, const V* vals, cons
   }
 }
 
+// Without flags an index outside [0, out_n) is an error, raised before anything is written. With
+// flags (int32[P]) it sets its payload's flag and is skipped (accumulate_payload never writes
+// outside [0, out_n)).
 template <typename I>
-void check_index_range(const I* idx, int64_t m, int64_t out_n) {
+void check_index_range(const I* idx, int64_t m, int64_t out_n, int32_t* bad, int64_t payloads) {
+  const int64_t per = payloads > 0 ? m / payloads : m;
   for (int64_t j = 0; j < m; ++j) {
     const int64_t i = static_cast<int64_t>(idx[j]);
-    TORCH_CHECK(i >= 0 && i < out_n, "gradsieve.sparse_accumulate_: indices must lie in [0, ",
-                out_n, ") (out.numel()), got indices[", j, "] = ", i);
+    if (i >= 0 && i < out_n) continue;
+    TORCH_CHECK(bad != nullptr, "gradsieve.sparse_accumulate_: indices must lie in [0, ", out_n,
+                ") (out.numel()), got indices[", j, "] = ", i);
+    bad[j / per] = 1;
   }
 }
 
 void sparse_accumulate_cpu(at::Tensor& out, const at::Tensor& indices_in,
                            const at::Tensor& values_in, const c10::optional<at::Tensor>& scales_in,
-                           int64_t chunk) {
-  check_sparse_accumulate(out, indices_in, values_in, scales_in, chunk);
+                           int64_t chunk, const c10::optional<at::Tensor>& bad_in) {
+  check_sparse_accumulate(out, indices_in, values_in, scales_in, chunk, bad_in);
+  const bool flagged = bad_in.has_value() && bad_in->defined();
+  int32_t* bad = flagged ? bad_in->data_ptr<int32_t>() : nullptr;
+  const int64_t payloads = flagged ? bad_in->numel() : 0;
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor values = values_in.contiguous();
   const int64_t m = indices.numel();
@@ -195,7 +204,7 @@ void sparse_accumulate_cpu(at::Tensor& out, const at::Tensor& indices_in,
   const float* s = int8_values ? scales.data_ptr<float>() : nullptr;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_accumulate_", [&] {
     const index_t* idx = indices.data_ptr<index_t>();
-    check_index_range(idx, m, out_n);
+    check_index_range(idx, m, out_n, bad, payloads);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(),
                                     "sparse_accumulate_", [&] {
       using out_t = scalar_t;

@@ -24,12 +24,18 @@ namespace gradsieve {
 namespace cpu {
 namespace {
 
+// Without flags a previous index outside [0, n) is an error, raised before anything is written;
+// with flags (int32[P]) it sets its part's flag, and the entry is skipped (scored as not sent).
 template <typename index_t>
-void check_prev_index_range(const index_t* idx, int64_t m, int64_t n) {
+void check_prev_index_range(const index_t* idx, int64_t m, int64_t n, int32_t* bad,
+                            int64_t payloads) {
+  const int64_t per = payloads > 0 ? m / payloads : m;
   for (int64_t j = 0; j < m; ++j) {
     const int64_t i = static_cast<int64_t>(idx[j]);
-    TORCH_CHECK(i >= 0 && i < n, "gradsieve.regtopk_select_: prev_indices must lie in [0, ", n,
+    if (i >= 0 && i < n) continue;
+    TORCH_CHECK(bad != nullptr, "gradsieve.regtopk_select_: prev_indices must lie in [0, ", n,
                 ") (grad.numel()), got prev_indices[", j, "] = ", i);
+    bad[j / per] = 1;
   }
 }
 
@@ -60,9 +66,11 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
                                                       const at::Tensor& prev_sent_in,
                                                       const at::Tensor& prev_agg_in, double mu,
                                                       int64_t k, int64_t world_size,
-                                                      c10::optional<double> q) {
+                                                      c10::optional<double> q,
+                                                      const c10::optional<at::Tensor>& bad_in) {
   check_regtopk_select(residual, grad_in, prev_indices_in, prev_sent_in, prev_agg_in, mu, k,
-                       world_size, q);
+                       world_size, q, bad_in);
+  const bool flagged = bad_in.has_value() && bad_in->defined();
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor prev_indices = prev_indices_in.contiguous();
   const at::Tensor prev_sent = prev_sent_in.contiguous();
@@ -71,7 +79,9 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
   const int64_t m = prev_indices.numel();
   // Checked before anything is written: a bad call leaves the residual as it was.
   AT_DISPATCH_INDEX_TYPES(prev_indices.scalar_type(), "regtopk_select_", [&] {
-    check_prev_index_range(prev_indices.data_ptr<index_t>(), m, n);
+    check_prev_index_range(prev_indices.data_ptr<index_t>(), m, n,
+                           flagged ? bad_in->data_ptr<int32_t>() : nullptr,
+                           flagged ? bad_in->numel() : 0);
   });
 
   // A non-contiguous residual is worked on in a contiguous copy and written back at the end.
@@ -100,9 +110,14 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
   AT_DISPATCH_INDEX_TYPES(prev_indices.scalar_type(), "regtopk_select_", [&] {
     const index_t* idx = prev_indices.data_ptr<index_t>();
     // Every listed index first gets the largest key, then the lowest of its entries' keys.
-    for (int64_t j = 0; j < m; ++j) key[idx[j]] = AbsKeyTraits::kNanKey;
+    // (An index outside [0, n) was flagged above and is skipped here.)
+    auto inside = [n](int64_t i) { return i >= 0 && i < n; };
+    for (int64_t j = 0; j < m; ++j) {
+      if (inside(static_cast<int64_t>(idx[j]))) key[idx[j]] = AbsKeyTraits::kNanKey;
+    }
     for (int64_t j = 0; j < m; ++j) {
       const int64_t i = static_cast<int64_t>(idx[j]);
+      if (!inside(i)) continue;
       const float w = RegTopKWeight::sent(sent[j], agg[j], world, mu, w_unsent);
       key[i] = std::min(key[i], AbsKeyTraits::from_float(w * std::fabs(r[i])));
     }

@@ -4,9 +4,9 @@
 // Algorithm. Pass 1 (one read of grad, one read and write of the residual, one write of a float
 // score buffer in the workspace): acc = residual + grad, score = w_unsent * |acc|. Two small
 // kernels over the m entries sent last step then give those entries their own score: the first
-// marks each listed index with the largest key (and checks its range), the second takes the
-// atomic minimum of the keys w_j * |acc_j| of its entries, so an index listed more than once
-// deterministically keeps its lowest score. Scores are >= 0 or NaN, so their float bits are their
+// marks each listed index with the largest key (skipping, and flagging, one outside [0, n)), the
+// second takes the atomic minimum of the keys w_j * |acc_j| of its entries, so an index listed
+// more than once deterministically keeps its lowest score. Scores are >= 0 or NaN, so their float bits are their
 // radix keys (radix_key.h). The exact radix select of radix_select.cu (select_by_score) then finds
 // the k largest scores, ties to the lower index, and writes acc's values at the selected indices,
 // zeroing them in the residual.
@@ -15,8 +15,6 @@
 // histogram reads + 1 count read + 1 write read of the score (plus k residual reads and writes).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <cstdio>
 
 #include "gradsieve/cuda_kernels.h"
 #include "gradsieve/radix_key.h"
@@ -54,18 +52,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Every index sent last step starts from the largest key (and is checked against [0, n)).
+// Every index sent last step starts from the largest key. One outside [0, n) is skipped here and
+// in the next kernel (its entry keeps the score of an entry not sent) and sets its flag, if any.
 template <typename I>
 __global__ void __launch_bounds__(kThreads)
     regtopk_mark_kernel(const I* __restrict__ prev_indices, int64_t m, int64_t n,
-                        unsigned* __restrict__ score_keys) {
+                        unsigned* __restrict__ score_keys, int32_t* __restrict__ bad,
+                        int64_t per) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m; j += stride) {
     const int64_t i = static_cast<int64_t>(prev_indices[j]);
     if (i < 0 || i >= n) {
-      printf("gradsieve.regtopk_select_: prev_indices[%lld] = %lld is outside [0, %lld)\n",
-             static_cast<long long>(j), static_cast<long long>(i), static_cast<long long>(n));
-      __trap();
+      if (bad != nullptr) bad[j / per] = 1;
+      continue;
     }
     score_keys[i] = AbsKeyTraits::kNanKey;
   }
@@ -75,12 +74,13 @@ __global__ void __launch_bounds__(kThreads)
 template <typename I>
 __global__ void __launch_bounds__(kThreads)
     regtopk_weight_kernel(const I* __restrict__ prev_indices, const float* __restrict__ prev_sent,
-                          const float* __restrict__ prev_agg, int64_t m,
+                          const float* __restrict__ prev_agg, int64_t m, int64_t n,
                           const float* __restrict__ residual, double world_size, double mu,
                           float w_unsent, unsigned* __restrict__ score_keys) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m; j += stride) {
     const int64_t i = static_cast<int64_t>(prev_indices[j]);
+    if (i < 0 || i >= n) continue;
     const float w = RegTopKWeight::sent(prev_sent[j], prev_agg[j], world_size, mu, w_unsent);
     atomicMin(score_keys + i, AbsKeyTraits::from_float(__fmul_rn(w, fabsf(residual[i]))));
   }
@@ -92,9 +92,10 @@ cudaError_t apply_previous(const RegTopKArgs& a, float w_unsent, float* score,
   const I* idx = static_cast<const I*>(a.prev_indices);
   unsigned* keys = reinterpret_cast<unsigned*>(score);
   const unsigned grid = blocks_for(a.m);
-  regtopk_mark_kernel<I><<<grid, kThreads, 0, stream>>>(idx, a.m, a.n, keys);
+  const int64_t per = a.bad != nullptr ? a.m / a.bad_count : a.m;
+  regtopk_mark_kernel<I><<<grid, kThreads, 0, stream>>>(idx, a.m, a.n, keys, a.bad, per);
   regtopk_weight_kernel<I><<<grid, kThreads, 0, stream>>>(
-      idx, a.prev_sent, a.prev_agg, a.m, a.residual, static_cast<double>(a.world_size), a.mu,
+      idx, a.prev_sent, a.prev_agg, a.m, a.n, a.residual, static_cast<double>(a.world_size), a.mu,
       w_unsent, keys);
   return cudaGetLastError();
 }
@@ -109,6 +110,9 @@ cudaError_t regtopk_select(const RegTopKArgs& a, void* workspace, size_t workspa
                            cudaStream_t stream) {
   if (a.n == 0 && a.m == 0) return cudaSuccess;
   if (workspace_bytes < regtopk_select_workspace_bytes(a.n)) return cudaErrorInvalidValue;
+  if (a.bad != nullptr && (a.bad_count <= 0 || a.m % a.bad_count != 0)) {
+    return cudaErrorInvalidValue;
+  }
   float* score = static_cast<float*>(workspace);
   const float w_unsent = RegTopKWeight::unsent(a.has_q, a.q, a.mu);
   if (a.n > 0) {

@@ -1,6 +1,9 @@
 // CUDA launchers: validate (the shared checks), turn tensors into the raw pointers, sizes and
 // stream of gradsieve/cuda_kernels.h, allocate workspaces through torch's caching allocator, and
-// turn a CUDA error into a torch error. No device code lives here; no host synchronisation either.
+// turn a CUDA error into a torch error. No device code lives here; no host synchronisation either,
+// except where a caller of sparse_accumulate_ or regtopk_select_ passes no `bad` flags: a position
+// outside its range must then raise as on the CPU, which needs one read of the device (the hook
+// always passes flags).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -30,6 +33,22 @@ DType to_dtype(at::ScalarType t) {
 
 void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "gradsieve.", op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+// Without flags, positions outside [0, n) are an error, raised (after one device read) before the
+// kernels run, with the CPU backend's message.
+void require_inside(const at::Tensor& positions, int64_t n, const char* op, const char* arg,
+                    const char* what) {
+  if (positions.numel() == 0) return;
+  const at::Tensor outside = positions.lt(0).logical_or_(positions.ge(n));
+  if (!outside.any().item<bool>()) return;
+  const int64_t j = outside.nonzero().select(1, 0)[0].item<int64_t>();
+  TORCH_CHECK(false, "gradsieve.", op, ": ", arg, " must lie in [0, ", n, ") (", what, "), got ",
+              arg, "[", j, "] = ", positions[j].item<int64_t>());
+}
+
+int32_t* flags_of(const c10::optional<at::Tensor>& bad) {
+  return bad.has_value() && bad->defined() ? bad->data_ptr<int32_t>() : nullptr;
 }
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
@@ -93,12 +112,16 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cuda(at::Tensor& residual,
                                                        const at::Tensor& prev_sent_in,
                                                        const at::Tensor& prev_agg_in, double mu,
                                                        int64_t k, int64_t world_size,
-                                                       c10::optional<double> q) {
+                                                       c10::optional<double> q,
+                                                       const c10::optional<at::Tensor>& bad) {
   check_regtopk_select(residual, grad_in, prev_indices_in, prev_sent_in, prev_agg_in, mu, k,
-                       world_size, q);
+                       world_size, q, bad);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor prev_indices = prev_indices_in.contiguous();
+  if (flags_of(bad) == nullptr) {
+    require_inside(prev_indices, grad.numel(), "regtopk_select_", "prev_indices", "grad.numel()");
+  }
   const at::Tensor prev_sent = prev_sent_in.contiguous();
   const at::Tensor prev_agg = prev_agg_in.contiguous();
   at::Tensor acc = residual.is_contiguous() ? residual : residual.contiguous();
@@ -124,6 +147,8 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cuda(at::Tensor& residual,
   args.k = k;
   args.values = values.data_ptr<float>();
   args.indices = indices.data_ptr<int64_t>();
+  args.bad = flags_of(bad);
+  args.bad_count = args.bad != nullptr ? bad->numel() : 0;
   check_cuda(cuda::regtopk_select(args, ws.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream()),
              "regtopk_select_");
   if (!acc.is_same(residual)) residual.copy_(acc);
@@ -195,12 +220,17 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& q_in, const at::Tensor& scales
 
 void sparse_accumulate_cuda(at::Tensor& out, const at::Tensor& indices_in,
                             const at::Tensor& values_in,
-                            const c10::optional<at::Tensor>& scales_in, int64_t chunk) {
-  check_sparse_accumulate(out, indices_in, values_in, scales_in, chunk);
+                            const c10::optional<at::Tensor>& scales_in, int64_t chunk,
+                            const c10::optional<at::Tensor>& bad) {
+  check_sparse_accumulate(out, indices_in, values_in, scales_in, chunk, bad);
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor values = values_in.contiguous();
   if (indices.numel() == 0) return;
+  int32_t* flags = flags_of(bad);
+  if (flags == nullptr) {
+    require_inside(indices, out.numel(), "sparse_accumulate_", "indices", "out.numel()");
+  }
   at::Tensor dense = out.is_contiguous() ? out : out.contiguous();
   const bool int8_values = values.scalar_type() == at::kChar;
   const at::Tensor scales = int8_values ? scales_in->contiguous() : at::Tensor();
@@ -208,8 +238,8 @@ void sparse_accumulate_cuda(at::Tensor& out, const at::Tensor& indices_in,
                  dense.data_ptr(), to_dtype(dense.scalar_type()), dense.numel(), indices.data_ptr(),
                  indices.scalar_type() == at::kLong, values.data_ptr(),
                  int8_values ? DType::kFloat32 : to_dtype(values.scalar_type()), int8_values,
-                 int8_values ? scales.data_ptr<float>() : nullptr, chunk, indices.numel(),
-                 c10::cuda::getCurrentCUDAStream()),
+                 int8_values ? scales.data_ptr<float>() : nullptr, chunk, indices.numel(), flags,
+                 flags != nullptr ? bad->numel() : 0, c10::cuda::getCurrentCUDAStream()),
              "sparse_accumulate_");
   if (!dense.is_same(out)) out.copy_(dense);
 }

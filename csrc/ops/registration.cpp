@@ -30,8 +30,10 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_meta(at::Tensor& residual, con
                                                        const at::Tensor& prev_sent,
                                                        const at::Tensor& prev_agg, double mu,
                                                        int64_t k, int64_t world_size,
-                                                       c10::optional<double> q) {
-  check_regtopk_select(residual, grad, prev_indices, prev_sent, prev_agg, mu, k, world_size, q);
+                                                       c10::optional<double> q,
+                                                       const c10::optional<at::Tensor>& bad) {
+  check_regtopk_select(residual, grad, prev_indices, prev_sent, prev_agg, mu, k, world_size, q,
+                       bad);
   return {at::empty({k}, residual.options()), at::empty({k}, residual.options().dtype(at::kLong))};
 }
 
@@ -58,8 +60,9 @@ at::Tensor dequantize_int8_meta(const at::Tensor& q, const at::Tensor& scales, i
 }
 
 void sparse_accumulate_meta(at::Tensor& out, const at::Tensor& indices, const at::Tensor& values,
-                            const c10::optional<at::Tensor>& scales, int64_t chunk) {
-  check_sparse_accumulate(out, indices, values, scales, chunk);
+                            const c10::optional<at::Tensor>& scales, int64_t chunk,
+                            const c10::optional<at::Tensor>& bad) {
+  check_sparse_accumulate(out, indices, values, scales, chunk, bad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -112,7 +115,7 @@ TORCH_LIBRARY(gradsieve, m) {
   m.def("ef_topk_(Tensor(a!) residual, Tensor grad, int k, float scale=1.0) -> "
         "(Tensor values, Tensor indices)");
   m.def("regtopk_select_(Tensor(a!) residual, Tensor grad, Tensor prev_indices, Tensor prev_sent, "
-        "Tensor prev_agg, float mu, int k, int world_size, float? q=None) -> "
+        "Tensor prev_agg, float mu, int k, int world_size, float? q=None, Tensor(b!)? bad=None) -> "
         "(Tensor values, Tensor indices)");
   m.def("threshold_select(Tensor x, Tensor threshold, int capacity) -> "
         "(Tensor values, Tensor indices, Tensor count)");
@@ -120,7 +123,7 @@ TORCH_LIBRARY(gradsieve, m) {
         "(Tensor q, Tensor scales)");
   m.def("dequantize_int8(Tensor q, Tensor scales, int chunk, ScalarType dtype) -> Tensor");
   m.def("sparse_accumulate_(Tensor(a!) out, Tensor indices, Tensor values, Tensor? scales=None, "
-        "int chunk=0) -> ()");
+        "int chunk=0, Tensor(b!)? bad=None) -> ()");
   m.def("adaptive_select(Tensor grad, Tensor average, Tensor momentum, Tensor residual, "
         "float alpha, float beta, float q, bool compare_average, bool error_feedback, "
         "int capacity) -> (Tensor average_out, Tensor residual_out, Tensor values, "

@@ -65,7 +65,7 @@ void check_ef_topk(const at::Tensor& residual, const at::Tensor& grad, int64_t k
 void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
                           const at::Tensor& prev_indices, const at::Tensor& prev_sent,
                           const at::Tensor& prev_agg, double mu, int64_t k, int64_t world_size,
-                          c10::optional<double> q) {
+                          c10::optional<double> q, const c10::optional<at::Tensor>& bad) {
   constexpr const char* op = "regtopk_select_";
   check_float_input(op, "grad", grad);
   TORCH_CHECK(residual.defined() && residual.scalar_type() == at::kFloat,
@@ -98,6 +98,23 @@ void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
               world_size);
   TORCH_CHECK(!q.has_value() || *q >= 0.0,
               "gradsieve.regtopk_select_: q must be >= 0 (inf allowed) or None, got ", *q);
+  check_bad_flags(op, bad, "prev_indices", prev_indices.sym_numel(), prev_indices);
+}
+
+void check_bad_flags(const char* op, const c10::optional<at::Tensor>& bad, const char* entries,
+                     const c10::SymInt& m, const at::Tensor& like) {
+  if (!bad.has_value() || !bad->defined()) return;
+  TORCH_CHECK(bad->scalar_type() == at::kInt, "gradsieve.", op,
+              ": bad must be an int32 tensor (one flag per payload), got ", bad->scalar_type());
+  TORCH_CHECK(bad->is_contiguous(), "gradsieve.", op, ": bad must be contiguous, got strides ",
+              bad->strides());
+  const c10::SymInt payloads = bad->sym_numel();
+  TORCH_CHECK(payloads >= 1, "gradsieve.", op, ": bad must have at least one element, got ",
+              payloads);
+  TORCH_CHECK(m % payloads == 0, "gradsieve.", op, ": bad.numel() (", payloads,
+              ") must divide the number of ", entries, " (", m,
+              "): the entries form bad.numel() payloads of equal size");
+  check_same_device(op, "bad", *bad, entries, like);
 }
 
 void check_threshold_select(const at::Tensor& x, const at::Tensor& threshold, int64_t capacity) {
@@ -136,7 +153,7 @@ void check_dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_
 
 void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
                              const at::Tensor& values, const c10::optional<at::Tensor>& scales,
-                             int64_t chunk) {
+                             int64_t chunk, const c10::optional<at::Tensor>& bad) {
   check_float_input("sparse_accumulate_", "out", out);
   TORCH_CHECK(indices.defined() && (indices.scalar_type() == at::kInt ||
                                     indices.scalar_type() == at::kLong),
@@ -167,7 +184,7 @@ void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
     TORCH_CHECK(!has_scales,
                 "gradsieve.sparse_accumulate_: scales must be None unless values are int8, got a "
                 "tensor with values of dtype ", values.scalar_type());
-  }
+  }  check_bad_flags("sparse_accumulate_", bad, "indices", indices.sym_numel(), indices);
 }
 
 void check_adaptive_select(const at::Tensor& grad, const at::Tensor& average,

@@ -14,14 +14,20 @@ void check_ef_topk(const at::Tensor& residual, const at::Tensor& grad, int64_t k
 void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
                           const at::Tensor& prev_indices, const at::Tensor& prev_sent,
                           const at::Tensor& prev_agg, double mu, int64_t k, int64_t world_size,
-                          c10::optional<double> q);
+                          c10::optional<double> q, const c10::optional<at::Tensor>& bad);
 void check_threshold_select(const at::Tensor& x, const at::Tensor& threshold, int64_t capacity);
 void check_quantize_int8(const at::Tensor& x, int64_t chunk);
 void check_dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_t chunk,
                            at::ScalarType dtype);
 void check_sparse_accumulate(const at::Tensor& out, const at::Tensor& indices,
                              const at::Tensor& values, const c10::optional<at::Tensor>& scales,
-                             int64_t chunk);
+                             int64_t chunk, const c10::optional<at::Tensor>& bad);
+// The optional flag output of the ops that read positions from a payload or a memory (`bad`:
+// int32[P], contiguous, on `like`'s device, P >= 1 dividing the m positions `entries` holds). With
+// it, a position outside its range is skipped and sets bad[j / (m / P)] = 1 (payload j / (m / P)
+// of P equal payloads); without it, such a position is an error.
+void check_bad_flags(const char* op, const c10::optional<at::Tensor>& bad, const char* entries,
+                     const c10::SymInt& m, const at::Tensor& like);
 void check_adaptive_select(const at::Tensor& grad, const at::Tensor& average,
                            const at::Tensor& momentum, const at::Tensor& residual, double alpha,
                            double beta, double q, int64_t capacity);

@@ -121,6 +121,7 @@ def regtopk_select_(
     k: int,
     world_size: int,
     q: Optional[float] = None,
+    bad: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RegTop-k selection fused with error feedback (Bereyhi et al., arXiv 2409.14893).
 
@@ -155,6 +156,11 @@ def regtopk_select_(
         world_size: number of workers N, ``>= 1``.
         q: the distortion of the entries not sent last step, ``>= 0`` (inf allowed); None: their
             weight is exactly 1.
+        bad: optional int32[P] flags (zero-filled by the caller, P dividing M). Without it a
+            ``prev_indices`` entry outside ``[0, grad.numel())`` is an error, raised before
+            anything is written (on CUDA after reading one flag from the device). With it such an
+            entry is skipped (its position keeps the weight of an entry not sent) and sets
+            ``bad[j // (M // P)] = 1``, with no host synchronisation.
 
     Returns:
         ``(values, indices)``: Tensor[k] float32 (``a``'s values) and Tensor[k] int64 ascending.
@@ -171,7 +177,7 @@ def regtopk_select_(
     """
     return torch.ops.gradsieve.regtopk_select_(
         residual, grad, prev_indices, prev_sent, prev_agg, float(mu), k, world_size,
-        None if q is None else float(q),
+        None if q is None else float(q), bad,
     )
 
 
@@ -257,12 +263,19 @@ def sparse_accumulate_(
     values: torch.Tensor,
     scales: Optional[torch.Tensor] = None,
     chunk: int = 0,
+    bad: Optional[torch.Tensor] = None,
 ) -> None:
     """Adds sparse payloads into a dense buffer: ``out.flatten()[indices[j]] += values[j]``.
 
     Duplicate indices add up (several workers choosing the same coordinate). With int8 ``values``,
     each is dequantized on the way as ``values[j] * scales[j // chunk]``. This is the decode step
-    for the world's gathered payloads. An index outside ``[0, out.numel())`` is an error.
+    for the world's gathered payloads.
+
+    An index outside ``[0, out.numel())`` (a corrupted or hostile payload) never writes anything.
+    Without ``bad`` it is an error, raised before ``out`` is touched (on CUDA this reads one flag
+    from the device). With ``bad`` (int32[P], zero-filled by the caller, P dividing M: the entries
+    are P payloads of M / P entries each) the entry is skipped and sets ``bad[j // (M // P)] = 1``,
+    on the tensors' device without a host synchronisation, on CPU and CUDA alike.
 
     Args:
         out: dense float32/float16/bfloat16 tensor, updated in place.
@@ -270,6 +283,7 @@ def sparse_accumulate_(
         values: M entries, float32/float16/bfloat16, or int8 with ``scales``.
         scales: Tensor[ceil(M / chunk)] float32, only with int8 values.
         chunk: the quantization chunk of int8 values.
+        bad: optional int32[P] flags, one per payload, set where a payload had an index outside.
 
     Example::
 
@@ -277,8 +291,12 @@ def sparse_accumulate_(
         >>> gradsieve.sparse_accumulate_(out, torch.tensor([1, 3, 1]), torch.tensor([1.0, 2.0, 3.0]))
         >>> out.tolist()
         [0.0, 4.0, 0.0, 2.0]
+        >>> bad = torch.zeros(2, dtype=torch.int32)  # two payloads of two entries
+        >>> gradsieve.sparse_accumulate_(out, torch.tensor([0, 1, 9, 2]), torch.ones(4), bad=bad)
+        >>> out.tolist(), bad.tolist()
+        ([1.0, 5.0, 1.0, 2.0], [0, 1])
     """
-    torch.ops.gradsieve.sparse_accumulate_(out, indices, values, scales, chunk)
+    torch.ops.gradsieve.sparse_accumulate_(out, indices, values, scales, chunk, bad)
 
 
 def adaptive_select(

@@ -206,10 +206,10 @@ class PayloadFormat:
             well_formed &= checksum_of(unsigned) == header[:, 2]
         offset = self.header_bytes
         if self.index == "int32":
+            # An index in use outside the bucket is left to the decode kernel, which skips it and
+            # flags its payload (below); slots past the count become index 0 with value 0.
             indices = column(offset, 4 * slots, torch.int32).view(world, slots)
-            inside = (indices >= 0) & (indices < out.numel())
-            well_formed &= (inside | ~in_use).all(dim=1)
-            valid = in_use & inside
+            valid = in_use
             indices = torch.where(valid, indices, torch.zeros_like(indices))
         else:
             blocks = self.blocks
@@ -233,15 +233,19 @@ class PayloadFormat:
                 torch.zeros(world, dtype=torch.bool, device=gathered.device)
             well_formed &= ~(claims_finite & bad_scale)
             q = column(offset, slots, torch.int8).view(world, slots)
-            q = torch.where(valid, q, torch.zeros_like(q)).reshape(-1)
-            ops.sparse_accumulate_(out, indices, q, scales, self.chunk)
+            values = torch.where(valid, q, torch.zeros_like(q)).reshape(-1)
         else:
             dtype = VALUE_DTYPES[self.values]
             size = torch.empty((), dtype=dtype).element_size()
             values = column(offset, size * slots, dtype).view(world, slots)
             values = torch.where(valid, values, torch.zeros_like(values))
             well_formed &= ~(claims_finite & ~torch.isfinite(values).all(dim=1))
-            ops.sparse_accumulate_(out, indices, values.reshape(-1))
+            values, scales = values.reshape(-1), None
+        # One flag per payload from the decode kernel: an index outside the bucket, skipped.
+        outside = torch.zeros(world, dtype=torch.int32, device=gathered.device)
+        ops.sparse_accumulate_(out, indices, values, scales, self.chunk if scales is not None else 0,
+                               bad=outside)
+        well_formed &= outside == 0
         return flags, well_formed
 
 

@@ -51,7 +51,7 @@ cudaError_t select_by_score(const float* score, float* source, int64_t n, int64_
 // w_j * |acc_j| (weights: gradsieve/regtopk_weight.h, from the m entries sent last step) are
 // returned in values (float32, acc's values) and indices (int64, ascending) and zeroed in the
 // residual. An index listed more than once in prev_indices takes its lowest score; an index
-// outside [0, n) stops the kernel with a device-side assertion.
+// outside [0, n) is skipped (scored as not sent) and flagged in `bad` when given.
 struct RegTopKArgs {
   float* residual;           // n float32, in and out
   const void* grad;          // n entries of grad_dtype
@@ -69,6 +69,10 @@ struct RegTopKArgs {
   int64_t k;
   float* values;             // k float32
   int64_t* indices;          // k int64
+  // Optional device int32[bad_count] (bad_count dividing m): a previous index outside [0, n) is
+  // skipped (its entry scored as not sent) and sets bad[j / (m / bad_count)] = 1.
+  int32_t* bad;
+  int64_t bad_count;
 };
 size_t regtopk_select_workspace_bytes(int64_t n);
 cudaError_t regtopk_select(const RegTopKArgs& args, void* workspace, size_t workspace_bytes,
@@ -90,12 +94,14 @@ cudaError_t quantize_int8(const void* x, DType dtype, int64_t n, int64_t chunk, 
 cudaError_t dequantize_int8(const int8_t* q, const float* scales, int64_t n, int64_t chunk,
                             void* out, DType out_dtype, cudaStream_t stream);
 
-// out[indices[j]] += values[j] (times scales[j / chunk] when values are int8). Duplicates add up;
-// an index outside [0, out_n) stops the kernel with a device-side assertion, as index_add_ does.
+// out[indices[j]] += values[j] (times scales[j / chunk] when values are int8). Duplicates add up.
+// An entry whose index lies outside [0, out_n) is skipped; when `bad` (device int32[payloads],
+// payloads dividing m) is given it also sets bad[j / (m / payloads)] = 1. Nothing else of `bad` is
+// written: the caller zero-fills it.
 cudaError_t sparse_accumulate(void* out, DType out_dtype, int64_t out_n, const void* indices,
                               bool indices_int64, const void* values, DType values_dtype,
                               bool values_int8, const float* scales, int64_t chunk, int64_t m,
-                              cudaStream_t stream);
+                              int32_t* bad, int64_t payloads, cudaStream_t stream);
 
 // One step of the adaptive compressor on one segment (ops.adaptive_select), no host
 // synchronisation: a = residual + grad; average_out = alpha * |a| + (1 - alpha) * average;

@@ -18,6 +18,7 @@ parameter; when the parameters differ the step falls back to plain top-k.
 """
 
 import math
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -62,18 +63,26 @@ class RegTopKCompressor(TopKCompressor):
     def select(self, grad, memory, segments, layout, step):
         residual = memory.entries["residual"].clone()
         previous = self._previous(memory, layout, segments, grad.device)
+        # Set (on the device, no host sync) where a stored position lies outside its segment: only
+        # a corrupted memory (a damaged checkpoint) has one. It is scored as not sent.
+        outside = torch.zeros(1, dtype=torch.int32, device=grad.device)
 
         def pick(number, piece, k):
             prev_i, prev_s, prev_a = previous[number]
             return ops.regtopk_select_(residual[piece], grad[piece], prev_i, prev_s, prev_a,
-                                       self.mu, k, layout.world_size, self.q)
+                                       self.mu, k, layout.world_size, self.q, bad=outside)
 
         indices, values = per_segment(segments, pick)
         pending = {"residual": residual, "_indices": indices,
-                   "_layout": _signature(layout, segments)}
+                   "_layout": _signature(layout, segments), "_prev_outside": outside}
         return indices, values, pending
 
     def commit(self, memory, pending, average, layout):
+        # Read after the exchange has landed (the hook has synchronised for its skip decision).
+        if bool(pending["_prev_outside"]):
+            warnings.warn("regtopk: the memory of the previous step held positions outside the "
+                          "bucket (a corrupted checkpoint?); they were scored as not sent, and this "
+                          "step's memory replaces them", RuntimeWarning, stacklevel=2)
         indices = pending["_indices"]
         memory.entries["residual"] = pending["residual"]
         memory.extra["prev_indices"] = indices
