@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import gradsieve
 from distributed import run_workers
+from gradsieve.compressors.granular import SIDE_BYTES
 from gradsieve.wire import HEADER_BYTES, PayloadFormat
 from test_hook import batch, flat_params, small_model
 
@@ -220,3 +221,95 @@ def test_the_checksum_costs_8_bytes_and_changes_no_result():
     for _ in range(3):
         assert torch.equal(plain.step(grads), summed.step(grads))
     assert summed.wire_bytes - plain.wire_bytes == 3 * 2 * 8
+
+
+# ----------------------------------------------------------------- one bad bucket of several
+def deep_model():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [torch.nn.Linear(20, 20), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(20, 10))
+
+
+def bucket_memory(state):
+    return {index: {name: t.clone() for name, t in memory.entries.items()}
+            for index, memory in sorted(state.memory.buckets.items())}
+
+
+def worker_one_bad_bucket(rank, world, compressor, bad_step, which, speculative):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = deep_model()
+    state = gradsieve.CompressionState(compressor, density=0.1)
+    compress = state.compressor.compress
+    buckets = set()
+
+    def compress_and_corrupt(grad, memory, layout, step):
+        out = compress(grad, memory, layout, step)
+        buckets.add(layout.index)
+        target = min(buckets) if which == "first" else max(buckets)
+        if rank == 1 and step == bad_step and layout.index == target:
+            at = HEADER_BYTES + (SIDE_BYTES if compressor == "granular" else 0)  # its first index
+            out.payload[at:at + 4].view(torch.int32)[0] = 10**9
+        return out
+
+    state.compressor.compress = compress_and_corrupt
+    ddp = DDP(model, bucket_cap_mb=0.0015)  # 4 buckets
+    ddp.register_comm_hook(state, gradsieve.compression_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    if speculative is not None:
+        opt = gradsieve.SpeculativeOptimizer(opt, state, revert_threshold=0.5,
+                                             overlap_compress=speculative == "overlap")
+    memories = []
+    for step in range(8):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        if speculative is not None or all(torch.isfinite(p.grad).all() for p in model.parameters()):
+            opt.step()
+        memories.append(bucket_memory(state))
+    if speculative is not None:
+        opt.synchronize()
+    stats = state.stats()
+    return len(state.memory.buckets), memories, stats["skipped_steps"], stats["bad_payloads"]
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+@pytest.mark.parametrize("compressor", ["topk", "dgc", "ef21", "regtopk", "adaptive", "granular"])
+def test_one_bad_bucket_skips_the_whole_step_and_keeps_every_bucket_memory(tmp_path, compressor, which):
+    """A payload of one bucket of several is malformed (the first bucket to land or the last): the
+    step is skipped on every rank, and no bucket's memory changes, also for the buckets whose
+    exchange landed before the bad one and had committed (their commits are undone)."""
+    bad = 3  # compressed step 3 is loop step 4 (one warm-up step)
+    for buckets, memories, skipped, bad_payloads in run_workers(
+            worker_one_bad_bucket, 2, tmp_path, compressor, bad, which, None):
+        assert buckets >= 3
+        assert skipped == 1 and bad_payloads == 1
+        before, after = memories[bad], memories[bad + 1]
+        for index in before:
+            for name in before[index]:
+                assert torch.equal(before[index][name], after[index][name]), (index, name)
+        # and the step after it commits again
+        assert any(not torch.equal(after[i][n], memories[bad + 2][i][n]) for i in after for n in after[i])
+
+
+@pytest.mark.parametrize("mode", ["sync", "overlap"])
+@pytest.mark.parametrize("which", ["first", "last"])
+@pytest.mark.parametrize("compressor", ["topk", "granular"])
+def test_one_bad_bucket_under_speculative_training_keeps_every_bucket_memory(tmp_path, compressor, which,
+                                                                             mode):
+    """The same under SpeculativeOptimizer. Loop step 4 (compressed step 3) has the bad bucket.
+    Without overlap_compress its exchange commits when it lands, in loop step 5's backward, so the
+    memory after loop step 5 equals the memory after loop step 4. With it, loop step 4 committed
+    when it sent and loop step 5 was compressed from that memory: both are undone (loop step 5 is
+    dropped, 2 skipped steps), and the memory after loop step 5 equals that after loop step 3."""
+    bad = 3
+    for buckets, memories, skipped, bad_payloads in run_workers(
+            worker_one_bad_bucket, 2, tmp_path, compressor, bad, which, mode):
+        assert buckets >= 3 and bad_payloads == 1
+        assert skipped == (1 if mode == "sync" else 2)
+        want = memories[bad + 1] if mode == "sync" else memories[bad]
+        got = memories[bad + 2]
+        for index in want:
+            for name in want[index]:
+                assert torch.equal(want[index][name], got[index][name]), (index, name)

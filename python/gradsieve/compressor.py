@@ -128,6 +128,11 @@ class Compressor:
     # speculative training commits early and aggregates a step after the next one is compressed
     # (the wrapper sets it), so that the policy does not depend on when exchanges happen to end.
     observation_lag: int = 0
+    # commit() changes nothing but the bucket memory's tensors, and replaces them rather than
+    # writing into them: the hook can undo it by putting the old tensors back, which it does when a
+    # later bucket of the same step is skipped (the whole step is skipped then). False
+    # (predictive, whose commit also trains its predictors): such a commit stands.
+    rollback_safe: bool = True
 
     def payload_format(self, layout: BucketLayout, step: int) -> PayloadFormat:
         raise NotImplementedError

@@ -16,6 +16,7 @@ iteration. The returned future does not block the backward pass.
 
 import hashlib
 import json
+import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -74,7 +75,9 @@ class CompressionState:
     Each rank's memory is its own: save ``state.state_dict()`` on every rank and load each rank's
     back with :meth:`load_state_dict` (the process group is not saved). A non-finite gradient on any
     rank (an AMP overflow step) makes the bucket NaN on every rank, so ``GradScaler`` skips the step,
-    and leaves every rank's memory as it was.
+    and leaves every rank's memory as it was, in every bucket: a bucket's commit is undone when a
+    later bucket of the same step is skipped (compressors with ``rollback_safe`` True, all but
+    predictive).
     """
 
     __slots__ = [
@@ -114,6 +117,14 @@ class CompressionState:
         "_inflight",
         "_landed",
         "_own_ok",
+        # the commits of the step whose buckets are landing, undone if a later bucket of the same
+        # step turns out skipped: (hook step, memory, (entries, extra) before the commit)
+        "_step_commits",
+        "_bad_step",
+        # synchronous exchanges may land out of order and on gloo's threads: per hook step
+        # [buckets launched, buckets landed, last bucket launched], and the lock of the decodes
+        "_landing",
+        "_lock",
     ]
 
     def __init__(
@@ -173,6 +184,10 @@ class CompressionState:
         self._inflight: List[_Exchange] = []
         self._landed: Dict[int, Landed] = {}
         self._own_ok: List[torch.Tensor] = []  # per bucket of this step: own update usable
+        self._step_commits: List[Tuple[int, Any, Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]] = []
+        self._bad_step: Optional[int] = None  # the hook step found skipped while it lands
+        self._landing: Dict[int, List[Any]] = {}
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ statistics
     def stats(self) -> Dict[str, Any]:
@@ -270,12 +285,14 @@ class CompressionState:
             setattr(self, key, value)
 
     def __getstate__(self):
-        skip = ("process_group", "_inflight", "_landed", "_own_ok", "_discarded")
+        skip = ("process_group", "_inflight", "_landed", "_own_ok", "_discarded", "_step_commits", "_bad_step",
+                "_landing", "_lock")
         return {name: getattr(self, name) for name in self.__slots__ if name not in skip}
 
     def __setstate__(self, state):
         self.process_group = None
         self._inflight, self._landed, self._own_ok, self._discarded = [], {}, [], set()
+        self._step_commits, self._bad_step, self._landing, self._lock = [], None, {}, threading.Lock()
         for name, value in state.items():
             setattr(self, name, value)
 
@@ -308,18 +325,26 @@ class CompressionState:
                 continue
             compressor = self.compressor
             average, flags = compressor.aggregate(gathered, exchange.layout, exchange.step)
-            if bool(flags.all()):
+            usable = bool(flags.all())
+            if usable and self._bad_step != exchange.at:
                 if exchange.before is None:
+                    _keep_for_undo(self, exchange.at, exchange.memory)
                     average = compressor.commit(exchange.memory, exchange.pending, average, exchange.layout)
+                else:
+                    self._step_commits.append((exchange.at, exchange.memory, exchange.before))
                 landed.buckets.append((exchange.params, average))
             else:
+                # This bucket, or one before it of the same step, is skipped: so is the whole step.
                 landed.buckets.append((exchange.params, None))
-                if exchange.last:
-                    self.skipped_steps += 1
-                _count_malformed(self, compressor)
+                if not usable:
+                    _count_malformed(self, compressor)
                 if exchange.before is not None:
                     self._roll_back(exchange)
+                _skip_step(self, exchange.at)
             if exchange.last:
+                if self._bad_step == exchange.at:
+                    self.skipped_steps += 1
+                _step_landed(self, exchange.at)
                 if exchange.period:
                     compressor.note_timing(min(1.0, waited / exchange.period))
                 _end_of_step(self)
@@ -522,6 +547,32 @@ def _count_malformed(state: CompressionState, compressor) -> None:
     state._bad_this_step = True
 
 
+def _keep_for_undo(state: CompressionState, at: int, memory) -> None:
+    """Before a bucket of hook step ``at`` commits: keeps its memory as it is (the tensors, not a
+    copy: commits replace them), so that the commit can be undone if a later bucket of the same
+    step is skipped. A compressor whose commit does more than replace its memory's tensors
+    (``rollback_safe`` False) keeps the commit."""
+    if getattr(state.compressor, "rollback_safe", True):
+        state._step_commits.append((at, memory, (dict(memory.entries), dict(memory.extra))))
+
+
+def _skip_step(state: CompressionState, at: int) -> None:
+    """Hook step ``at`` is skipped: the commits its earlier buckets made are undone, newest first,
+    and its later buckets do not commit."""
+    if state._bad_step == at:
+        return
+    state._bad_step = at
+    for step, memory, (entries, extra) in reversed(state._step_commits):
+        if step == at:
+            memory.entries, memory.extra = dict(entries), dict(extra)
+    state._step_commits = [c for c in state._step_commits if c[0] != at]
+
+
+def _step_landed(state: CompressionState, at: int) -> None:
+    """The last bucket of hook step ``at`` has landed: its commits stand."""
+    state._step_commits = [c for c in state._step_commits if c[0] > at]
+
+
 def _end_of_step(state: CompressionState) -> None:
     if not getattr(state, "_bad_this_step", False):
         state._bad_streak = 0
@@ -616,25 +667,43 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         done.set_result(buffer)
         return done
 
+    with state._lock:
+        counts = state._landing.setdefault(step_now, [0, 0, False])
+        counts[0] += 1
+        counts[2] = counts[2] or bucket.is_last()
+
     def decode(fut: torch.futures.Future) -> torch.Tensor:
-        begun = time.perf_counter()
-        gathered = fut.value()
-        average, flags = compressor.aggregate(gathered, layout, compressed_step)
-        if bool(flags.all()):
-            result = compressor.commit(memory, compressed.pending, average, layout)
-        else:
-            result = torch.full_like(average, float("nan"))
-            if bucket.is_last():
-                state.skipped_steps += 1
-            _count_malformed(state, compressor)
-        if bucket.is_last():
-            if period:
+        # Exchanges can land out of order, on gloo's threads: one decode at a time, and the step
+        # ends with the last of its buckets to land, whichever that is.
+        with state._lock:
+            begun = time.perf_counter()
+            gathered = fut.value()
+            average, flags = compressor.aggregate(gathered, layout, compressed_step)
+            usable = bool(flags.all())
+            if usable and state._bad_step != step_now:
+                _keep_for_undo(state, step_now, memory)
+                result = compressor.commit(memory, compressed.pending, average, layout)
+            else:
+                # This bucket, or one before it of the same step, is skipped: so is the whole
+                # step, and the buckets of the step that committed already are undone.
+                result = torch.full_like(average, float("nan"))
+                if not usable:
+                    _count_malformed(state, compressor)
+                _skip_step(state, step_now)
+            if bucket.is_last() and period:
                 # The share of the step this rank waited for its last exchange: the signal of a
                 # communication-bound step (granular's auto policy).
                 compressor.note_timing(min(1.0, (begun - launched) / period))
-            _end_of_step(state)
-        buffer.copy_(result)
-        state.decode_s += time.perf_counter() - begun
+            counts = state._landing[step_now]
+            counts[1] += 1
+            if counts[2] and counts[1] == counts[0]:
+                del state._landing[step_now]
+                if state._bad_step == step_now:
+                    state.skipped_steps += 1
+                _step_landed(state, step_now)
+                _end_of_step(state)
+            buffer.copy_(result)
+            state.decode_s += time.perf_counter() - begun
         return buffer
 
     return _all_gather(payload, world, state.process_group).then(decode)

@@ -165,6 +165,7 @@ class PredictiveCompressor(SparseCompressor):
     """
 
     commit_needs_average = True  # the predictor learns from the average
+    rollback_safe = False  # the commit also trains the predictors (memory.params, background jobs)
 
     OPTIONS = {
         **SPARSE_OPTIONS,
