@@ -490,19 +490,22 @@ def cases_sparse_accumulate(device: str, sizes, kinds, seeds: Iterator[int]) -> 
                     yield f"n={n} out={out_dtype} values={values_dtype} {index_dtype} m={m}", run
 
 
+def payload_values(m: int, values_dtype: torch.dtype, int8_chunk: int, g: torch.Generator):
+    """(values, scales, chunk, contributions) of a sparse payload of m entries: int8 with per-chunk
+    scales (chunk = int8_chunk) or floating point (no scales, chunk 0); contributions in float64."""
+    if values_dtype == torch.int8:
+        values = torch.randint(-127, 128, (m,), generator=g).to(torch.int8)
+        scales = torch.rand(-(-m // int8_chunk), generator=g)
+        return values, scales, int8_chunk, values.double() * scales.double().repeat_interleave(int8_chunk)[:m]
+    values = torch.randn(m, generator=g).to(values_dtype)
+    return values, None, 0, values.double()
+
+
 def check_sparse_accumulate(device, n, out_dtype, values_dtype, index_dtype, m, seed, layout):
     g = torch.Generator().manual_seed(seed)
     out_cpu = torch.randn(n, generator=g).to(out_dtype)
     indices = torch.randint(0, n, (m,), generator=g).to(index_dtype)
-    chunk, scales = 0, None
-    if values_dtype == torch.int8:
-        chunk = 3
-        values = torch.randint(-127, 128, (m,), generator=g).to(torch.int8)
-        scales = torch.rand(-(-m // chunk), generator=g)
-        contributions = values.double() * scales.double().repeat_interleave(chunk)[:m]
-    else:
-        values = torch.randn(m, generator=g).to(values_dtype)
-        contributions = values.double()
+    values, scales, chunk, contributions = payload_values(m, values_dtype, 3, g)
     want = flat64(out_cpu).index_add(0, indices.long(), contributions)
     out = on_device(out_cpu, device, layout)
     gradsieve.sparse_accumulate_(out, indices.to(device), values.to(device),
@@ -963,15 +966,7 @@ def check_hostile_accumulate(device, n, payloads, per, values_dtype, index_dtype
     g = torch.Generator().manual_seed(seed)
     m = payloads * per
     indices = wild_positions(n, m, index_dtype, g)
-    chunk, scales = 0, None
-    if values_dtype == torch.int8:
-        chunk = 5
-        values = torch.randint(-127, 128, (m,), generator=g).to(torch.int8)
-        scales = torch.rand(-(-m // chunk), generator=g)
-        contributions = values.double() * scales.double().repeat_interleave(chunk)[:m]
-    else:
-        values = torch.randn(m, generator=g).to(values_dtype)
-        contributions = values.double()
+    values, scales, chunk, contributions = payload_values(m, values_dtype, 5, g)
     inside = (indices >= 0) & (indices < n)
     guard = 64
     big = torch.full((n + 2 * guard,), 777.0, device=device)
