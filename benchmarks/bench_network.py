@@ -3,7 +3,7 @@
 For each link rate (``--rates``) and worker count (``--workers``) it runs one ``gradsieve-train``
 comparison of every compressor (``--compare``, torch's own hooks included) on the
 communication-bound workload, in a private network namespace whose loopback is rate-limited
-(:mod:`gradsieve.link`), and collects per run: median ms/step, the bytes each rank put into
+(:mod:`gradsieve.train.link`), and collects per run: median ms/step, the bytes each rank put into
 collectives, the bytes that crossed the shaped link (all ranks, TCP/IP headers included), the
 compress/decode time, and the speed-up against dense all-reduce in the same comparison. Writes
 ``bench_network.json``/``.csv`` and the break-even plot ``bench_network.png`` (speed-up against link
@@ -37,7 +37,7 @@ DEFAULT_STEPS = {"10mbit": 8, "100mbit": 20, "1gbit": 40, "unlimited": 40}
 
 
 def rate_bits(rate: str):
-    from gradsieve.link import LinkSpec
+    from gradsieve.train.link import LinkSpec
 
     return LinkSpec.parse(rate).rate_bits
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import traceback
@@ -37,7 +38,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 import gradsieve
-from gradsieve.testing import make_input
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from inputs import make_input  # noqa: E402  (tests/inputs.py: the test suite's data)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SIZES = (0, 1, 7, 255, 1000, 4097, 65537)

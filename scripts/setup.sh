@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set-up for a fresh clone, run by both README commands: a virtual environment in .venv (seeing a
 # torch that is already installed system-wide, e.g. a CUDA build on a GPU machine), torch if it is
-# missing (GRADSIEVE_TORCH, default torch==2.13.0), the test and workload dependencies, and the
-# build of gradsieve's extension (skipped when the built library is newer than every source).
+# missing (GRADSIEVE_TORCH, default torch==2.13.0), the build and test tools (requirements.txt), and
+# gradsieve itself with the training harness's extra (pip install -e ".[train]": the build of the
+# extension, skipped when the built library is newer than every source and the extra is there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -21,12 +22,12 @@ fi
 python -m pip install -q -r requirements.txt
 
 built=$(ls python/gradsieve/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -n "$built" ] && [ -z "$(find csrc setup.py -newer "$built" -type f | head -n 1)" ] \
-    && python -c "import gradsieve" >/dev/null 2>&1; then
+if [ -n "$built" ] && [ -z "$(find csrc setup.py pyproject.toml -newer "$built" -type f | head -n 1)" ] \
+    && python -c "import gradsieve, gradsieve.train" >/dev/null 2>&1; then
   echo "setup: gradsieve is built and up to date"
 else
   echo "setup: building gradsieve (a few minutes on 2 cores)"
-  if ! python -m pip install -v --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
+  if ! python -m pip install -v --no-build-isolation -e ".[train]" > .venv/build.log 2>&1; then
     tail -n 60 .venv/build.log
     echo "setup: the build failed; the whole log is in .venv/build.log" >&2
     exit 1

@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import gradsieve  # noqa: E402
-from gradsieve.testing import make_input  # noqa: E402,F401  (the tests import it from here)
+from inputs import make_input  # noqa: E402,F401  (the tests import it from here)
 
 HAS_CUDA = torch.cuda.is_available() and gradsieve.cuda_kernels_built()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from gradsieve import link
+from gradsieve.train import link
 
 PYTHON = sys.executable
 
@@ -126,7 +126,7 @@ def _run_in_namespace(code, timeout=120):
 SEND_RECV = """
     import json, os, sys, time
     import torch, torch.distributed as dist, torch.multiprocessing as mp
-    from gradsieve import link
+    from gradsieve.train import link
 
     def worker(rank, port, nbytes, out):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from gradsieve.progress import Progress
-from gradsieve.report import Target, add_speedups, format_table, time_to_target
+from gradsieve.train.progress import Progress
+from gradsieve.train.report import Target, add_speedups, format_table, time_to_target
 
 
 def run(name, ms, evals, density=None, **extra):
-    """A run record as gradsieve.training.train_one makes it (only the fields the report reads)."""
+    """A run record as gradsieve.train.run.train_one makes it (only the fields the report reads)."""
     return {
         "compressor": name, "label": name, "density": density, "options": {}, "steps": 100,
         "train_loss": 0.5, "eval_loss": evals[-1][2], "accuracy": evals[-1][3],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed import run_workers
-from gradsieve.checkpoint import FAULT_ENV, RunCheckpoints
+from gradsieve.train.checkpoint import FAULT_ENV, RunCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPRESSORS = ["topk", "dgc", "ef21", "regtopk", "adaptive", "predictive",

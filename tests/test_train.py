@@ -14,9 +14,9 @@ import pytest
 import torch
 
 
-from gradsieve import train as train_cli
-from gradsieve import training
-from gradsieve import workloads
+from gradsieve.train import cli as train_cli
+from gradsieve.train import run as training
+from gradsieve.train import workloads
 
 PYTHON = sys.executable
 

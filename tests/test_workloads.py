@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from gradsieve import workloads
-from gradsieve.workloads import DEFAULTS, MODEL_SIZES, WORKLOADS, WorkloadError, make_workload
+from gradsieve.train import workloads
+from gradsieve.train.workloads import DEFAULTS, MODEL_SIZES, WORKLOADS, WorkloadError, make_workload
 
 # (workload, size, fewest parameters, most parameters); cifar10 needs its data (test_train fakes it).
 SIZES = [
@@ -98,7 +98,7 @@ def test_textcls_batches_are_deterministic_given_the_generator():
 
 
 def test_textcls_features_do_not_depend_on_python_hash_seed():
-    code = ("from gradsieve.workloads import make_workload; "
+    code = ("from gradsieve.train.workloads import make_workload; "
             "w = make_workload('textcls', 0, 2, 0); print(int(w.x_test.sum()), int(w.starts.sum()))")
     here = make_workload("textcls", 0, 2, 0)
     env = dict(os.environ, PYTHONHASHSEED="12345")

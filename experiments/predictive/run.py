@@ -85,7 +85,7 @@ def precision(workload_name: str, heterogeneous: bool, steps: int, seed: int = 0
     import gradsieve
     from gradsieve import ops
     from gradsieve.compressors import predictive as pred_module
-    from gradsieve.workloads import make_workload
+    from gradsieve.train.workloads import make_workload
 
     world, density = 4, 0.01
     torch.manual_seed(seed)

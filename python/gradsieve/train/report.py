@@ -2,7 +2,7 @@
 dense all-reduce, ``metrics.json``/``metrics.csv`` and the plots.
 
 Time-to-target is read from the evaluations a run made: the training seconds (the clock of
-:mod:`gradsieve.training`, evaluations excluded) up to the first evaluation whose metric meets the
+:mod:`gradsieve.train.run`, evaluations excluded) up to the first evaluation whose metric meets the
 target. Its resolution is therefore the evaluation interval (``--eval-every``).
 """
 
@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from gradsieve import link
-from gradsieve.training import human_bytes
+from gradsieve.train import link
+from gradsieve.train.run import human_bytes
 
 __all__ = ["Target", "time_to_target", "add_speedups", "format_table", "write_outputs", "write_plots",
            "report_comparison"]

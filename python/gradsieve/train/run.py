@@ -19,13 +19,13 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from gradsieve import link
-from gradsieve.baselines import is_baseline, register_baseline
-from gradsieve.checkpoint import RunCheckpoints, fault_point
+from gradsieve.train import link
+from gradsieve.train.baselines import is_baseline, register_baseline
+from gradsieve.train.checkpoint import RunCheckpoints, fault_point
 from gradsieve.hook import CompressionState, compression_hook
-from gradsieve.progress import Progress
+from gradsieve.train.progress import Progress
 from gradsieve.speculative import SpeculativeOptimizer, split_options
-from gradsieve.workloads import epochs_to_steps
+from gradsieve.train.workloads import epochs_to_steps
 
 __all__ = ["RunSpec", "train_one", "eval_steps"]
 

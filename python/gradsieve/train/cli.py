@@ -5,12 +5,12 @@ ranks it is given. Each compressor of ``--compare`` (or the one ``--compressor``
 from the same seed, model initialisation and data split; PyTorch's own hooks (``none``: DDP's
 default all-reduce, ``torch-fp16``, ``powersgd``) run beside gradsieve's compressors as baselines.
 With ``--link RATE`` the local workers talk over a rate-limited loopback in a private network
-namespace (:mod:`gradsieve.link`). At the end rank 0 prints a table with time-to-target and the
+namespace (:mod:`gradsieve.train.link`). At the end rank 0 prints a table with time-to-target and the
 speed-ups against dense all-reduce, and writes ``metrics.json``, ``metrics.csv`` and three plots
-to ``--out`` (:mod:`gradsieve.report`).
+to ``--out`` (:mod:`gradsieve.train.report`).
 
-This module is the command line; the workers are in :mod:`gradsieve.launcher`, one run's loop in
-:mod:`gradsieve.training`.
+This module is the command line; the workers are in :mod:`gradsieve.train.launcher`, one run's loop in
+:mod:`gradsieve.train.run`.
 
 Examples::
 
@@ -28,14 +28,14 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from gradsieve import link
+from gradsieve.train import link
 from gradsieve import speculative
-from gradsieve.baselines import BASELINES, baseline_options, is_baseline
-from gradsieve.launcher import launch, under_torchrun
+from gradsieve.train.baselines import BASELINES, baseline_options, is_baseline
+from gradsieve.train.launcher import launch, under_torchrun
 from gradsieve.registry import available_compressors, compressor_class, get_compressor
-from gradsieve.report import Target, report_comparison
-from gradsieve.training import RunSpec
-from gradsieve.workloads import (MODEL_SIZES, WORKLOADS, WorkloadError, check_available, defaults_for,
+from gradsieve.train.report import Target, report_comparison
+from gradsieve.train.run import RunSpec
+from gradsieve.train.workloads import (MODEL_SIZES, WORKLOADS, WorkloadError, check_available, defaults_for,
                                  resolve_model_size)
 
 PROG = "gradsieve-train"
@@ -285,6 +285,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               flush=True)
     return launch(args, runs, report_comparison, PROG)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

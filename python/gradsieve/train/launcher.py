@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List
 import torch
 import torch.distributed as dist
 
-from gradsieve import link
-from gradsieve.training import RunSpec, train_one
-from gradsieve.workloads import WorkloadError, make_workload
+from gradsieve.train import link
+from gradsieve.train.run import RunSpec, train_one
+from gradsieve.train.workloads import WorkloadError, make_workload
 
 __all__ = ["under_torchrun", "launch", "run_rank"]
 
