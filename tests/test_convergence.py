@@ -8,6 +8,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradsieve
 from distributed import run_workers
 
+pytestmark = pytest.mark.slow  # training runs on gloo workers
+
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 STEPS = 600

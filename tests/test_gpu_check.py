@@ -55,11 +55,13 @@ def dry_run(tmp_path_factory):
 
 
 # =============================================================================== the dry run
+@pytest.mark.slow
 def test_dry_run_passes(dry_run):
     result, _ = dry_run
     assert result.returncode == 0, tail(result)
 
 
+@pytest.mark.slow
 def test_every_stage_reports(dry_run):
     result, _ = dry_run
     for stage in STAGES:
@@ -67,6 +69,7 @@ def test_every_stage_reports(dry_run):
         assert f"gpu_check: {stage}: {verdict}" in result.stdout, tail(result)
 
 
+@pytest.mark.slow
 def test_summary_comes_last(dry_run):
     result, out = dry_run
     lines = result.stdout.rstrip("\n").splitlines()
@@ -84,6 +87,7 @@ def test_summary_comes_last(dry_run):
     assert lines[-2].startswith(f"gpu_check: files in {out}")
 
 
+@pytest.mark.slow
 def test_out_holds_at_most_eight_well_named_files(dry_run):
     _, out = dry_run
     files = []
@@ -99,6 +103,7 @@ def test_out_holds_at_most_eight_well_named_files(dry_run):
                           "bench_hook.log", "bench_hook.json"}, files
 
 
+@pytest.mark.slow
 def test_op_driver_ran_every_group_on_cpu(dry_run):
     _, out = dry_run
     log = (out / "sanitizer.log").read_text()
@@ -107,6 +112,7 @@ def test_op_driver_ran_every_group_on_cpu(dry_run):
     assert re.search(r"^cuda_op_driver: \d+ passed, 0 failed$", log, re.M), log
 
 
+@pytest.mark.slow
 def test_bench_ops_ran_with_sparse_accumulate_and_targets(dry_run):
     _, out = dry_run
     result = json.loads((out / "bench_ops.json").read_text())
@@ -124,6 +130,7 @@ def test_bench_ops_ran_with_sparse_accumulate_and_targets(dry_run):
     assert all("met" not in row for row in rows), "targets are for CUDA rows only"
 
 
+@pytest.mark.slow
 def test_bench_hook_ran_every_method_on_cpu(dry_run):
     _, out = dry_run
     result = json.loads((out / "bench_hook.json").read_text())

@@ -9,6 +9,8 @@ import gradsieve
 from distributed import run_workers
 from test_hook import batch, flat_params, small_model
 
+pytestmark = pytest.mark.slow  # training runs on gloo workers
+
 
 def loss_fn(model, data):
     x, y = data

@@ -165,6 +165,7 @@ def worker_corrupted(rank, world, bad_steps, max_bad_steps, steps):
     return flat_params(model), state.stats(), residuals
 
 
+@pytest.mark.slow
 def test_a_corrupted_payload_skips_the_step_on_every_rank_and_is_counted(tmp_path):
     results = run_workers(worker_corrupted, 2, tmp_path, [3, 4], 3, 8)
     (p0, s0, r0), (p1, s1, r1) = results
@@ -176,6 +177,7 @@ def test_a_corrupted_payload_skips_the_step_on_every_rank_and_is_counted(tmp_pat
         assert torch.equal(residuals[3], residuals[2]) and torch.equal(residuals[4], residuals[2])
 
 
+@pytest.mark.slow
 def test_too_many_corrupted_steps_in_a_row_raise_naming_the_sender(tmp_path):
     with pytest.raises(Exception, match=r"malformed payloads for 2 steps in a row \(max_bad_steps=2\) "
                                         r"from rank\(s\) \[1\]"):
@@ -274,6 +276,7 @@ def worker_one_bad_bucket(rank, world, compressor, bad_step, which, speculative)
     return len(state.memory.buckets), memories, stats["skipped_steps"], stats["bad_payloads"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["first", "last"])
 @pytest.mark.parametrize("compressor", ["topk", "dgc", "ef21", "regtopk", "adaptive", "granular"])
 def test_one_bad_bucket_skips_the_whole_step_and_keeps_every_bucket_memory(tmp_path, compressor, which):
@@ -293,6 +296,7 @@ def test_one_bad_bucket_skips_the_whole_step_and_keeps_every_bucket_memory(tmp_p
         assert any(not torch.equal(after[i][n], memories[bad + 2][i][n]) for i in after for n in after[i])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "overlap"])
 @pytest.mark.parametrize("which", ["first", "last"])
 @pytest.mark.parametrize("compressor", ["topk", "granular"])

@@ -1,7 +1,12 @@
 """The emulated link of ``gradsieve-train --link``: parsing, the tc commands, and, where this machine
 allows private network namespaces, the shaped path itself: its rate, a dense step's lower bound,
-and a teardown that leaves nothing behind (normal end, Ctrl-C, a killed worker)."""
+and a teardown that leaves nothing behind (normal end, Ctrl-C, a killed worker).
 
+The timed checks here are lower bounds that the kernel's token bucket enforces, which a busy
+machine can only make easier to meet; how close to the rate a transfer gets is
+``benchmarks/check_timing.py``'s, on a quiet machine."""
+
+import glob
 import json
 import os
 import signal
@@ -83,6 +88,7 @@ def test_configure_refuses_the_namespace_it_was_started_in(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ the real path
+# (slow tier: each starts processes in a private namespace; the tests above run in this process)
 def _netns_of(pid):
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -134,15 +140,15 @@ SEND_RECV = """
         t = torch.ones(nbytes // 4)
         for _ in range(2):  # the first transfer opens the connection
             dist.barrier()
-            started = time.perf_counter()
+            started, lo_before = time.perf_counter(), link.tx_bytes()
             if rank == 0:
                 dist.send(t, 1)
             else:
                 dist.recv(t, 0)
             dist.barrier()
-            seconds = time.perf_counter() - started
-        if rank == 1:
-            json.dump({"seconds": seconds}, open(out, "w"))
+            seconds, lo_bytes = time.perf_counter() - started, link.tx_bytes() - lo_before
+        if rank == 0:  # its window opens before the send and closes after rank 1 has it all
+            json.dump({"seconds": seconds, "lo_bytes": lo_bytes}, open(out, "w"))
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -151,8 +157,14 @@ SEND_RECV = """
 """
 
 
+def _burst(rate_bits):
+    tbf = link.LinkSpec.parse(f"{rate_bits}bit").tc_commands()[1]
+    return int(tbf[tbf.index("burst") + 1])
+
+
+@pytest.mark.slow
 @requires_netns
-def test_shaped_link_moves_a_payload_at_the_set_rate(tmp_path):
+def test_shaped_link_moves_a_payload_no_faster_than_the_set_rate(tmp_path):
     script = tmp_path / "send_recv.py"
     script.write_text(textwrap.dedent(SEND_RECV))
     out = tmp_path / "result.json"
@@ -161,11 +173,17 @@ def test_shaped_link_moves_a_payload_at_the_set_rate(tmp_path):
     done = subprocess.run([*PREFIX, PYTHON, str(script), f"{rate_bits}bit", str(nbytes), str(out)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    seconds = json.loads(out.read_text())["seconds"]
-    achieved = nbytes * 8 / seconds
-    assert abs(achieved - rate_bits) / rate_bits < 0.15, f"{achieved / 1e6:.1f} Mbit/s for a 40 Mbit/s link"
+    measured = json.loads(out.read_text())
+    # Rank 0's window holds the whole transfer: the payload crossed the namespace's lo in it.
+    assert measured["lo_bytes"] >= nbytes
+    # The token bucket passes at most a burst at once, then the rate: whatever the machine's
+    # load (which only slows the transfer), it cannot take less than this (1% for the kernel's
+    # rate arithmetic). The upper side, "at the rate within 15%", is check_timing's link_rate.
+    least = (nbytes - _burst(rate_bits)) * 8 / rate_bits
+    assert measured["seconds"] >= 0.99 * least, f"{nbytes * 8 / measured['seconds'] / 1e6:.1f} Mbit/s on 40 Mbit/s"
 
 
+@pytest.mark.slow
 @requires_netns
 def test_dense_step_takes_at_least_bytes_over_rate_and_teardown_is_clean(tmp_path):
     before_qdisc = _host_lo_qdisc()
@@ -181,7 +199,13 @@ def test_dense_step_takes_at_least_bytes_over_rate_and_teardown_is_clean(tmp_pat
     dense = run["wire_bytes_per_step"]  # each rank's fp32 gradient (digits CNN, about 150 KB)
     # Two ranks all-reducing S bytes each must each receive at least S bytes over the one queue.
     assert run["link_bytes_per_step"] >= 2 * dense
-    assert run["time_per_step_s"] >= 0.95 * 2 * dense * 8 / rate_bits
+    # Every timed step of rank 0 holds, from its first to its last instant, its half of gloo's ring
+    # all-reduce going out (dense/2 bytes, computed in the step) and rank 1's reduced half
+    # coming back (dense/2 bytes, which need them): at least `dense` bytes through the one queue
+    # after at most a burst. A bound that load cannot break (it only lengthens steps; the other
+    # rank's own half may cross while rank 0 is not yet timing, so not 2 x dense); 1% for the
+    # kernel's rate arithmetic.
+    assert run["time_per_step_s"] >= 0.99 * (dense - _burst(rate_bits)) * 8 / rate_bits
     # Nothing left behind: no process in another namespace, the host's lo untouched.
     assert _host_lo_qdisc() == before_qdisc
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before_ns
@@ -204,20 +228,31 @@ def _interruptible():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _saved_a_step(checkpoints, rank):
+    return bool(glob.glob(os.path.join(checkpoints, "*", f"step-*-rank{rank}.pt")))
+
+
 @pytest.fixture
 def long_run(tmp_path):
-    """A gradsieve-train run over a slow link that would take minutes, in its own session; killed
-    with its whole process group at the end of the test whatever happened."""
+    """A gradsieve-train run over a slow link that would take minutes, in its own session, with
+    both workers in the training loop; killed with its whole process group at the end of the
+    test whatever happened."""
     assert _foreign_netns_processes() == [], "processes of an earlier run are still alive"
+    checkpoints = tmp_path / "ck"
     proc = subprocess.Popen([PYTHON, "-m", "gradsieve.train", "--link", "2mbit", "--compare", "none",
-                             "--steps", "500", "--no-progress", "--out", str(tmp_path / "out")],
+                             "--steps", "500", "--no-progress", "--out", str(tmp_path / "out"),
+                             "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_interruptible)
     try:
-        # Training has started when the workers (in the private namespace) exist.
-        workers = _wait_for(lambda: len(_foreign_netns_processes()) >= 3, 60)
-        assert workers, "the run did not start its workers"
-        time.sleep(2.0)
+        # Both workers are training once each has saved a checkpoint (after the first step): past
+        # their start-up, where a worker asks to die with its parent. An event, not a fixed sleep:
+        # on a loaded machine a worker still importing torch 2 s after it appeared outlived a
+        # killed launcher. The deadline only guards against a hang.
+        started = _wait_for(lambda: proc.poll() is not None or all(_saved_a_step(checkpoints, r) for r in (0, 1)),
+                            300)
+        assert started and proc.poll() is None, "the run did not start training"
+        assert len(_foreign_netns_processes()) >= 3  # the re-run launcher and its two workers
         yield proc
     finally:
         if proc.poll() is None:
@@ -231,6 +266,7 @@ def long_run(tmp_path):
         _wait_for(lambda: _foreign_netns_processes() == [], 20)
 
 
+@pytest.mark.slow
 @requires_netns
 def test_ctrl_c_tears_everything_down(long_run):
     proc = long_run
@@ -240,6 +276,7 @@ def test_ctrl_c_tears_everything_down(long_run):
     assert _wait_for(lambda: _foreign_netns_processes() == [], 20)
 
 
+@pytest.mark.slow
 @requires_netns
 def test_a_killed_worker_ends_the_run_and_the_namespace(long_run):
     proc = long_run
@@ -253,6 +290,7 @@ def test_a_killed_worker_ends_the_run_and_the_namespace(long_run):
     assert _wait_for(lambda: _foreign_netns_processes() == [], 20)
 
 
+@pytest.mark.slow
 @requires_netns
 def test_delay_runs_with_netem_or_stops_with_one_line(tmp_path):
     done = subprocess.run([PYTHON, "-m", "gradsieve.train", "--link", "50mbit,delay=1ms", "--compare", "topk",
@@ -267,6 +305,7 @@ def test_delay_runs_with_netem_or_stops_with_one_line(tmp_path):
     assert _foreign_netns_processes() == []
 
 
+@pytest.mark.slow
 @requires_netns
 def test_a_killed_launcher_takes_the_namespace_with_it(long_run):
     proc = long_run

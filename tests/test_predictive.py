@@ -59,6 +59,7 @@ def precision_run(task, steps, **options):
     return out
 
 
+@pytest.mark.slow
 def test_predictor_learns_what_the_world_finds_important():
     """The seed's hypothesis on a task built for it: local history (a consistent direction)
     predicts global importance where local magnitude cannot. ``magnitude=0``: all of k by the

@@ -761,6 +761,7 @@ def worker_record(rank, world, options):
             "prev": bucket.extra["prev_indices"].numel()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [
     {"density": 0.05, "mu": 1.0},
     {"density": 0.05, "mu": 2.0, "values": "int8", "chunk": 16, "scope": "layer"},
@@ -802,6 +803,7 @@ def worker_checkpoint(rank, world, tmp, phase):
     return flat_params(model)
 
 
+@pytest.mark.slow
 def test_checkpoint_restore_matches_uninterrupted_run(tmp_path):
     straight = run_workers(worker_checkpoint, 2, tmp_path, str(tmp_path), "first")
     resumed = run_workers(worker_checkpoint, 2, tmp_path, str(tmp_path), "second")

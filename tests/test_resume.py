@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distributed import run_workers
+from gradsieve.train import cli as train_cli
 from gradsieve.train.checkpoint import FAULT_ENV, RunCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,7 @@ def finished(root, index, name):
     return torch.load(os.path.join(root, folder(index, name), "done-rank0.pt"), weights_only=False)
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_bit_identical(tmp_path):
     """Each run of the comparison is killed once (rank 1 exits abruptly before step 9; the newest
     checkpoint is after step 8) and resumed by the next invocation with --resume, which also skips
@@ -102,6 +104,7 @@ def worker_newest_common(rank, world, root):
     return ck.newest_common(torch.device("cpu")), ck.finished(torch.device("cpu")) is None
 
 
+@pytest.mark.slow
 def test_the_ranks_agree_on_the_newest_step_they_all_have(tmp_path):
     # Two checkpoints are kept per rank: rank 0 keeps 8 and 12, rank 1 keeps 4 and 10, so none is
     # common and the run starts over; rank 0's lone done file does not make the run finished.
@@ -116,6 +119,7 @@ def worker_newest_common_found(rank, world, root):
     return ck.newest_common(torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_the_newest_common_step_is_found_below_the_newest(tmp_path):
     assert run_workers(worker_newest_common_found, 2, tmp_path, str(tmp_path)) == [8, 8]
 
@@ -125,11 +129,16 @@ def test_the_newest_common_step_is_found_below_the_newest(tmp_path):
     (["--checkpoint-every", "0", "--checkpoint-dir", "X"], "--checkpoint-every must be >= 1, got 0"),
     (["--compare", "topk,powersgd", "--checkpoint-dir", "X"], "leave powersgd out of a checkpointed run"),
 ])
-def test_bad_checkpoint_arguments_are_named(args, message):
-    out = train("--workload", "digits", "--steps", "4", *args)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
+def test_bad_checkpoint_arguments_are_named(args, message, capsys, monkeypatch):
+    # In this process (argparse's error is SystemExit(2)); arguments that pass would reach launch.
+    monkeypatch.setattr(train_cli, "launch", lambda *a, **k: pytest.fail("the arguments were accepted"))
+    with pytest.raises(SystemExit) as stop:
+        train_cli.main(["--workload", "digits", "--steps", "4", *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err, err
 
 
+@pytest.mark.slow
 def test_resuming_with_other_arguments_fails_clearly(tmp_path):
     ck = str(tmp_path / "ck")
     common = ["--workload", "digits", "--steps", "8", "--checkpoint-every", "4", "--checkpoint-dir", ck,
@@ -141,6 +150,7 @@ def test_resuming_with_other_arguments_fails_clearly(tmp_path):
     assert "was written with lr=0.05, this run has lr=0.2" in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_the_group_which_resumes(tmp_path):
     """torchrun --max-restarts=1: rank 1 dies before step 9 on the first attempt; torchrun restarts
     both workers, which resume after step 8 and end with the uninterrupted run's parameters."""

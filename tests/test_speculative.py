@@ -70,6 +70,7 @@ def worker_properties(rank, world, optimizer, threshold, options, bucket_cap_mb)
             "finite": bool(torch.isfinite(flat_params(model)).all())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_global_weights_identical_and_working_weights_within_threshold(tmp_path, optimizer):
     threshold = 0.02
@@ -93,6 +94,7 @@ def test_global_weights_identical_and_working_weights_within_threshold(tmp_path,
         assert 0 < stats["max_drift"] <= threshold
 
 
+@pytest.mark.slow
 def test_several_buckets_and_a_bucket_rebuild(tmp_path):
     results = run_workers(worker_properties, 2, tmp_path, "momentum", 0.05, GRANULAR, 0.001)
     a, b = results
@@ -113,6 +115,7 @@ def worker_compare(rank, world, optimizer, mode, threshold, options, compressor=
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_threshold_zero_is_synchronous_training_bit_for_bit(tmp_path, optimizer):
     sync = run_workers(worker_compare, 2, tmp_path, optimizer, "sync", 0.0, GRANULAR)
@@ -125,6 +128,7 @@ def test_threshold_zero_is_synchronous_training_bit_for_bit(tmp_path, optimizer)
         assert s["hook"]["wire_bytes"] == p["hook"]["wire_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_speculative_false_is_synchronous_training_bit_for_bit(tmp_path, optimizer):
     sync = run_workers(worker_compare, 2, tmp_path, optimizer, "sync", 0.0, GRANULAR)
@@ -133,6 +137,7 @@ def test_speculative_false_is_synchronous_training_bit_for_bit(tmp_path, optimiz
         assert all(torch.equal(x, y) for x, y in zip(s["trail"], p["trail"]))
 
 
+@pytest.mark.slow
 def test_speculation_changes_the_trajectory_and_topk_works_too(tmp_path):
     # The counterpart of the two tests above: with a threshold the run is not the synchronous one.
     sync = run_workers(worker_compare, 2, tmp_path, "sgd", "sync", 0.0, {"density": 0.1}, "topk")
@@ -187,6 +192,7 @@ def same(a, b):
     return a == b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 def test_checkpoint_restore_continues_bit_for_bit(tmp_path, optimizer):
     straight = run_workers(worker_checkpoint, 2, tmp_path, str(tmp_path), "straight", optimizer)
@@ -206,6 +212,7 @@ def worker_memory(rank, world, optimizer):
     return opt.stats()["memory_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,per_param", [("sgd", 4), ("momentum", 8), ("adam", 12)])
 def test_extra_memory_is_a_copy_of_the_weights_and_of_the_optimizer_state(tmp_path, optimizer, per_param):
     numel = sum(p.numel() for p in small_model().parameters())
@@ -225,6 +232,7 @@ def worker_scheduler(rank, world):
     return opt.optimizer.param_groups[0]["lr"], opt.global_optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.slow
 def test_a_scheduler_reaches_the_global_optimizer(tmp_path):
     for working, global_lr in run_workers(worker_scheduler, 2, tmp_path):
         assert working == pytest.approx(0.025)
@@ -240,6 +248,7 @@ def worker_global_weights(rank, world):
     return working, inside, flat_params(model), flat(opt.global_parameters()), len(state._inflight)
 
 
+@pytest.mark.slow
 def test_global_weights_context_swaps_and_restores(tmp_path):
     (w0, in0, after0, g0, n0), (w1, in1, after1, g1, n1) = run_workers(worker_global_weights, 2, tmp_path)
     assert torch.equal(in0, in1) and torch.equal(in0, g0) and torch.equal(g0, g1)
@@ -262,6 +271,7 @@ def worker_mismatch(rank, world):
     return None
 
 
+@pytest.mark.slow
 def test_ranks_that_disagree_on_speculation_fail_with_a_clear_error(tmp_path):
     for message in run_workers(worker_mismatch, 2, tmp_path):
         assert message is not None and "configured differently" in message and "speculative" in message
@@ -366,6 +376,7 @@ def worker_overflow(rank, world, overlap, bucket_cap_mb=25.0):
             "finite": bool(torch.isfinite(flat_params(model)).all()), "buckets": list(state.memory.buckets)}
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped_on_every_rank_and_memory_kept(tmp_path):
     a, b = run_workers(worker_overflow, 2, tmp_path, False)
     assert torch.equal(a["global"], b["global"]) and bool(torch.isfinite(a["global"]).all())
@@ -385,6 +396,7 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_memory_kept(tmp_path):
     assert a["seen"][7]["stats"]["own_skipped"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bucket_cap_mb", [25.0, 0.001])
 def test_a_non_finite_step_rolls_back_the_early_commit(tmp_path, bucket_cap_mb):
     """overlap_compress: step 4's memory was committed when its payload was sent, and step 5 was
@@ -412,6 +424,7 @@ def test_a_non_finite_step_rolls_back_the_early_commit(tmp_path, bucket_cap_mb):
     assert a["seen"][7]["stats"]["own_skipped"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressor,options", [
     ("dgc", {"density": 0.1, "momentum": 0.9}),
     ("adaptive", {"density": 0.1}),
@@ -463,6 +476,7 @@ def worker_overlap(rank, world, compressor, options, overlap, bucket_cap_mb, syn
             "level_steps": list(getattr(state.compressor, "level_steps", []))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressor,options", [
     ("granular", GRANULAR),
     ("granular", {**GRANULAR, "granularity": "hybrid"}),
@@ -490,6 +504,7 @@ def test_overlap_compress_moves_the_wait_and_changes_no_number(tmp_path, compres
     assert torch.equal(early[0]["globals"][-1], early[1]["globals"][-1])
 
 
+@pytest.mark.slow
 def test_rollback_memory_is_one_step_of_compressor_memory(tmp_path):
     numel = sum(p.numel() for p in small_model().parameters())
     for r in run_workers(worker_overlap, 2, tmp_path, "granular", GRANULAR, None, 25.0):
@@ -499,6 +514,7 @@ def test_rollback_memory_is_one_step_of_compressor_memory(tmp_path):
         assert r["hook"]["memory_bytes"] == 8 * numel
 
 
+@pytest.mark.slow
 def test_the_auto_policy_does_not_depend_on_when_exchanges_end(tmp_path):
     """With overlap_compress the bandit reads each step's observations one step later (they land
     after the next step is compressed); ending exchanges early (synchronize, an evaluation's
@@ -523,6 +539,7 @@ def worker_corrupted_overlap(rank, world, overlap):
     run_steps(rank, ddp, opt, 12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [False, None])
 def test_a_peer_that_keeps_sending_garbage_is_named_with_overlap_too(tmp_path, overlap):
     # With overlap_compress every bad step also drops the step after it; the dropped steps
