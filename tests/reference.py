@@ -173,3 +173,140 @@ def segment_mean_reference(x, numels):
                 out[j] = np.float32(a[start:start + m].sum() / m)
             start += m
     return out
+
+
+# ------------------------------------------------------------------ the wire and error feedback
+def decode_int8(q, scales, chunk: int) -> np.ndarray:
+    """int8 codes as a receiver decodes them, in NumPy float32: entry ``j`` is ``float32(q[j]) *
+    scales[j // chunk]``, one correctly rounded float32 product (the chunk is counted in payload
+    positions, the last chunk may be partial)."""
+    codes = q.detach().reshape(-1).cpu().numpy().astype(np.float32)
+    s = scales.detach().reshape(-1).cpu().numpy().astype(np.float32)
+    return codes * s[np.arange(codes.size) // chunk]
+
+
+def entries_for(density: float, numel: int) -> int:
+    """k of a sparse compressor: ceil(density * numel) of the decimal density as written (0.1 of
+    330 is 33, not 34 from the float product), at most numel."""
+    from fractions import Fraction
+
+    return min(numel, math.ceil(Fraction(repr(float(density))) * numel))
+
+
+WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def wire_values(values: torch.Tensor, kind: str, chunk: int = 256, capacity=None) -> torch.Tensor:
+    """float32 values (in the order they go on the wire) as a receiver decodes them: fp32 as they
+    are; fp16/bf16 rounded to that type; int8 by per-chunk absmax quantization
+    (:func:`quantize_int8`, round half to even) with chunk min(chunk, K), K the payload's capacity
+    (default: the number of values), the values padded with zeros to a whole number of chunks,
+    decoded as code * scale in float32."""
+    values = values.detach().reshape(-1).float().cpu()
+    if kind == "fp32":
+        return values.clone()
+    if kind in WIRE_DTYPES:
+        return values.to(WIRE_DTYPES[kind]).float()
+    if kind != "int8":
+        raise ValueError(kind)
+    k = values.numel()
+    capacity = k if capacity is None else capacity
+    chunk = max(1, min(chunk, capacity))
+    padded = torch.zeros(max(-(-capacity // chunk), -(-k // chunk)) * chunk)
+    padded[:k] = values
+    codes, scales = quantize_int8(padded, chunk)
+    return torch.from_numpy(decode_int8(codes, scales, chunk))[:k]
+
+
+class ErrorFeedbackTopK:
+    """Error-feedback top-k (Stich et al. 2018) on ``world`` workers, in plain torch and NumPy (no
+    gradsieve code): what the ``topk`` compressor's average and residuals must be.
+
+    Each worker keeps a float32 residual per parameter (any hashable name), so a caller may
+    regroup parameters into buckets between steps. One bucket step, on every worker ``r``::
+
+        acc_r  = residual_r (the bucket's parameters, in the given order) + grad_r   (float32)
+        idx_r  = the k = ceil(density * numel) entries of largest |acc_r|, ascending
+                 (:func:`topk_indices`: the lower index wins a tie)
+        sent_r = acc_r[idx_r] as the wire decodes them (:func:`wire_values`)
+        residual_r = acc_r, with acc_r - sent_r (the wire's rounding) at idx_r
+
+    The result is the float32 sum of the sent values over the workers, in rank order, divided by
+    ``world``. When any gradient holds a NaN or an inf the step is skipped: the result is NaN and
+    no residual changes.
+    """
+
+    def __init__(self, world: int, density: float, values: str = "fp32", chunk: int = 256):
+        self.world, self.density, self.values, self.chunk = world, density, values, chunk
+        self.residuals = [{} for _ in range(world)]
+
+    def bucket_residual(self, rank: int, params, numels) -> torch.Tensor:
+        return torch.cat([self.residuals[rank].get(p, torch.zeros(n)) for p, n in zip(params, numels)])
+
+    def step(self, grads, params=("bucket",), numels=None) -> torch.Tensor:
+        flat = [g.detach().reshape(-1).cpu().float() for g in grads]
+        numel = flat[0].numel()
+        numels = list(numels) if numels is not None else [numel]
+        if sum(numels) != numel or len(numels) != len(params):
+            raise ValueError("ErrorFeedbackTopK.step: params/numels do not describe the bucket")
+        if not all(bool(torch.isfinite(g).all()) for g in flat):
+            return torch.full((numel,), math.nan)
+        k = entries_for(self.density, numel)
+        total = torch.zeros(numel)
+        for rank, g in enumerate(flat):
+            acc = self.bucket_residual(rank, params, numels) + g
+            idx = torch.from_numpy(topk_indices(acc, k))
+            chosen = acc[idx]
+            sent = wire_values(chosen, self.values, self.chunk)
+            acc[idx] = chosen - sent
+            total.index_add_(0, idx, sent)
+            offset = 0
+            for p, n in zip(params, numels):
+                self.residuals[rank][p] = acc[offset:offset + n].clone()
+                offset += n
+        return total / self.world
+
+
+class MomentumCorrectedTopK:
+    """DGC's momentum correction and factor masking (Lin et al. 2018) on ``world`` workers of one
+    bucket, in plain torch and NumPy, without clipping or density warm-up. Per worker ``r``::
+
+        u_r = u_r * momentum + grad_r;   v_r = v_r + u_r        (float32, in this order)
+
+    then a set S_r of entries is sent: the exact top-k of |v_r| (k = ceil(density * numel), the
+    lower index wins a tie) unless the caller gives the sets (a sampled threshold picks them), as
+    the wire decodes them (:func:`wire_values`, ascending index order); at S_r, u_r becomes 0 and
+    v_r the wire's rounding (v - sent). The result is the float32 sum of the sent values over the
+    workers, in rank order, divided by ``world``.
+
+    :meth:`accumulate` does the first line and returns every worker's v; :meth:`send` the rest.
+    """
+
+    def __init__(self, world: int, numel: int, density: float, momentum: float,
+                 values: str = "fp32", chunk: int = 256):
+        self.world, self.density, self.momentum = world, density, momentum
+        self.values, self.chunk = values, chunk
+        self.k = entries_for(density, numel)
+        self.u = [torch.zeros(numel) for _ in range(world)]
+        self.v = [torch.zeros(numel) for _ in range(world)]
+
+    def accumulate(self, grads):
+        for rank, g in enumerate(grads):
+            self.u[rank] = self.u[rank] * self.momentum + g.detach().reshape(-1).cpu().float()
+            self.v[rank] = self.v[rank] + self.u[rank]
+        return [v.clone() for v in self.v]
+
+    def send(self, chosen=None) -> torch.Tensor:
+        total = torch.zeros(self.v[0].numel())
+        for rank in range(self.world):
+            v = self.v[rank]
+            if chosen is None:
+                idx = torch.from_numpy(topk_indices(v, self.k))
+            else:
+                idx = torch.as_tensor(chosen[rank], dtype=torch.int64).sort().values
+            picked = v[idx]
+            sent = wire_values(picked, self.values, self.chunk, capacity=self.k)
+            self.u[rank][idx] = 0.0
+            v[idx] = picked - sent
+            total.index_add_(0, idx, sent)
+        return total / self.world

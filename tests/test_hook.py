@@ -1,5 +1,6 @@
 """The DDP communication hook on real gloo process groups (2 CPU workers)."""
 
+import gc
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradsieve
+import reference
 from distributed import recording_hook, run_workers
 
 STEPS = 6
@@ -57,20 +59,89 @@ def worker_bookkeeping(rank, world, compressor, options):
             "stats": state.stats(), "keys": bucket.keys, "numels": bucket.numels}
 
 
-def worker_rebuild(rank, world, compressor="topk"):
-    # Tiny buckets: several of them, and DDP rebuilds them after the first iteration.
-    model = small_model()
+def bucket_recorder(model):
+    """compression_hook that also keeps, for every bucket it sees: the step (``hook.step``, set by
+    the training loop), DDP's bucket index, the bucket's parameters (their positions in
+    ``model.parameters()``, in bucket order), its input (this rank's gradient) and its output."""
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    calls = []
+
+    def hook(state, bucket):
+        call = {"step": hook.step, "index": bucket.index(),
+                "params": tuple(position[id(p)] for p in bucket.parameters()),
+                "input": bucket.buffer().detach().clone()}
+        calls.append(call)
+
+        def keep(fut):
+            call["output"] = fut.value().detach().clone()
+            return fut.value()
+
+        return gradsieve.compression_hook(state, bucket).then(keep)
+
+    hook.step, hook.calls = 0, calls
+    return hook
+
+
+def memory_by_parameter(state, calls):
+    """{parameter position: {"key", "numel", memory name: tensor}} as state.memory holds it: each
+    bucket's parameter keys (BucketMemory.keys, bucket order) are matched with the parameters DDP
+    put in that bucket at its last call; a parameter's memory is read from the memory
+    MemoryBank.owner names for its key, at the offset the key has in that memory's keys/numels."""
+    last = {call["index"]: call["params"] for call in calls}
+    found = {}
+    for index, memory in state.memory.buckets.items():
+        assert len(memory.keys) == len(last[index]), (memory.keys, last[index])
+        for key, p in zip(memory.keys, last[index]):
+            owner = state.memory.owner[key]
+            at = owner.keys.index(key)
+            offset, numel = sum(owner.numels[:at]), owner.numels[at]
+            found[p] = {"key": key, "numel": numel,
+                        **{name: t[offset:offset + numel].clone() for name, t in owner.entries.items()}}
+    return found
+
+
+def train_recorded(rank, model, state, steps, start=0):
+    """Tiny buckets (several of them; DDP rebuilds them after its first iteration)."""
+    recorder = bucket_recorder(model)
     ddp = DDP(model, bucket_cap_mb=0.001)
-    state = gradsieve.CompressionState(compressor, density=0.1, warmup_steps=1)
-    ddp.register_comm_hook(state, gradsieve.compression_hook)
+    ddp.register_comm_hook(state, recorder)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    for step in range(8):
+    for step in range(start, start + steps):
+        recorder.step = step
         x, y = batch(rank, step)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
     return {"buckets": len(state.memory.buckets), "finite": bool(torch.isfinite(flat_params(model)).all()),
-            "stats": state.stats()}
+            "stats": state.stats(), "calls": recorder.calls,
+            "memory": memory_by_parameter(state, recorder.calls)}
+
+
+def bucket_layouts(calls):
+    """{step: [(bucket index, parameter positions)]} of one rank's recorded bucket calls."""
+    layouts = {}
+    for call in calls:
+        layouts.setdefault(call["step"], []).append((call["index"], call["params"]))
+    return {step: sorted(buckets) for step, buckets in layouts.items()}
+
+
+def worker_rebuild(rank, world, compressor="topk", resume=False):
+    model = small_model()
+    state = gradsieve.CompressionState(compressor, density=0.1, warmup_steps=1)
+    result = train_recorded(rank, model, state, 8)
+    if resume:
+        # A resumed run: DDP starts again from its first layout (one bucket), compresses in it
+        # (the warm-up is over) and rebuilds after that step, so the memory restored per parameter
+        # is assembled into the first layout and then moved into the rebuilt buckets.
+        saved, weights = state.state_dict(), model.state_dict()
+        del model, state
+        gc.collect()
+        model = small_model(seed=123)
+        model.load_state_dict(weights)
+        state = gradsieve.CompressionState(compressor, density=0.1, warmup_steps=1)
+        state.load_state_dict(saved)
+        result["resumed"] = train_recorded(rank, model, state, 4, start=8)
+    return result
 
 
 def worker_checkpoint(rank, world, tmp, phase, compressor, options=None):
@@ -153,19 +224,50 @@ def worker_no_pickle(rank, world, mismatch):
     return state.stats()["compressed_steps"]
 
 
-def worker_dtype(rank, world, dtype, compressor, values):
+def worker_dtype(rank, world, dtype, compressor, values, options=None):
+    """4 steps (the first dense) of a model in ``dtype``, keeping each bucket's input and output
+    and the compressor's memory after every step (None before the first compressed step)."""
     model = small_model(dtype=dtype)
-    state = gradsieve.CompressionState(compressor, density=0.2, values=values)
-    train(rank, model, state, 4, dtype=dtype)
-    return bool(torch.isfinite(flat_params(model)).all()), state.stats()
+    state = gradsieve.CompressionState(compressor, **{"density": 0.2, "values": values, **(options or {})})
+    recorder = recording_hook()
+    ddp = DDP(model)
+    ddp.register_comm_hook(state, recorder)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    memory = []
+    for step in range(4):
+        x, y = batch(rank, step, dtype)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x).float(), y).backward()
+        opt.step()
+        memory.append({name: state.memory.total(name).clone() for name in state.compressor.memory_names}
+                      if state.memory.buckets else None)
+    return {"finite": bool(torch.isfinite(flat_params(model)).all()), "stats": state.stats(),
+            "inputs": recorder.inputs, "outputs": recorder.outputs, "memory": memory,
+            "buckets": len(state.memory.buckets)}
+
+
+def assert_dense_mean(results, step, dtype):
+    """A dense step's output on every rank: the mean of the ranks' buckets, added and divided in
+    ``dtype`` (within one unit in the last place of ``dtype``)."""
+    grads = [r["inputs"][step] for r in results]
+    assert all(g.dtype == dtype for g in grads)
+    total = grads[0].clone()
+    for g in grads[1:]:
+        total = total + g
+    expected = total / len(grads)
+    finfo = torch.finfo(dtype)
+    for r in results:
+        torch.testing.assert_close(r["outputs"][step], expected, rtol=finfo.eps, atol=finfo.tiny * finfo.eps)
 
 
 # -------------------------------------------------------------------------------------------- tests
+@pytest.mark.slow
 def test_density_one_topk_equals_dense_allreduce(tmp_path):
     for dense, sparse in run_workers(worker_density_one, 2, tmp_path):
         assert torch.equal(dense, sparse)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressor,options", [
     ("topk", {"density": 0.05}),
     ("topk", {"density": 0.05, "values": "int8", "chunk": 16}),
@@ -231,6 +333,7 @@ def test_error_feedback_bookkeeping_in_simulator():
     torch.testing.assert_close(delivered + residuals, total, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressor", ["topk", "adaptive", "predictive", "granular"])
 def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     numel = sum(p.numel() for p in small_model().parameters())
@@ -238,7 +341,8 @@ def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     # residual, adaptive a residual, momentum and average, predictive a residual, the received
     # average and 3 history slots (plus its small per-parameter predictors).
     per_entry = {"topk": 4, "adaptive": 12, "predictive": 20, "granular": 8}[compressor]
-    for r in run_workers(worker_rebuild, 2, tmp_path, compressor):
+    results = run_workers(worker_rebuild, 2, tmp_path, compressor, compressor == "topk")
+    for r in results:
         assert r["finite"] and r["buckets"] > 1
         assert r["stats"]["compressed_steps"] == 7
         held = r["stats"]["memory_bytes"]
@@ -246,8 +350,80 @@ def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
             assert per_entry * numel < held < per_entry * numel + 64 * 1024, (held, numel)
         else:
             assert held - per_entry * numel in range(0, 256), (held, numel)
+    # Where each parameter's memory is: bucket by bucket, the memory of the same parameter in an
+    # independent computation fed the same per-rank gradients.
+    sizes = [p.numel() for p in small_model().parameters()]
+    ndims = [p.dim() for p in small_model().parameters()]
+    world = len(results)
+    calls = [{(c["step"], c["index"]): c for c in r["calls"]} for r in results]
+    layout = bucket_layouts(results[0]["calls"])
+    assert all(bucket_layouts(r["calls"]) == layout for r in results)
+    # Step 0 (warm-up, dense) runs in DDP's first layout, steps 1-7 in the rebuilt one.
+    assert layout[0] != layout[1] and len(layout[1]) > 1
+    assert all(layout[step] == layout[1] for step in range(1, 8))
+    for index, _ in layout[0]:
+        mean = sum(calls[r][0, index]["input"] for r in range(world)) / world
+        assert all(torch.equal(calls[r][0, index]["output"], mean) for r in range(world))
+    keys = {p: m["key"] for p, m in results[0]["memory"].items()}
+    assert sorted(keys) == list(range(len(sizes))) and len(set(keys.values())) == len(sizes)
+    for r in results:
+        assert {p: m["key"] for p, m in r["memory"].items()} == keys
+        assert all(r["memory"][p]["numel"] == sizes[p] for p in keys)
+    # Simulators, one per rebuilt bucket (its parameters in bucket order, with the hook's keys):
+    # every step's output, and every memory of every parameter at the end.
+    names = gradsieve.get_compressor(compressor, density=0.1).memory_names
+    sims = {index: gradsieve.Simulator(compressor, world_size=world, param_sizes=[sizes[p] for p in params],
+                                       param_ndims=[ndims[p] for p in params],
+                                       param_keys=[keys[p] for p in params], density=0.1)
+            for index, params in layout[1]}
+    for step in range(1, 8):
+        for index, _ in layout[step]:
+            expected = sims[index].step([calls[r][step, index]["input"] for r in range(world)])
+            for r in range(world):
+                assert torch.equal(calls[r][step, index]["output"], expected), (step, index)
+    for index, params in layout[1]:
+        offset = 0
+        for p in params:
+            for r in range(world):
+                for name in names:
+                    want = sims[index].memory(r, name)[offset:offset + sizes[p]]
+                    assert torch.equal(results[r]["memory"][p][name], want), (p, name)
+            offset += sizes[p]
+    if compressor != "topk":
+        return
+    # Error feedback in plain torch, each parameter's residual kept by parameter, whatever bucket
+    # it is in: through the rebuild, and through a resumed run whose first step runs in DDP's first
+    # layout (one bucket) before its memory moves into the rebuilt buckets.
+    ef = reference.ErrorFeedbackTopK(world, 0.1)
+
+    def replay(calls, steps, layout):
+        for step in steps:
+            for index, params in layout[step]:
+                expected = ef.step([calls[r][step, index]["input"] for r in range(world)], params,
+                                   [sizes[p] for p in params])
+                for r in range(world):
+                    assert torch.equal(calls[r][step, index]["output"], expected), (step, index)
+
+    def residuals_match(memory):
+        for r in range(world):
+            for p in keys:
+                assert torch.equal(memory[r][p]["residual"], ef.residuals[r][p]), (r, p)
+
+    replay(calls, range(1, 8), layout)
+    residuals_match([r["memory"] for r in results])
+    resumed = [r["resumed"] for r in results]
+    resumed_calls = [{(c["step"], c["index"]): c for c in r["calls"]} for r in resumed]
+    resumed_layout = bucket_layouts(resumed[0]["calls"])
+    assert resumed_layout[8] == layout[0] and all(resumed_layout[s] == layout[1] for s in range(9, 12))
+    replay(resumed_calls, range(8, 12), resumed_layout)
+    residuals_match([r["memory"] for r in resumed])
+    for r in resumed:
+        assert r["finite"] and r["stats"]["compressed_steps"] == 11
+        assert {p: m["key"] for p, m in r["memory"].items()} == keys  # stable parameter keys
+        assert r["stats"]["memory_bytes"] - per_entry * numel in range(0, 256)  # moved, not copied
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressor,options", [
     ("topk", None), ("dgc", None), ("ef21", None),
     # fp32 values: int8 scales are per chunk of entries in bucket order, and the first step after a
@@ -268,6 +444,7 @@ def test_checkpoint_restore_matches_uninterrupted_run(tmp_path, compressor, opti
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressor", ["topk", "dgc", "ef21", "adaptive", "predictive", "granular"])
 def test_amp_overflow_skips_step_and_keeps_memory(tmp_path, compressor):
     for seen in run_workers(worker_overflow, 2, tmp_path, compressor):
@@ -280,6 +457,7 @@ def test_amp_overflow_skips_step_and_keeps_memory(tmp_path, compressor):
         assert seen[4]["params_changed"]  # training goes on after the skipped step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressor,option,values", [
     ("topk", "density", (0.01, 0.02)),
     ("adaptive", "beta", (1.0, 0.5)),  # same payload size: only the configuration check sees it
@@ -311,6 +489,7 @@ def worker_metric(rank, world, metrics):
     return densities, flat_params(model)
 
 
+@pytest.mark.slow
 def test_adaptive_k_switches_together_or_fails_clearly(tmp_path):
     same = [[0.5, 0.9, 0.9, 0.905]] * 2  # -> fast (0.025), plateau (0.05), between (0.05)
     (d0, p0), (d1, p1) = run_workers(worker_metric, 2, tmp_path, same)
@@ -321,6 +500,7 @@ def test_adaptive_k_switches_together_or_fails_clearly(tmp_path):
         run_workers(worker_metric, 2, tmp_path, differ)
 
 
+@pytest.mark.slow
 def test_configuration_check_never_unpickles(tmp_path):
     """The check compares digests as a tensor, and on a mismatch exchanges JSON texts as bytes:
     all_gather_object (pickle) is never called, and the error still shows both configurations."""
@@ -330,23 +510,64 @@ def test_configuration_check_never_unpickles(tmp_path):
         run_workers(worker_no_pickle, 2, tmp_path, True)
 
 
-@pytest.mark.parametrize("dtype,compressor,values", [
-    (torch.float16, "topk", "fp16"),
-    (torch.bfloat16, "topk", "bf16"),
-    (torch.bfloat16, "dgc", "int8"),
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,compressor,values,options", [
+    (torch.float16, "topk", "fp16", {}),
+    (torch.bfloat16, "topk", "bf16", {}),
+    (torch.bfloat16, "dgc", "int8", {"momentum": 0.9}),  # sampled threshold
+    (torch.bfloat16, "dgc", "int8", {"momentum": 0.9, "sample_fraction": 0.0}),  # exact top-k
 ])
-def test_half_precision_models(tmp_path, dtype, compressor, values):
-    for finite, stats in run_workers(worker_dtype, 2, tmp_path, dtype, compressor, values):
-        assert finite and stats["compressed_steps"] == 3
+def test_half_precision_models(tmp_path, dtype, compressor, values, options):
+    results = run_workers(worker_dtype, 2, tmp_path, dtype, compressor, values, options)
+    for r in results:
+        assert r["finite"] and r["stats"]["compressed_steps"] == 3 and r["buckets"] == 1
+    assert_dense_mean(results, 0, dtype)  # warm-up
+    # Compressed steps: the plain-torch reference of the compressor, fed the recorded half-precision
+    # buckets; its float32 average rounded once to the model's dtype, and its memory, exactly.
+    world, numel = len(results), results[0]["inputs"][0].numel()
+    if compressor == "topk":
+        ef = reference.ErrorFeedbackTopK(world, 0.2, values)
+        for step in range(1, 4):
+            expected = ef.step([r["inputs"][step] for r in results]).to(dtype)
+            for rank, r in enumerate(results):
+                assert torch.equal(r["outputs"][step], expected), f"step {step}"
+                want = ef.bucket_residual(rank, ["bucket"], [numel])
+                assert torch.equal(r["memory"][step]["residual"], want)
+        return
+    dgc = reference.MomentumCorrectedTopK(world, numel, 0.2, options["momentum"], values)
+    for step in range(1, 4):
+        before = dgc.accumulate([r["inputs"][step] for r in results])
+        momenta = [u.clone() for u in dgc.u]
+        chosen = None
+        if options.get("sample_fraction") != 0.0:
+            # A sampled threshold sends the entries at or above it (the top-k of those when more
+            # than k pass): read which from the memory (u is zeroed where an entry was sent, v
+            # keeps its rounding) and check that they are the largest |v| and at most k.
+            chosen = []
+            for rank, r in enumerate(results):
+                memory = r["memory"][step]
+                sent = (memory["momentum_u"] == 0) & (momenta[rank] != 0)
+                sent |= memory["velocity_v"] != before[rank]
+                magnitude = before[rank].abs()
+                assert 0 < int(sent.sum()) <= dgc.k, int(sent.sum())
+                assert magnitude[sent].min() >= magnitude[~sent].max()
+                chosen.append(sent.nonzero().flatten())
+        expected = dgc.send(chosen).to(dtype)
+        for rank, r in enumerate(results):
+            assert torch.equal(r["outputs"][step], expected), f"step {step}"
+            assert torch.equal(r["memory"][step]["momentum_u"], dgc.u[rank])
+            assert torch.equal(r["memory"][step]["velocity_v"], dgc.v[rank])
 
 
 def worker_dense(rank, world, name, dtype):
     model = small_model(dtype=dtype)
     state = gradsieve.CompressionState(name)
-    train(rank, model, state, 3, dtype=dtype)
-    return flat_params(model), state.stats()
+    recorder = recording_hook()
+    train(rank, model, state, 3, hook=recorder, dtype=dtype)
+    return flat_params(model), state.stats(), recorder.inputs, recorder.outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["none", "fp16", "bf16"])
 def test_dense_compressors(tmp_path, name):
     results = run_workers(worker_dense, 2, tmp_path, name, torch.float32)
@@ -354,11 +575,48 @@ def test_dense_compressors(tmp_path, name):
     bytes_per_entry = 4 if name == "none" else 2
     numel = sum(p.numel() for p in small_model().parameters())
     assert results[0][1]["wire_bytes"] == 3 * numel * bytes_per_entry
+    for step in range(3):
+        grads = [r[2][step] for r in results]
+        mean = (grads[0] + grads[1]) / 2
+        for r in results:
+            out = r[3][step]
+            assert out.dtype == torch.float32 and out.numel() == numel
+            if name == "none":
+                assert torch.equal(out, mean), f"step {step}"  # the exact float32 mean
+                continue
+            # The mean of the gradients rounded to the wire's type, added and halved in that type:
+            # within one unit in its last place, a value of that type, and not the float32 mean.
+            wire = {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
+            expected = ((grads[0].to(wire) + grads[1].to(wire)) / 2).float()
+            finfo = torch.finfo(wire)
+            torch.testing.assert_close(out, expected, rtol=finfo.eps, atol=finfo.tiny * finfo.eps)
+            assert torch.equal(out, out.to(wire).float())
+            assert not torch.equal(out, mean)
 
 
-def test_world_size_one(tmp_path):
-    (params, stats), = run_workers(worker_dtype, 1, tmp_path, torch.float32, "topk", "fp32")
-    assert params and stats["compressed_steps"] == 3
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [
+    {"density": 0.2},
+    {"density": 0.2, "values": "int8", "chunk": 16, "index": "csr16"},
+    {"density": 1.0},
+])
+def test_world_size_one(tmp_path, options):
+    values = options.get("values", "fp32")
+    (r,) = run_workers(worker_dtype, 1, tmp_path, torch.float32, "topk", values, options)
+    assert r["finite"] and r["stats"]["compressed_steps"] == 3
+    inputs, outputs = r["inputs"], r["outputs"]
+    numel = inputs[0].numel()
+    assert torch.equal(outputs[0], inputs[0])  # warm-up: the all-reduce of one rank
+    # Error-feedback top-k in plain torch, its residual tracked on its own: exactly the outputs.
+    ef = reference.ErrorFeedbackTopK(1, options["density"], values, options.get("chunk", 256))
+    for step in range(1, 4):
+        assert torch.equal(outputs[step], ef.step([inputs[step]])), f"step {step}"
+        residual = r["memory"][step]["residual"]
+        assert torch.equal(residual, ef.bucket_residual(0, ["bucket"], [numel]))
+        if options["density"] == 1.0:  # everything is sent: the gradient itself, nothing kept
+            assert torch.equal(outputs[step], inputs[step]) and not residual.any()
+        else:
+            assert 0 < int((outputs[step] != 0).sum()) <= reference.entries_for(options["density"], numel)
 
 
 def test_bad_options_raise_value_error():

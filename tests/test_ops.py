@@ -277,15 +277,39 @@ def test_sparse_accumulate_is_exact_and_ordered_on_cpu():
 
 
 @pytest.mark.parametrize("device", devices())
-def test_sparse_accumulate_int8_payload_decodes(device):
-    x = torch.randn(3000)
-    indices = torch.randperm(100_000)[:3000].to(device)
-    q, scales = gradsieve.quantize_int8(x.to(device), 256)
-    out = torch.zeros(100_000, device=device)
-    gradsieve.sparse_accumulate_(out, indices, q, scales, 256)
-    expected = torch.zeros(100_000)
-    expected[indices.cpu()] = gradsieve.dequantize_int8(q, scales, 256).cpu()
-    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
+@pytest.mark.parametrize("chunk", [1, 7, 256])
+def test_sparse_accumulate_int8_payload_decodes(device, chunk):
+    # The expectation is NumPy's: entry j of the payload adds float32(q[j]) * scales[j // chunk]
+    # at indices[j] (distinct here, so the sum is that one product), the chunk counted in payload
+    # positions, the last one partial (3000 entries).
+    m, n = 3000, 100_000
+    g = torch.Generator().manual_seed(chunk)
+    indices = torch.randperm(n, generator=g)[:m]
+    # Codes and scales drawn directly (not made by a quantizer): the decode alone is under test,
+    # with scales of many magnitudes, so a code read with the wrong chunk's scale shows.
+    q = torch.randint(-127, 128, (m,), generator=g).to(torch.int8)
+    scales = torch.rand(-(-m // chunk), generator=g) * torch.exp2(
+        torch.randint(-20, 20, (-(-m // chunk),), generator=g).float())
+    out = torch.zeros(n, device=device)
+    gradsieve.sparse_accumulate_(out, indices.to(device), q.to(device), scales.to(device), chunk)
+    want = np.zeros(n, np.float32)
+    want[indices.numpy()] = reference.decode_int8(q, scales, chunk)
+    np.testing.assert_array_equal(out.cpu().numpy(), want)
+
+    # A quantized payload (gradsieve's quantize_int8) decodes to its codes times their scales, and
+    # within half a step (max |x| / 127 of the chunk, from NumPy) of the values quantized.
+    x = torch.randn(m, generator=g) * torch.exp2(torch.randint(-8, 8, (m,), generator=g).float())
+    q, scales = gradsieve.quantize_int8(x.to(device), chunk)
+    out = torch.zeros(n, device=device)
+    gradsieve.sparse_accumulate_(out, indices.to(device), q, scales, chunk)
+    decoded = out.cpu().numpy()[indices.numpy()]
+    np.testing.assert_array_equal(decoded, reference.decode_int8(q, scales, chunk))
+    a = x.numpy()
+    padded = np.zeros(-(-m // chunk) * chunk, np.float32)
+    padded[:m] = np.abs(a)
+    step = (padded.reshape(-1, chunk).max(axis=1) / np.float32(127))[np.arange(m) // chunk]
+    assert (np.abs(decoded.astype(np.float64) - a) <= step.astype(np.float64) / 2 * (1 + 1e-6)).all()
+    assert np.count_nonzero(out.cpu().numpy()) == np.count_nonzero(decoded)  # nothing elsewhere
 
 
 def test_sparse_accumulate_large_payload_parallel_path_matches_serial():
