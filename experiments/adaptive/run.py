@@ -1,4 +1,4 @@
-"""The adaptive compressor (seed 000) against topk at the same bytes per step.
+"""The adaptive compressor against topk at the same bytes per step.
 
 Runs ``gradsieve-train --compare`` for every (workload, data split, seed) and writes each run's
 metrics under ``results/<workload>-<split>-s<seed>/``; existing results are reused, so an
@@ -28,7 +28,7 @@ RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, os.path.dirname(HERE))
 from sweeps import load as load_settings, mean_std, train  # noqa: E402
 
-# Every adaptive variant spells out beta: the sweep ran when its default was the seed's 0.7 (the
+# Every adaptive variant spells out beta: the sweep ran when its default was the proposed 0.7 (the
 # stored results were relabelled to say so); the default is now 1.0, the variant that trained best.
 VARIANTS = [
     "none",
@@ -53,9 +53,9 @@ WHAT = {
     "none": "dense fp32 all-reduce",
     "topk:density=0.02:values=int8": "top-k, int8, same bytes",
     "topk:density=0.0125": "top-k, fp32, same bytes",
-    "adaptive:beta=0.7": "the seed's momentum, capped at 2%, error feedback",
+    "adaptive:beta=0.7": "the proposed momentum, capped at 2%, error feedback",
     "adaptive:beta=0.7:error_feedback=False": "capped at 2%, no error feedback",
-    "adaptive:beta=0.7:capacity=1.0:error_feedback=False": "the seed's literal rule",
+    "adaptive:beta=0.7:capacity=1.0:error_feedback=False": "the literal original rule",
     "adaptive:beta=0.7:compare=average": "the moving average (not the gradient) against the threshold",
     "adaptive:beta=0.7:density=0.02:capacity=0.02": "threshold at 2% (= the capacity)",
     "adaptive:beta=1.0": "no quantization momentum (now the default)",
