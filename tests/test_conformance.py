@@ -380,3 +380,11 @@ def test_local_exchange_waits_for_every_worker_and_refuses_mixed_calls():
         gradsieve.LocalExchange(0)
     with pytest.raises(ValueError, match="unknown exchange 'ring'; available: allgather"):
         gradsieve.CompressionState("topk", exchange="ring")
+
+
+def test_a_registered_name_cannot_be_taken_twice():
+    with pytest.raises(ValueError, match="register_compressor: the name 'topk' is taken by TopKCompressor"):
+        gradsieve.register_compressor("topk")(type("Other", (gradsieve.Compressor,), {}))
+    with pytest.raises(ValueError, match="register_exchange: the name 'allgather' is taken by AllGatherExchange"):
+        gradsieve.register_exchange("allgather")(type("Other", (gradsieve.Exchange,), {}))
+    assert gradsieve.available_compressors() == NAMES and gradsieve.available_exchanges() == ["allgather"]

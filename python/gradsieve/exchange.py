@@ -17,33 +17,27 @@ would (rank order).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from gradsieve.registry import Registry
+
 __all__ = ["Exchange", "AllGatherExchange", "LocalExchange", "available_exchanges", "get_exchange",
            "register_exchange"]
 
-_EXCHANGES: Dict[str, type] = {}
+_EXCHANGES = Registry("exchange")
 
 
 def register_exchange(name: str) -> Callable[[type], type]:
     """Class decorator that makes an exchange available under ``name``."""
-
-    def add(cls: type) -> type:
-        if name in _EXCHANGES:
-            raise ValueError(f"register_exchange: the name {name!r} is taken by {_EXCHANGES[name].__name__}")
-        cls.name = name
-        _EXCHANGES[name] = cls
-        return cls
-
-    return add
+    return _EXCHANGES.register(name)
 
 
 def available_exchanges() -> List[str]:
     """Registered exchange names, sorted."""
-    return sorted(_EXCHANGES)
+    return _EXCHANGES.names()
 
 
 def get_exchange(name: str, process_group: Optional[dist.ProcessGroup] = None, **options: Any) -> "Exchange":
@@ -52,9 +46,7 @@ def get_exchange(name: str, process_group: Optional[dist.ProcessGroup] = None, *
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    if not isinstance(name, str) or name not in _EXCHANGES:
-        raise ValueError(f"unknown exchange {name!r}; available: {', '.join(available_exchanges())}")
-    return _EXCHANGES[name](process_group=process_group, **options)
+    return _EXCHANGES.lookup(name)(process_group=process_group, **options)
 
 
 class Exchange:
@@ -166,8 +158,3 @@ class LocalExchange(Exchange):
                 f.set_result(result)
         return future
 
-
-def exchange_class(name: str) -> Type[Exchange]:
-    if name not in _EXCHANGES:
-        raise ValueError(f"unknown exchange {name!r}; available: {', '.join(available_exchanges())}")
-    return _EXCHANGES[name]
