@@ -56,7 +56,7 @@ WHAT = {
     "ef21:values=int8": "EF21 top-k, int8",
     "predictive:magnitude=0": "all of k by the learned score (the first default)",
     "predictive:ranking=product:magnitude=0": "learned score x magnitude",
-    "predictive:label=average:magnitude=0": "labels from this step's average only (the original design's literal label)",
+    "predictive:label=average:magnitude=0": "labels from this step's average only (the issue's literal label)",
     "predictive:k_min=0.005:k_max=0.02:magnitude=0": "adaptive k in [0.5%, 2%]",
     "predictive:magnitude=0.25": "a quarter of k by magnitude, the rest by the learned score",
     "predictive:magnitude=0.5": "half of k by magnitude, the rest by the learned score (the default)",
