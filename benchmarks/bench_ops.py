@@ -21,7 +21,7 @@ For each size n and density k/n it times, on CPU and (when present) CUDA:
 Timings are medians over repeats after warm-up (CUDA: device events). On CUDA each row also shows
 the memory-bandwidth floor: the bytes the op must move divided by the device-to-device copy
 bandwidth measured in the same run, and its ratio `x floor`. CUDA rows at n >= 2^26 are checked
-against the targets of TARGETS (issue 17; columns `target` and `met`). Results are printed as a
+against the targets of TARGETS (columns `target` and `met`). Results are printed as a
 table and written to JSON and CSV.
 
     python benchmarks/bench_ops.py --quick                       # a minute on a laptop CPU
@@ -51,7 +51,7 @@ from gradsieve.wire import PayloadFormat
 CHUNK = 4096
 PAYLOADS = 8  # sparse_accumulate_: the gathered payloads of 8 workers
 
-# Targets for the CUDA kernels (issue 17: H100 or H200, float32, n = 2^26 and 2^28, k/n = 0.001 and
+# Targets for the CUDA kernels (H100 or H200, float32, n = 2^26 and 2^28, k/n = 0.001 and
 # 0.01). Each criterion is (column, ">=" or "<=", bound): `speedup*` columns are baseline time over
 # gradsieve time, `x_floor` is gradsieve time over the floor, `bw_fraction` the floor over gradsieve
 # time (the fraction of the measured copy bandwidth the op reaches).
@@ -329,7 +329,7 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
     add("predictive_score", float("nan"), ours, {"eager_predictive": base},
         n * (2 * (elem + 4) + history * ring[0].element_size() + 8))
 
-    # influence: one step of seed 002's score with a Hessian diagonal.
+    # influence: one step of granular's influence score with a Hessian diagonal.
     score = torch.rand(n, device=device) * 1e-6
     hessian = torch.randn(n, device=device) * 4.0
     influence_args = (grad, residual, score, hessian, 1e-3, 0.9)

@@ -1,4 +1,4 @@
-"""Compressor memory per gradient entry, measured (issue 16, item 4).
+"""Compressor memory per gradient entry, measured.
 
 Each registered compressor (default options, density 0.01) runs a few steps of the N-worker
 Simulator on the parameter sizes of a small transformer block (2 x 512x512 attention weights, a
@@ -30,7 +30,7 @@ EXTRA = ("predictive:history_dtype=bf16", "predictive:history=1")  # options tha
 
 def measure(spec: str, steps: int, world: int = 2):
     name, *pairs = spec.split(":")
-    options = {} if gradsieve.get_compressor(name).dense else {"density": 0.01}
+    options = {} if gradsieve.get_compressor(name).traits.dense else {"density": 0.01}
     for pair in pairs:
         key, value = pair.split("=")
         options[key] = int(value) if value.isdigit() else value
@@ -40,7 +40,7 @@ def measure(spec: str, steps: int, world: int = 2):
         # What one probe leaves (the hook's state.probe; the Simulator has no model to probe): a
         # Hessian-diagonal estimate per parameter.
         for key, size in enumerate(SIZES):
-            sim.compressor.store_hessian(sim.banks[0].params, key, torch.zeros(size))
+            sim.compressor.store_probe(sim.banks[0].params, key, torch.zeros(size))
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         sim.step([torch.randn(numel, generator=g) for _ in range(world)])

@@ -660,7 +660,7 @@ def cases_predictive_score(device: str, sizes, kinds, seeds: Iterator[int]) -> I
         yield f"strided n=1000 history={count} hidden={hidden}", run
 
 
-# (eps, rho, with a Hessian diagonal): the seed's small eps, exact powers of two, rho at both ends.
+# (eps, rho, with a Hessian diagonal): granular's small eps, exact powers of two, rho at both ends.
 INFLUENCE_SETTINGS = ((1e-3, 0.9, True), (0.5, 0.0, False), (3e-2, 0.25, True), (1.0, 0.999, False))
 
 
@@ -949,7 +949,7 @@ def cases_large(device: str, seeds: Iterator[int]) -> Iterator[Case]:
     yield "csr16_indices numel=2^31-1", lambda: check_csr16(device, *csr16, 2**31 - 1)
 
 
-# ------------------------------------------------------------------ hostile positions (issue 16)
+# ------------------------------------------------------------------ hostile positions
 EXTREMES = (-2**63, -2**31, -1, 2**31 - 1, 2**63 - 1)
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of gradsieve (issue 17): one command, run from the repository root on a GPU machine.
+# The GPU check of gradsieve: one command, run from the repository root on a GPU machine.
 #   1 build      the extension in place for this GPU (TORCH_CUDA_ARCH_LIST from the device, MAX_JOBS =
 #                cores); skipped when the built library is newer than every source and has CUDA kernels
 #   2 pytest     the whole suite, the CUDA tests (CPU/CUDA parity) included; JUnit XML
 #   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck over
 #                scripts/cuda_op_driver.py (every op on small and odd sizes, checked against plain torch)
-#   4 bench      benchmarks/bench_ops.py --device cuda --sizes 26,28 against the targets of issue 17
+#   4 bench      benchmarks/bench_ops.py --device cuda --sizes 26,28 against its CUDA targets
 #   5 hook       benchmarks/bench_hook.py --device cuda: the DDP hooks on a ResNet-50 backward pass
 # and then a summary (stage status, test counts, the benchmark tables) as the last lines.
 #

@@ -1,10 +1,10 @@
-"""The ``adaptive`` compressor (seed 000) and the ``csr16`` wire index.
+"""The ``adaptive`` compressor and the ``csr16`` wire index.
 
 1. ``adaptive_select`` against a NumPy reference (float32 arithmetic, every rounding in the same
    order, so equality is exact), edge cases, errors, opcheck, CUDA parity (skipped without a GPU).
 2. ``csr16_indices`` against a reference, malformed counts, opcheck; the csr16 payload round trip
    (hypothesis) for every sparse compressor.
-3. The compressor: the Simulator against NumPy implementations of the seed's literal pseudocode
+3. The compressor: the Simulator against NumPy implementations of the literal original rule
    and of the capped variant over several steps, error-feedback bookkeeping, statistics.
 The DDP-hook tests (hook == Simulator, checkpoint, AMP overflow, mismatched options) are in
 test_hook.py; the convergence test with Adam and AdamW in test_convergence.py.
@@ -356,7 +356,7 @@ def test_csr16_and_int32_give_the_same_training(name):
 
 # ===================================================================== 3 the compressor
 def numpy_worker_step(g, st_, density, alpha, beta, capacity_k, error_feedback):
-    """One worker, one step of the seed's rule with a capacity (None: the literal rule). fp32
+    """One worker, one step of the original rule with a capacity (None: the literal rule). fp32
     values. ``st_``: dict of float32 arrays ma, qm, residual (changed). Returns (indices, sent)."""
     f = np.float32
     n = g.size
@@ -407,8 +407,8 @@ def test_simulator_equals_numpy_literal_pseudocode(world):
     # The literal rule densifies: old entries stay alive through the momentum. (Already at the
     # first step more than density pass: the average starts at 0, so it lags |g|.)
     assert sent_counts[0] > math.ceil(density * n) and sent_counts[-1] > 3 * sent_counts[0]
-    stats = sim.banks[0].buckets[0].extra
-    assert int(stats["stat_sent"]) == int(stats["stat_wanted"]) == sum(sent_counts)
+    stats = sim.banks[0].buckets[0].counters
+    assert int(stats["sent"]) == int(stats["wanted"]) == sum(sent_counts)
 
 
 @pytest.mark.parametrize("error_feedback", [False, True])
@@ -433,8 +433,8 @@ def test_simulator_equals_numpy_capped_variant(error_feedback):
         for w in range(world):
             torch.testing.assert_close(sim.memory(w, "residual"), torch.from_numpy(states[w]["residual"]),
                                        rtol=0, atol=0)
-    stats = sim.banks[0].buckets[0].extra
-    assert int(stats["stat_sent"]) <= 10 * k < int(stats["stat_wanted"])  # the cap did bind
+    stats = sim.banks[0].buckets[0].counters
+    assert int(stats["sent"]) <= 10 * k < int(stats["wanted"])  # the cap did bind
 
 
 @pytest.mark.parametrize("values", ["fp32", "int8"])
@@ -510,7 +510,7 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match=r"index must be one of \['int32', 'csr16'\], got 'csr'"):
         gradsieve.get_compressor("topk", index="csr")
     comp = gradsieve.get_compressor("adaptive")
-    # beta 1.0 (no momentum) trained best in experiments/adaptive; the seed's 0.7 is an option.
+    # beta 1.0 (no momentum) trained best in experiments/adaptive; the proposed 0.7 is an option.
     assert (comp.values, comp.alpha, comp.beta, comp.compare, comp.error_feedback, comp.capacity_fraction()) == \
         ("int8", 0.9, 1.0, "grad", True, 0.01)
     assert gradsieve.get_compressor("adaptive", beta=0.7).capacity_fraction() == 0.02

@@ -88,11 +88,12 @@ def worker_adam(rank, world):
 
 
 def test_adaptive_with_adam_and_adamw_matches_dense_accuracy_on_digits(tmp_path):
-    """The seed asks for adaptive with an adaptive learning rate (Adam): its momentum blend sits
-    in front of Adam's moments. At density 0.01 (int8 values, capacity 2%) it stays within 2
-    points of dense training with the same optimizer and steps (defaults: no quantization momentum,
-    capacity 1%, about 1 point below here; the seed's beta=0.7 is 0.5 and 1.8 points below,
-    recorded in experiments/adaptive/RESULTS.md rather than tested this close to the bound)."""
+    """The adaptive compressor was proposed with an adaptive learning rate (Adam): its momentum
+    blend sits in front of Adam's moments. At density 0.01 (int8 values, capacity 2%) it stays
+    within 2 points of dense training with the same optimizer and steps (defaults: no quantization
+    momentum, capacity 1%, about 1 point below here; the proposed beta=0.7 is 0.5 and 1.8 points
+    below, recorded in experiments/adaptive/RESULTS.md rather than tested this close to the
+    bound)."""
     results = run_workers(worker_adam, 2, tmp_path)
     accuracy = {key: acc for key, (acc, _) in results[0].items()}
     assert all(results[1][key][0] == acc for key, acc in accuracy.items())  # ranks agree
@@ -110,8 +111,8 @@ def worker_predictive(rank, world):
 
 
 def test_predictive_at_density_001_matches_dense_accuracy_on_digits(tmp_path):
-    """Issue 14: the learned selection (int8 values, error feedback) within 2 points of dense in the
-    same steps."""
+    """The learned selection (int8 values, error feedback) within 2 points of dense in the same
+    steps."""
     results = run_workers(worker_predictive, 2, tmp_path)
     accuracy = {name: acc for name, (acc, _) in results[0].items()}
     assert all(results[1][name][0] == acc for name, acc in accuracy.items())  # ranks agree
@@ -132,7 +133,7 @@ def worker_granular(rank, world):
 
 
 def test_granular_levels_at_a_1_percent_byte_budget_match_dense_accuracy_on_digits(tmp_path):
-    """Issue 15: weight, hybrid and auto (rules and bandit), Hessian probes every 25 steps, at 1%
+    """Granular's weight, hybrid and auto (rules and bandit), Hessian probes every 25 steps, at 1%
     of the dense bytes, within 2 points of dense in the same steps."""
     results = run_workers(worker_granular, 2, tmp_path)
     accuracy = {name: acc for name, (acc, _) in results[0].items()}
@@ -157,7 +158,7 @@ def worker_granular_speculative(rank, world):
 
 
 def test_speculative_granular_at_a_1_percent_byte_budget_matches_dense_accuracy_on_digits(tmp_path):
-    """Issue 15: the speculative mode (revert_threshold 0.01, the global weights evaluated) for
+    """Granular's speculative mode (revert_threshold 0.01, the global weights evaluated) for
     weight, hybrid and auto, within 2 points of dense in the same steps."""
     results = run_workers(worker_granular_speculative, 2, tmp_path)
     accuracy = {name: acc for name, (acc, _) in results[0].items()}

@@ -1,7 +1,7 @@
-"""The decode kernels' own flags (issue 16, item 2): ``sparse_accumulate_`` and ``regtopk_select_``
-given ``bad`` skip a position outside its range and flag its payload, on the tensors' device,
-instead of raising (CPU) or stopping the CUDA context (the kernels used to trap). Without ``bad``
-they raise a named error before writing anything, on CPU and CUDA alike.
+"""The decode kernels' own flags: ``sparse_accumulate_`` and ``regtopk_select_`` given ``bad`` skip
+a position outside its range and flag its payload, on the tensors' device, instead of raising (CPU)
+or stopping the CUDA context (the kernels used to trap). Without ``bad`` they raise a named error
+before writing anything, on CPU and CUDA alike.
 
 Every result is compared with an independent reference: the reference decode of tests/reference.py
 (float64, NumPy) over the entries that lie inside, and the flags computed here in plain torch."""

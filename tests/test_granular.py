@@ -1,4 +1,4 @@
-"""granular (seed 002): byte budgets of the levels, what each level selects, error feedback, the
+"""granular: byte budgets of the levels, what each level selects, error feedback, the
 auto policy on scripted signals, the bandit, checkpoints, the layer payload under hostile bytes,
 and the probe through the hook's state."""
 
@@ -165,7 +165,7 @@ def test_curvature_changes_the_choice_and_rho_rolls_the_score():
     bank_h[:10] = 1e6  # strongly curved entries
     sim = gradsieve.Simulator("granular", world_size=1, param_sizes=[NUMEL], granularity="weight",
                               values="fp32", density=0.01, eps=1e-3, rho=0.5)
-    sim.compressor.store_hessian(sim.banks[0].params, 0, bank_h)
+    sim.compressor.store_probe(sim.banks[0].params, 0, bank_h)
     g = torch.full((NUMEL,), 0.01)
     got = sim.step([g])
     assert bool((got[:10] != 0).all())  # the curvature term (0.5 * 1e6 * 1e-6) wins
@@ -190,7 +190,7 @@ def test_memory_is_eight_bytes_per_entry_plus_the_probed_diagonal():
     sim = sim_for(world=1, density=0.05)
     sim.step(grads(1, 0))
     assert sim.memory_bytes(0)["total"] == 8 * NUMEL
-    sim.compressor.store_hessian(sim.banks[0].params, 0, torch.ones(SIZES[0]))
+    sim.compressor.store_probe(sim.banks[0].params, 0, torch.ones(SIZES[0]))
     assert sim.memory_bytes(0)["total"] == 8 * NUMEL + 4 * SIZES[0]
 
 
@@ -347,9 +347,9 @@ def test_a_payload_of_another_level_is_malformed():
     payload = sim.last_compressed[0].payload.clone()
     payload[:4].view(torch.int32)[0] = LEVELS.index("hybrid")  # same size, another level
     gathered = torch.stack([payload, sim.last_compressed[1].payload])
-    _, flags = sim.compressor.aggregate(gathered, sim.layout(NUMEL), 1)
-    assert flags.tolist() == [False, True]
-    assert sim.compressor.last_malformed.tolist() == [True, False]
+    aggregated = sim.compressor.aggregate(gathered, sim.layout(NUMEL), 1)
+    assert aggregated.usable.tolist() == [False, True]
+    assert aggregated.well_formed.tolist() == [False, True]
 
 
 # ------------------------------------------------------------------------------------------ options

@@ -315,7 +315,7 @@ def test_hook_equals_simulator(tmp_path, compressor, options):
     stats = results[0]["stats"]
     assert stats["compressed_steps"] == STEPS - 1 and stats["wire_bytes"] > 0
     if options.get("capacity") == 1.0:
-        # The seed's literal rule reserves room for every entry: more bytes than dense fp32.
+        # The literal original rule reserves room for every entry: more bytes than dense fp32.
         assert stats["compression_ratio"] < 1.0 and 0 < stats["sent"] == stats["wanted"]
     else:
         assert stats["compression_ratio"] > 1.0

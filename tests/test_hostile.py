@@ -1,6 +1,6 @@
-"""Hostile and corrupted payloads (issue 16, item 2): decoding never raises and never writes outside
-the bucket, whatever the bytes; a malformed payload is flagged, its step skipped on every rank,
-counted by sender, and after ``max_bad_steps`` steps in a row the hook raises naming the sender."""
+"""Hostile and corrupted payloads: decoding never raises and never writes outside the bucket,
+whatever the bytes; a malformed payload is flagged, its step skipped on every rank, counted by
+sender, and after ``max_bad_steps`` steps in a row the hook raises naming the sender."""
 
 import pytest
 import torch

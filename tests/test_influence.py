@@ -1,4 +1,4 @@
-"""The Hessian-diagonal probe of seed 002 (issue 15): Hutchinson with measured +/-eps
+"""The Hessian-diagonal probe of influence-scored sparse updates: Hutchinson with measured +/-eps
 perturbations against the exact diagonal of a small model."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The ``influence_update`` and ``segment_mean`` ops (seed 002's influence score, per-segment means).
+"""The ``influence_update`` and ``segment_mean`` ops (granular's influence score, per-segment means).
 
 1. ``influence_update`` against the NumPy float32 reference of tests/reference.py, bit for bit
    (every operation rounded on its own in the contract's order): n in {0, 1, 2, 7, 1000, 65537,
@@ -34,7 +34,7 @@ SEGMENT_MEAN = torch.ops.gradsieve.segment_mean
 PI = "gradsieve.influence_update: "
 PS = "gradsieve.segment_mean: "
 KINDS = ["normal", "ties", "special"]
-# (eps, rho): the seed's small perturbations, an exact power of two, rho at both ends of [0, 1).
+# (eps, rho): granular's small perturbations, an exact power of two, rho at both ends of [0, 1).
 SETTINGS = [(1e-3, 0.9), (0.5, 0.0), (3e-2, 0.25), (1.0, 0.999)]
 STATIC_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
                         "test_aot_dispatch_static")

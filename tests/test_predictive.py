@@ -1,4 +1,4 @@
-"""The ``predictive`` compressor (seed 001): its predictor learns what the world finds important,
+"""The ``predictive`` compressor: its predictor learns what the world finds important,
 adaptive k follows the metric, and its memory (predictor included) behaves like every other
 compressor's: restored bit for bit, untouched by a dropped step."""
 
@@ -54,14 +54,14 @@ def precision_run(task, steps, **options):
         magnitude = set(ops.topk_abs(accumulator, k)[1].tolist())
         pred.step(gs)
         topk.step(gs)
-        chosen = set(pred.last_compressed[0].pending["_indices"].tolist())
+        chosen = set(pred.last_compressed[0].scratch["indices"].tolist())
         out.append((len(best & chosen) / k, len(best & magnitude) / k))
     return out
 
 
 @pytest.mark.slow
 def test_predictor_learns_what_the_world_finds_important():
-    """The seed's hypothesis on a task built for it: local history (a consistent direction)
+    """The learned selection's hypothesis on a task built for it: local history (a consistent direction)
     predicts global importance where local magnitude cannot. ``magnitude=0``: all of k by the
     learned score; the default sends half of k by magnitude and gains about half as much."""
     run = precision_run(Aligned(), 300, magnitude=0.0)
@@ -118,7 +118,7 @@ def test_magnitude_share_sends_the_largest_and_then_the_best_scores():
         grads = [shared + 3 * torch.randn(n, generator=g) for _ in range(2)]
         residual = sim.memory(0, "residual").clone() if step else torch.zeros(n)
         sim.step(grads)
-        sent = set(sim.last_compressed[0].pending["_indices"].tolist())
+        sent = set(sim.last_compressed[0].scratch["indices"].tolist())
         accumulator = residual + grads[0]
         assert len(sent) == k
         assert set(accumulator.abs().topk(k // 2).indices.tolist()) <= sent

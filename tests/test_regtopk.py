@@ -661,11 +661,11 @@ def _reordered_run(compressor, orders, drop_extra_at=None):
                 memory.extra.clear()
         compressed = [compressor.compress(torch.cat([grad[k] for k in order]), memory, layout, step)
                       for grad, memory in zip(grads, memories)]
-        average, flags = compressor.aggregate(torch.stack([c.payload for c in compressed]), layout,
-                                              step)
-        assert bool(flags.all())
+        average, finite, well_formed = compressor.aggregate(torch.stack([c.payload for c in compressed]),
+                                                            layout, step)
+        assert bool((finite & well_formed).all())
         for memory, c in zip(memories, compressed):
-            compressor.commit(memory, c.pending, average, layout)
+            compressor.commit(memory, c, average, layout)
         parts = average.split(layout.param_numels)
         results.append({key: part for key, part in zip(order, parts)})
     return results
@@ -705,7 +705,7 @@ def test_other_parameters_fall_back_to_plain_topk_for_one_step():
     memory = MemoryBank().get(0, (1,), (100,), ("residual",), torch.device("cpu"))
     layout = BucketLayout(100, (100,), (2,), 2, 0, (1,))
     compressed = compressor.compress(torch.randn(100), memory, layout, 0)
-    compressor.commit(memory, compressed.pending, torch.zeros(100), layout)  # all cancelled
+    compressor.commit(memory, compressed, torch.zeros(100), layout)  # all cancelled
     same = compressor._previous(memory, layout, compressor.segments(layout, 1), torch.device("cpu"))
     assert same[0][0].numel() == 10 and torch.equal(same[0][2], torch.zeros(10))
     other = BucketLayout(100, (60, 40), (2, 2), 2, 0, (1, 2))  # the record is stale for this one

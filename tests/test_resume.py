@@ -1,5 +1,5 @@
-"""gradsieve-train --checkpoint-every / --checkpoint-dir / --resume (issue 16, item 1): a run killed
-mid-way and resumed ends bit-identical to one that was never interrupted."""
+"""gradsieve-train --checkpoint-every / --checkpoint-dir / --resume: a run killed mid-way and
+resumed ends bit-identical to one that was never interrupted."""
 
 import os
 import pickle

@@ -1,4 +1,4 @@
-// CPU kernels of the adaptive compressor (seed 000) and of the csr16 wire index.
+// CPU kernels of the adaptive compressor and of the csr16 wire index.
 //
 // adaptive_select, one segment's per-step work (the contract is in python/gradsieve/ops.py):
 //   pass 1  read grad, residual, average; write average_out (the moving average of |a|)

@@ -1,4 +1,4 @@
-// CUDA kernels of the adaptive compressor (seed 000) and of the csr16 wire index: adaptive_select
+// CUDA kernels of the adaptive compressor and of the csr16 wire index: adaptive_select
 // and csr16_indices (contracts: python/gradsieve/ops.py; CPU kernels:
 // csrc/cpu/adaptive_kernels.cpp).
 //

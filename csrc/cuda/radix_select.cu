@@ -12,7 +12,7 @@
 //
 // Cost in passes over x: 3 histogram reads + 1 count read + 1 write read = 5 reads (ef_topk_ fuses
 // the accumulate into the first: grad read, residual read + write). Candidate compaction and a
-// one-read bracketed variant are the next steps (issue "GPU: make the CUDA kernels ... fast").
+// one-read bracketed variant are the next steps.
 // adaptive.cu builds adaptive_select's two selects from these kernels (radix_select_internal.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,4 +1,4 @@
-"""The adaptive compressor (seed 000) against topk at the same bytes per step.
+"""The adaptive compressor against topk at the same bytes per step.
 
 Runs ``gradsieve-train --compare`` for every (workload, data split, seed) and writes each run's
 metrics under ``results/<workload>-<split>-s<seed>/``; existing results are reused, so an
@@ -28,7 +28,7 @@ RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, os.path.dirname(HERE))
 from sweeps import load as load_settings, mean_std, train  # noqa: E402
 
-# Every adaptive variant spells out beta: the sweep ran when its default was the seed's 0.7 (the
+# Every adaptive variant spells out beta: the sweep ran when its default was the proposed 0.7 (the
 # stored results were relabelled to say so); the default is now 1.0, the variant that trained best.
 VARIANTS = [
     "none",

@@ -1,4 +1,4 @@
-"""The granular compressor (seed 002) against topk at the same bytes per step.
+"""The granular compressor against topk at the same bytes per step.
 
 ``gradsieve-train --compare`` for every (workload, seed): granular at a byte budget of 1% of the
 dense fp32 bytes (``density=0.01``; int8 values) in each of its levels and policies, with and

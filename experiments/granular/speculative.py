@@ -1,9 +1,9 @@
 """Speculative training (gradsieve.SpeculativeOptimizer) on and off, in wall-clock time.
 
 ``gradsieve-train`` runs granular without and with ``speculative=true`` (with its memory committed
-early, ``overlap_compress``, the default, and without) at a few byte budgets, once
-over the emulated 100 Mbit/s link of the network issue (``--link 100mbit``) and once over the
-unshaped loopback, where communication costs almost nothing. The unshaped pair gives the compute
+early, ``overlap_compress``, the default, and without) at a few byte budgets, once over the
+emulated 100 Mbit/s link (``--link 100mbit``) and once over the unshaped loopback, where
+communication costs almost nothing. The unshaped pair gives the compute
 time per step and the wrapper's own cost; the shaped pair what communication adds and how much of
 it the overlap takes back:
 

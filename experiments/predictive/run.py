@@ -1,4 +1,4 @@
-"""The predictive compressor (seed 001) against topk, regtopk and ef21 at the same bytes per step.
+"""The predictive compressor against topk, regtopk and ef21 at the same bytes per step.
 
 Two studies:
 
@@ -45,8 +45,9 @@ VARIANTS = [
 # Round 1 ran when all of k went by the learned score (magnitude 0, the first default); its results
 # were relabelled with ":magnitude=0" when the default became 0.5. Round 2 (``--round 2``, results
 # under ``<setting>-round2/``): a share of each k chosen by magnitude alone before the learned
-# ranking picks the rest, added after the convergence test of issue 14 (tests/test_convergence.py:
-# plain SGD, 600 steps) found the learned ranking alone 11 points under dense there.
+# ranking picks the rest, added after the convergence test of the learned selection
+# (tests/test_convergence.py: plain SGD, 600 steps) found the learned ranking alone 11 points under
+# dense there.
 ROUND2 = ["predictive:magnitude=0.25", "predictive:magnitude=0.5"]
 WHAT = {
     "none": "dense fp32 all-reduce",
@@ -129,7 +130,7 @@ def precision(workload_name: str, heterogeneous: bool, steps: int, seed: int = 0
             magnitude = set(ops.topk_abs(mine, k)[1].tolist())
             average = sim.step(grads)
             topk.step(grads)
-            chosen = set(sim.last_compressed[0].pending["_indices"].tolist())
+            chosen = set(sim.last_compressed[0].scratch["indices"].tolist())
             out["step"].append(step)
             out["predictor"].append(len(best & chosen) / k)
             out["magnitude"].append(len(best & magnitude) / k)

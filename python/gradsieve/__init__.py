@@ -2,7 +2,9 @@
 
 * ops: ``torch.ops.gradsieve`` (CPU kernels always, CUDA kernels in a CUDA build), wrapped in
   :mod:`gradsieve.ops`;
-* compressors: a registry (:func:`available_compressors`, :func:`get_compressor`);
+* compressors: a registry (:func:`available_compressors`, :func:`get_compressor`), each declaring
+  its :class:`Traits`;
+* exchanges (how a bucket moves): a registry (:func:`available_exchanges`, :func:`get_exchange`);
 * the DDP hook: :class:`CompressionState` and :func:`compression_hook`;
 * the N-worker :class:`Simulator`, running the same compressor code in one process;
 * :class:`SpeculativeOptimizer`: speculative sparse training (communication overlaps the next
@@ -11,8 +13,12 @@
 
 from gradsieve import compressors as _compressors  # noqa: F401  (fills the registry)
 from gradsieve import ops
-from gradsieve.compressor import BucketLayout, Compressor, SparseCompressor
-from gradsieve.hook import CompressionState, compression_hook
+from gradsieve import signals
+from gradsieve.compressor import Aggregated, BucketLayout, Compressed, Compressor, SparseCompressor, Traits
+from gradsieve.exchange import (AllGatherExchange, Exchange, LocalExchange, available_exchanges, get_exchange,
+                                register_exchange)
+from gradsieve.hook import compression_hook
+from gradsieve.state import CompressionState
 from gradsieve.ops import (
     adaptive_select,
     csr16_indices,
@@ -36,20 +42,28 @@ from gradsieve.speculative import SpeculativeOptimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregated",
+    "AllGatherExchange",
     "BucketLayout",
+    "Compressed",
     "CompressionState",
     "Compressor",
+    "Exchange",
+    "LocalExchange",
     "Simulator",
     "SpeculativeOptimizer",
     "SparseCompressor",
+    "Traits",
     "adaptive_select",
     "available_compressors",
+    "available_exchanges",
     "compression_hook",
     "csr16_indices",
     "cuda_kernels_built",
     "dequantize_int8",
     "ef_topk_",
     "get_compressor",
+    "get_exchange",
     "influence_update",
     "ops",
     "predictive_score",
@@ -57,7 +71,9 @@ __all__ = [
     "quantize_int8",
     "regtopk_select_",
     "register_compressor",
+    "register_exchange",
     "segment_mean",
+    "signals",
     "sparse_accumulate_",
     "threshold_select",
     "topk_abs",

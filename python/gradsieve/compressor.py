@@ -5,15 +5,20 @@ A compressor knows no collective and no DDP. The same object runs in the DDP hoo
 calls, in three steps:
 
 1. ``compress(grad, memory, layout, step)`` on each worker: a flat float32 gradient and that
-   worker's memory for the bucket in; a packed payload (:mod:`gradsieve.wire`) and the *pending*
-   memory out. Memory is never changed here, so a step can be dropped whole.
-2. ``aggregate(gathered, layout, step)``: every worker's payload (uint8[world, nbytes]) in; their
-   average and each worker's finite flag out. Pure: every rank computes the same numbers.
-3. ``commit(memory, pending, average, layout)`` on each worker, only when every worker's
-   gradient was finite: the pending memory becomes the memory, and the result is what the
+   worker's memory for the bucket in; a :class:`Compressed` out: the packed payload
+   (:mod:`gradsieve.wire`), the *pending* memory and this step's scratch. Memory is never changed
+   here, so a step can be dropped whole.
+2. ``aggregate(gathered, layout, step)``: what the exchange gathered (every worker's payload,
+   uint8[world, nbytes]) in; an :class:`Aggregated` out: their average and, per worker, whether its
+   gradient was finite and its payload well formed. Pure: every rank computes the same numbers.
+3. ``commit(memory, compressed, average, layout)`` on each worker, only when every worker's
+   payload was usable: the pending memory becomes the memory, and the result is what the
    optimizer receives (the average, or for EF21 the updated global estimate).
 
-Dense compressors (``none``, ``fp16``, ``bf16``) skip all that: the hook all-reduces them.
+How the hook, speculative training and the harness must treat a compressor is declared once per
+class in its :class:`Traits`; what it hears from outside its buckets comes as
+:mod:`gradsieve.signals` through :meth:`Compressor.observe`. Dense compressors (``none``, ``fp16``,
+``bf16``) skip the three steps: the hook all-reduces them.
 """
 
 from __future__ import annotations
@@ -21,13 +26,59 @@ from __future__ import annotations
 import dataclasses
 import math
 from fractions import Fraction
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
+                    Type)
 
 import torch
 
 from gradsieve.memory import BucketMemory
 from gradsieve.options import Option, resolve
+from gradsieve.signals import Signal
 from gradsieve.wire import INDEX_FORMATS, VALUE_DTYPES, PayloadFormat
+
+
+@dataclasses.dataclass(frozen=True)
+class Traits:
+    """How a compressor must be treated, declared once per class (``traits = Traits(...)``;
+    a subclass changes what differs with ``dataclasses.replace(Parent.traits, ...)``).
+
+    Attributes:
+        dense: the hook all-reduces the bucket (no payload, no memory).
+        allreduce_dtype: dense only: the dtype to all-reduce in (None: the bucket's own).
+        returns_average: ``commit`` returns the average of the decoded payloads (EF21 returns a
+            running estimate). Speculative training needs it.
+        commit_needs_average: ``commit`` reads the average (regtopk's distortion, predictive's
+            labels, ef21's estimate), so the memory can only be committed once the exchange has
+            ended. False: ``commit`` uses only what ``compress`` produced, and speculative training
+            may commit before the exchange ends (and roll back when the step is skipped).
+        rollback_safe: ``commit`` changes nothing but the bucket memory's tensors, and replaces
+            them rather than writing into them, so the hook can undo it by putting the old tensors
+            back (when a later bucket of the same step is skipped). False (predictive, whose
+            commit also trains its predictors): such a commit stands.
+        ascending: sparse compressors: ``select`` returns every segment's entries in ascending
+            index order, with a segment's padding (marked by the scratch ``"valid"``) after its
+            entries, so the wire need not sort them.
+        signals: the :mod:`gradsieve.signals` types :meth:`Compressor.observe` wants; no other
+            signal reaches it.
+        probes: it scores entries with curvature that ``CompressionState.probe`` measures
+            (:meth:`Compressor.probe_plan` says when and how).
+        counters: names of the per-bucket counters ``commit`` keeps in ``memory.counters``;
+            ``state.stats()`` sums them over buckets.
+        reports: ``stats()`` keys a training harness records at each evaluation, and the name it
+            records each under; a key that is also a counter is recorded per compressed step too
+            (as ``<name>_per_step``).
+    """
+
+    dense: bool = False
+    allreduce_dtype: Optional[torch.dtype] = None
+    returns_average: bool = True
+    commit_needs_average: bool = False
+    rollback_safe: bool = True
+    ascending: bool = True
+    signals: FrozenSet[Type[Signal]] = frozenset()
+    probes: bool = False
+    counters: Tuple[str, ...] = ()
+    reports: Tuple[Tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +139,55 @@ class Segment(NamedTuple):
 
 
 class Compressed(NamedTuple):
+    """One worker's compression of one bucket."""
+
     payload: torch.Tensor  # uint8[nbytes]
-    pending: Dict[str, torch.Tensor]  # the memory to commit
+    pending: Dict[str, torch.Tensor]  # the memory to commit: per-entry names, else bucket-level
+    scratch: Dict[str, Any]  # what commit (or the wire) needs of this step only
+
+
+class Aggregated(NamedTuple):
+    """The exchange's result for one bucket, as every rank decodes it alike."""
+
+    average: torch.Tensor  # float32[numel]
+    finite: torch.Tensor  # bool[world]: the worker's gradient was finite
+    well_formed: torch.Tensor  # bool[world]: the worker's payload decoded cleanly
+
+    @property
+    def usable(self) -> torch.Tensor:
+        """bool[world]: the worker's payload may be applied (finite and well formed)."""
+        return self.finite & self.well_formed
+
+
+class Selection(NamedTuple):
+    """What a sparse compressor's ``select`` chose: bucket indices (int64[K]), their values
+    (float32[K]), the pending memory, and scratch (``"valid"``: bool[K], the slots that carry an
+    entry, default all)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    pending: Dict[str, torch.Tensor]
+    scratch: Dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbePlan:
+    """When and how ``CompressionState.probe`` measures curvature for a compressor: every
+    ``every`` steps, ``probes`` Rademacher directions, perturbations of size ``eps``."""
+
+    every: int
+    probes: int
+    eps: float
 
 
 class Compressor:
-    """Base class of all compressors. Subclasses declare ``OPTIONS`` and implement the steps."""
+    """Base class of all compressors. Subclasses declare ``OPTIONS``, ``traits`` and their memory,
+    and implement the steps."""
 
     name: str = "?"
-    dense: bool = False
+    traits: Traits = Traits()
     OPTIONS: Mapping[str, Option] = {}
-    memory_names: Tuple[str, ...] = ()
+    memory_names: Tuple[str, ...] = ()  # per-entry memory (float32 Tensor[bucket numel] each)
     memory_dtypes: Mapping[str, torch.dtype] = {}  # per-entry memory not in float32
 
     def __init__(self, **options: Any) -> None:
@@ -114,68 +203,49 @@ class Compressor:
         args = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({args})"
 
-    # Dense compressors: the dtype to all-reduce in (None: the bucket's own).
-    allreduce_dtype: Optional[torch.dtype] = None
-    # commit() returns the average of the decoded payloads (False for EF21, whose result is a
-    # running estimate). Speculative training (gradsieve.SpeculativeOptimizer) needs it.
-    returns_average: bool = True
-    # commit() reads the average (regtopk's distortion, predictive's labels, ef21's estimate): the
-    # memory can only be committed once the exchange has ended. False: commit() uses only what
-    # compress() produced, so speculative training may commit before the exchange ends (and roll
-    # back when the step is skipped), letting the exchange overlap the next step's compression.
-    commit_needs_average: bool = False
-    # Steps by which run-time policies fed by the exchange (granular's auto) lag behind: 1 when
-    # speculative training commits early and aggregates a step after the next one is compressed
-    # (the wrapper sets it), so that the policy does not depend on when exchanges happen to end.
-    observation_lag: int = 0
-    # commit() changes nothing but the bucket memory's tensors, and replaces them rather than
-    # writing into them: the hook can undo it by putting the old tensors back, which it does when a
-    # later bucket of the same step is skipped (the whole step is skipped then). False
-    # (predictive, whose commit also trains its predictors): such a commit stands.
-    rollback_safe: bool = True
-
+    # ------------------------------------------------------------------------------ the steps
     def payload_format(self, layout: BucketLayout, step: int) -> PayloadFormat:
         raise NotImplementedError
 
     def compress(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int) -> Compressed:
         raise NotImplementedError
 
-    def aggregate(self, gathered: torch.Tensor, layout: BucketLayout, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Average of the world's payloads (float32[numel]) and each worker's flag: its gradient
-        was finite and its payload well formed. ``self.last_malformed`` (bool[world]) says which
-        payloads were not well formed (the hook counts them)."""
+    def aggregate(self, gathered: torch.Tensor, layout: BucketLayout, step: int) -> Aggregated:
+        """The average of the world's payloads (float32[numel]) and each worker's flags."""
         out = torch.zeros(layout.numel, dtype=torch.float32, device=gathered.device)
         finite, well_formed = self.payload_format(layout, step).decode_sum(gathered, out)
-        self.last_malformed = ~well_formed
-        return out.div_(gathered.shape[0]), finite & well_formed
+        return Aggregated(out.div_(gathered.shape[0]), finite, well_formed)
 
-    def own_update(self, compressed: Compressed, layout: BucketLayout,
-                   step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def own_update(self, compressed: Compressed, layout: BucketLayout, step: int) -> Aggregated:
         """This worker's own contribution to the sum the average is taken of, dense
-        (float32[numel]): its payload decoded alone, the values as they went on the wire; and
-        whether it is usable (bool[1]: finite and well formed, read from the payload's header, no
-        pass over the values). Pure. Speculative training applies it to the working weights
-        before the exchange ends."""
+        (float32[numel]): its payload decoded alone, the values as they went on the wire, with its
+        flags (bool[1], read from the payload's header, no pass over the values). Pure.
+        Speculative training applies it to the working weights before the exchange ends."""
         out = torch.zeros(layout.numel, dtype=torch.float32, device=compressed.payload.device)
         finite, well_formed = self.payload_format(layout, step).decode_sum(compressed.payload.unsqueeze(0), out)
-        return out, finite & well_formed
+        return Aggregated(out, finite, well_formed)
 
-    def commit(self, memory: BucketMemory, pending: Dict[str, torch.Tensor], average: torch.Tensor,
+    def commit(self, memory: BucketMemory, compressed: Compressed, average: torch.Tensor,
                layout: BucketLayout) -> torch.Tensor:
-        for key, value in pending.items():
+        for key, value in compressed.pending.items():
             if key in self.memory_names:
                 memory.entries[key] = value
-            elif not key.startswith("_"):  # "_name": scratch for this step only
+            else:
                 memory.extra[key] = value
         return average
 
-    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hook for compressors that must warn about an optimizer setting (DGC: momentum)."""
+    def undelivered(self, memory: BucketMemory) -> Optional[torch.Tensor]:
+        """The gradient mass this worker has taken in and not yet delivered (float32[numel]), such
+        that over any run of committed steps ``sum(gradients) == sum(what its payloads carried) +
+        undelivered(memory)`` (error feedback: nothing is lost, only delayed); None when the
+        compressor keeps no such account (EF21, momentum corrections, no error feedback)."""
+        return None
 
-    # Run-time state shared by a rank's buckets (not per entry): e.g. a density that follows the
-    # validation metric. Saved with the hook's state; compared across ranks like the config.
+    # ------------------------------------------------------------------------------ run-time state
     def runtime(self) -> Dict[str, Any]:
-        """What must agree across ranks at every step besides :meth:`config` (JSON-able)."""
+        """Run-time state shared by a rank's buckets (not per entry), e.g. a density that follows
+        the validation metric: what must agree across ranks at every step besides :meth:`config`
+        (JSON-able). Saved with the hook's state; compared across ranks like the config."""
         return {}
 
     def state_dict(self) -> Dict[str, Any]:
@@ -185,14 +255,18 @@ class Compressor:
         if state:
             raise ValueError(f"{self.name}: this compressor keeps no run-time state, got {sorted(state)}")
 
-    def report_metric(self, value: float, higher_is_better: bool = True) -> None:
-        """A validation metric every rank measured alike (most compressors ignore it)."""
+    def observe(self, signal: Signal) -> None:
+        """A signal of one of the types in ``traits.signals`` (no other reaches it)."""
 
-    def report_loss(self, loss: Any) -> None:
-        """This rank's training loss of the coming step (most compressors ignore it)."""
+    def probe_plan(self) -> Optional[ProbePlan]:
+        """When and how curvature is measured for it (``traits.probes``); None: never."""
+        return None
 
-    def note_timing(self, comm_share: float) -> None:
-        """The share of the last step this rank waited for its exchange (most ignore it)."""
+    def store_probe(self, params_memory: Dict[int, Dict[str, torch.Tensor]], key: int,
+                    diagonal: torch.Tensor) -> None:
+        """Keeps a parameter's measured Hessian diagonal (flat float32) in the per-parameter
+        memory ``params_memory`` (``traits.probes``)."""
+        raise NotImplementedError(f"{self.name} takes no curvature probes")
 
     def stats(self) -> Dict[str, Any]:
         """Counters for ``state.stats()`` beside the hook's own."""
@@ -227,9 +301,6 @@ class SparseCompressor(Compressor):
     """
 
     OPTIONS = SPARSE_OPTIONS
-    # select() returns every segment's entries in ascending index order, and a segment's padding
-    # (if any, marked by "_valid") after its entries. DGC pads inside its entries: False there.
-    ascending = True
 
     def density_at(self, step: int) -> float:
         return self.density
@@ -256,26 +327,27 @@ class SparseCompressor(Compressor):
         return PayloadFormat(k, self.values, max(1, min(self.chunk, k)), self.index, numel, self.checksum)
 
     def select(self, grad: torch.Tensor, memory: BucketMemory, segments: List[Segment], layout: BucketLayout,
-               step: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """Returns (indices int64[K], values float32[K], pending memory). A pending entry
-        ``"_valid"`` (bool[K]) marks the slots that carry an entry (default: all)."""
+               step: int) -> Selection:
+        """The entries to send: indices (int64[K], bucket coordinates), values (float32[K]), the
+        pending memory, and scratch (``"valid"``: bool[K], the slots that carry an entry)."""
         raise NotImplementedError
 
-    def absorb_rounding(self, pending: Dict[str, torch.Tensor], indices: torch.Tensor, error: torch.Tensor) -> None:
-        """Keeps the wire's rounding error (chosen minus sent) in memory. Error-feedback
-        compressors add it to their residual; others may ignore it."""
+    def absorb_rounding(self, selection: Selection, error: torch.Tensor) -> None:
+        """Keeps the wire's rounding error (float32[K], chosen minus sent) in the selection's
+        pending memory. Error-feedback compressors add it to their residual; others may ignore it."""
 
     def compress(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int) -> Compressed:
         segments = self.segments(layout, step)
         fmt = self._format(sum(s.k for s in segments), layout.numel)
         finite = torch.isfinite(grad).all()
-        indices, values, pending = self.select(grad, memory, segments, layout, step)
-        ordered = self.ascending and (len(segments) == 1 or "_valid" not in pending)
-        payload, sent = fmt.pack(finite, indices, values, pending.get("_valid"), ordered)
+        selection = self.select(grad, memory, segments, layout, step)
+        valid = selection.scratch.get("valid")
+        ordered = self.traits.ascending and (len(segments) == 1 or valid is None)
+        payload, sent = fmt.pack(finite, selection.indices, selection.values, valid, ordered)
         if self.values != "fp32":
-            self.absorb_rounding(pending, indices, values - sent)
-        pending["_wire_values"] = sent  # the values as they went on the wire (float32[K])
-        return Compressed(payload, pending)
+            self.absorb_rounding(selection, selection.values - sent)
+        selection.scratch["wire_values"] = sent  # the values as they went on the wire (float32[K])
+        return Compressed(payload, selection.pending, selection.scratch)
 
 
 def per_segment(segments: List[Segment],

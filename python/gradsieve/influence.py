@@ -1,7 +1,7 @@
-"""Second-order influence of each weight (the first piece of seed 002, issue 15).
+"""Second-order influence of each weight (the score of influence-scored sparse updates).
 
-The seed scores a weight by how much the loss moves when the weight is perturbed a little. To
-second order, for a perturbation of size ``eps``::
+The influence score rates a weight by how much the loss moves when the weight is perturbed a
+little. To second order, for a perturbation of size ``eps``::
 
     influence_i = |g_i| * eps + 0.5 * |h_ii| * eps^2
 
@@ -15,7 +15,8 @@ steps as a rolling mean, reduces its variance.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import time
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
@@ -100,5 +101,40 @@ def hessian_diagonal(
 
 
 def influence(grad: torch.Tensor, hessian_diag: torch.Tensor, eps: float) -> torch.Tensor:
-    """The seed's second-order influence of each weight: ``|g| * eps + 0.5 * |h| * eps^2``."""
+    """The second-order influence of each weight: ``|g| * eps + 0.5 * |h| * eps^2``."""
     return grad.abs().float() * eps + 0.5 * hessian_diag.abs().float() * eps * eps
+
+
+def probe(state: Any, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+          batch: Any) -> bool:
+    """The curvature probe of a hook state whose compressor scores weights with curvature
+    (``traits.probes``; ``CompressionState.probe`` calls it): when due by the compressor's
+    :meth:`~gradsieve.compressor.Compressor.probe_plan` (every ``every`` steps), estimates the
+    Hessian diagonal of ``loss_fn(model, batch)`` with :func:`hessian_diagonal` (``probes``
+    directions, 2 extra gradient evaluations each; weights, gradients, buffers and random state
+    restored) and hands each parameter's to the compressor, keyed as the hook keys it. Returns
+    whether it probed. A DDP wrapper is unwrapped: the probe must not run DDP's reduction."""
+    compressor = state.compressor
+    plan = compressor.probe_plan() if compressor.traits.probes else None
+    if plan is None or state.observing:
+        return False
+    if state._last_probe is not None and state.step - state._last_probe < plan.every:
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    params = [p for p in model.parameters() if p.requires_grad and id(p) in state._param_keys]
+    if not params:
+        raise ValueError("CompressionState.probe: the hook has not seen this model's parameters "
+                         "yet; call probe after a training step (after optimizer.step())")
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(1_000_003 * state.step + 17)
+    diagonal = hessian_diagonal(model, loss_fn, batch, probes=plan.probes, eps=plan.eps,
+                                generator=generator, parameters=params)
+    for p, d in zip(params, diagonal):
+        compressor.store_probe(state.memory.params, state._param_keys[id(p)], d)
+    state._last_probe = state.step
+    state.probe_count += 1
+    state.probe_s += time.perf_counter() - started
+    return True

@@ -7,7 +7,8 @@ memory is moved parameter by parameter into the new layout, so no residual is lo
 are identified by their position in the first bucket layout this rank saw (DDP's initial layout,
 which a fresh process rebuilds identically), which is what makes a saved state loadable into a
 new process. Memory that is not per entry (for example DGC's threshold factors) lives in
-``extra``; it is kept when a bucket is rebuilt with the same parameters and reset otherwise.
+``extra``, a compressor's counters (entries sent, ...) in ``counters``; both are kept when a bucket
+is rebuilt with the same parameters and reset otherwise.
 ``params`` holds small per-parameter memory that is not per entry (a predictor's weights): it
 belongs to the parameter, survives every rebuild and is checkpointed by parameter key.
 """
@@ -15,9 +16,17 @@ belongs to the parameter, survives every rebuild and is checkpointed by paramete
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+
+
+class Snapshot(NamedTuple):
+    """One bucket's memory tensors at a point in time (see :meth:`BucketMemory.snapshot`)."""
+
+    entries: Dict[str, torch.Tensor]
+    extra: Dict[str, torch.Tensor]
+    counters: Dict[str, torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -30,6 +39,20 @@ class BucketMemory:
     extra: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     # {parameter key: {name: tensor}}: the bank's per-parameter memory (shared by all buckets).
     params: Dict[int, Dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    counters: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def snapshot(self) -> "Snapshot":
+        """The bucket's memory as it is (the tensors, not copies: a commit replaces them)."""
+        return Snapshot(dict(self.entries), dict(self.extra), dict(self.counters))
+
+    def restore(self, snapshot: "Snapshot") -> None:
+        """Puts a snapshot's tensors back (undoes the commits made since it was taken)."""
+        self.entries, self.extra, self.counters = (dict(snapshot.entries), dict(snapshot.extra),
+                                                   dict(snapshot.counters))
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor of the bucket's own memory (not the per-parameter memory)."""
+        return (*self.entries.values(), *self.extra.values(), *self.counters.values())
 
     @property
     def numel(self) -> int:
@@ -55,8 +78,10 @@ class MemoryBank:
         # alive only while some parameter has not moved out of it yet.
         self.owner: Dict[int, BucketMemory] = {}
         self.restored: Dict[int, Dict[str, torch.Tensor]] = {}
-        # Bucket-coordinate memory from a checkpoint: {bucket index: (keys, tensors)}.
+        # Bucket-coordinate memory from a checkpoint: {bucket index: (keys, tensors)}, for the
+        # extra memory and for the counters.
         self.restored_extra: Dict[int, Tuple[Tuple[int, ...], Dict[str, torch.Tensor]]] = {}
+        self.restored_counters: Dict[int, Tuple[Tuple[int, ...], Dict[str, torch.Tensor]]] = {}
         self.params: Dict[int, Dict[str, torch.Tensor]] = {}
 
     def get(
@@ -77,10 +102,14 @@ class MemoryBank:
         memory = self._assemble(keys, numels, names, device, dtypes or {})
         memory.params = self.params
         if current is not None and sorted(current.keys) == sorted(keys):
-            memory.extra = current.extra  # same parameters in a new order: keep bucket-level memory
+            # Same parameters in a new order: keep the bucket-level memory.
+            memory.extra, memory.counters = current.extra, current.counters
         saved = self.restored_extra.pop(index, None)
         if saved is not None and sorted(saved[0]) == sorted(keys):
             memory.extra = {name: t.to(device) for name, t in saved[1].items()}
+        saved = self.restored_counters.pop(index, None)
+        if saved is not None and sorted(saved[0]) == sorted(keys):
+            memory.counters = {name: t.to(device) for name, t in saved[1].items()}
         self.buckets[index] = memory
         for key in keys:
             self.owner[key] = memory
@@ -111,16 +140,17 @@ class MemoryBank:
 
     # -------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> Dict[str, object]:
-        """``{"params": {parameter key: {name: tensor}}, "extra": {bucket: (keys, {name: tensor})}}``,
-        on the CPU."""
-        extra = {
-            index: (memory.keys, {name: t.detach().cpu().clone() for name, t in memory.extra.items()})
-            for index, memory in self.buckets.items()
-        }
+        """``{"params": {parameter key: {name: tensor}}, "extra": {bucket: (keys, {name: tensor})},
+        "counters": (the same), "per_param": {parameter key: {name: tensor}}}``, on the CPU."""
+        def per_bucket(part: str):
+            return {index: (memory.keys, {name: t.detach().cpu().clone()
+                                          for name, t in getattr(memory, part).items()})
+                    for index, memory in self.buckets.items()}
+
         per_param = {key: {name: t.detach().cpu().clone() for name, t in saved.items()}
                      for key, saved in self.params.items()}
-        return {"params": self._param_state(), "extra": {**self.restored_extra, **extra},
-                "per_param": per_param}
+        return {"params": self._param_state(), "extra": {**self.restored_extra, **per_bucket("extra")},
+                "counters": {**self.restored_counters, **per_bucket("counters")}, "per_param": per_param}
 
     def _param_state(self) -> Dict[int, Dict[str, torch.Tensor]]:
         out: Dict[int, Dict[str, torch.Tensor]] = {
@@ -140,6 +170,8 @@ class MemoryBank:
         self.owner.clear()
         self.restored = {int(k): dict(v) for k, v in saved["params"].items()}
         self.restored_extra = {int(k): (tuple(keys), dict(t)) for k, (keys, t) in saved["extra"].items()}
+        self.restored_counters = {int(k): (tuple(keys), dict(t))
+                                  for k, (keys, t) in saved.get("counters", {}).items()}
         # Replaced in place: the buckets built from now on share this dict.
         self.params.clear()
         self.params.update({int(k): dict(v) for k, v in saved.get("per_param", {}).items()})
@@ -165,17 +197,16 @@ class MemoryBank:
         memories = list(self.buckets.values())
         memories += [m for m in self.owner.values() if all(m is not b for b in memories)]
         for memory in memories:
-            for name, tensor in memory.entries.items():
-                count(name, tensor)
-            for name, tensor in memory.extra.items():
-                count(name, tensor)
+            for part in (memory.entries, memory.extra, memory.counters):
+                for name, tensor in part.items():
+                    count(name, tensor)
         for saved in self.params.values():
             for name, tensor in saved.items():
                 count(name, tensor)
         for saved in self.restored.values():
             for name, tensor in saved.items():
                 count(name, tensor)
-        for _, tensors in self.restored_extra.values():
+        for _, tensors in (*self.restored_extra.values(), *self.restored_counters.values()):
             for name, tensor in tensors.items():
                 count(name, tensor)
         sizes["total"] = sum(sizes.values())

@@ -311,7 +311,7 @@ def adaptive_select(
     error_feedback: bool,
     capacity: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of the ``adaptive`` compressor on one segment (seed 000), fused: moving average,
+    """One step of the ``adaptive`` compressor on one segment, fused: moving average,
     percentile threshold, mask, momentum blend and the candidates to send. Inputs are not changed.
 
     Per entry, in float32, each product and sum rounded on its own (as the eager reference)::
@@ -462,7 +462,7 @@ def influence_update(
     eps: float,
     rho: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The second-order influence of each weight (seed 002) folded into a running score, fused
+    """The second-order influence of each weight (``granular``) folded into a running score, fused
     with the error-feedback accumulator. Inputs are not changed.
 
     Per entry ``i``, in float32, in exactly this order, each product and sum rounded on its own

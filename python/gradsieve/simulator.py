@@ -1,8 +1,9 @@
 """N workers in one process, running exactly the compressor code the DDP hook runs.
 
-The simulator packs each worker's payload, stacks them as ``all_gather_into_tensor`` would, and
-decodes with the same code, so its averages equal the hook's bit for bit (on CPU, for the sparse
-compressors). It is meant for studying algorithms (heterogeneous data, many workers) and for tests.
+The simulator packs each worker's payload, exchanges them through a
+:class:`~gradsieve.exchange.LocalExchange` (which stacks them as ``all_gather_into_tensor`` would),
+and decodes with the same code, so its averages equal the hook's bit for bit (on CPU, for the
+sparse compressors). It is meant for studying algorithms (heterogeneous data, many workers) and for tests.
 
 Example::
 
@@ -20,8 +21,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from gradsieve.compressor import BucketLayout, Compressor
+from gradsieve.exchange import LocalExchange
 from gradsieve.memory import MemoryBank
 from gradsieve.registry import get_compressor
+from gradsieve.signals import CommShare, Loss, Metric, Signal
 
 
 class Simulator:
@@ -62,6 +65,7 @@ class Simulator:
         if self.param_keys and (len(set(self.param_keys)) != len(self.param_keys)
                                 or len(self.param_keys) != len(self.param_sizes or ())):
             raise ValueError("Simulator: param_keys must be distinct, one per entry of param_sizes")
+        self.exchange = LocalExchange(world_size)
         self.banks = [MemoryBank() for _ in range(world_size)]
         self.steps = 0
         self.wire_bytes = 0  # sent by all workers together
@@ -89,11 +93,9 @@ class Simulator:
         if any(g.numel() != numel for g in flat):
             raise ValueError(f"Simulator.step: gradients must all have {numel} entries, got {[g.numel() for g in flat]}")
         compressor = self.compressor
-        if compressor.dense:
-            dtype = compressor.allreduce_dtype or torch.float32
-            total = flat[0].to(dtype).clone()
-            for g in flat[1:]:
-                total += g.to(dtype)
+        if compressor.traits.dense:
+            dtype = compressor.traits.allreduce_dtype or torch.float32
+            total = [self.exchange.reduce(g.to(dtype)) for g in flat][0].wait()
             self.wire_bytes += self.world_size * total.numel() * total.element_size()
             self.steps += 1
             return total.float().div_(self.world_size)
@@ -106,13 +108,13 @@ class Simulator:
         ]
         compressed = [compressor.compress(g, m, layout, self.steps) for g, m in zip(flat, memories)]
         self.last_compressed = compressed
-        gathered = torch.stack([c.payload for c in compressed])
+        gathered = [self.exchange.start(c.payload) for c in compressed][0].wait()
         self.wire_bytes += gathered.numel()
-        average, flags = compressor.aggregate(gathered, layout, self.steps)
-        if not bool(flags.all()):
+        aggregated = compressor.aggregate(gathered, layout, self.steps)
+        if not bool(aggregated.usable.all()):
             self.skipped_steps += 1
-            return torch.full_like(average, float("nan"))
-        results = [compressor.commit(m, c.pending, average, layout) for m, c in zip(memories, compressed)]
+            return torch.full_like(aggregated.average, float("nan"))
+        results = [compressor.commit(m, c, aggregated.average, layout) for m, c in zip(memories, compressed)]
         self.steps += 1
         return results[0]
 
@@ -129,17 +131,23 @@ class Simulator:
         tensors, as ``state.stats()["memory_bytes"]`` is)."""
         return self.banks[rank].nbytes()
 
+    def signal(self, signal: Signal) -> None:
+        """Hands ``signal`` to the compressor when its traits ask for that kind (as the hook's
+        state does)."""
+        if type(signal) in self.compressor.traits.signals:
+            self.compressor.observe(signal)
+
     def report_metric(self, value: float, higher_is_better: bool = True) -> None:
         """A validation metric, as every worker would report it (see ``CompressionState``)."""
-        self.compressor.report_metric(float(value), bool(higher_is_better))
+        self.signal(Metric(float(value), bool(higher_is_better)))
 
     def report_loss(self, loss: float) -> None:
         """The training loss of the coming step, as every worker would report it."""
-        self.compressor.report_loss(loss)
+        self.signal(Loss(loss))
 
     def note_timing(self, comm_share: float) -> None:
         """A scripted communication share of the step (the hook measures it; see granular)."""
-        self.compressor.note_timing(float(comm_share))
+        self.signal(CommShare(float(comm_share)))
 
     def state_dict(self) -> Dict[str, object]:
         return {"steps": self.steps, "banks": [bank.state_dict() for bank in self.banks],

@@ -1,6 +1,7 @@
 """Speculative sparse training: communication of step t overlaps the computation of step t+1.
 
-The idea of seed 002 (``shared/seeds``), built for DDP. Each rank keeps two copies of the model:
+The speculative part of influence-scored sparse updates, built for DDP. Each rank keeps two
+copies of the model:
 
 * the *global* weights, the result of the averaged sparse updates. Every rank computes them from
   the same gathered payloads with the same optimizer state, so they are bit-identical on every
@@ -63,9 +64,11 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from gradsieve.hook import CompressionState, Landed
+from gradsieve.inflight import Landed
 from gradsieve.options import Option, resolve
 from gradsieve.registry import compressor_class
+from gradsieve.signals import ObservationLag
+from gradsieve.state import CompressionState
 
 __all__ = ["SpeculativeOptimizer", "WRAPPER_OPTIONS", "split_options", "supports"]
 
@@ -85,7 +88,7 @@ WRAPPER_OPTIONS = {
 
 def supports(compressor_cls) -> bool:
     """Whether speculative training works with this compressor class."""
-    return not compressor_cls.dense and compressor_cls.returns_average
+    return not compressor_cls.traits.dense and compressor_cls.traits.returns_average
 
 
 def split_options(name: str, options: Dict[str, Any]):
@@ -95,7 +98,7 @@ def split_options(name: str, options: Dict[str, Any]):
     if not own:
         return rest, None
     wrapper = resolve(f"{name} (speculative training)", WRAPPER_OPTIONS, own)
-    if wrapper["overlap_compress"] is True and compressor_class(name).commit_needs_average:
+    if wrapper["overlap_compress"] is True and compressor_class(name).traits.commit_needs_average:
         raise ValueError(f"{name}: overlap_compress=true needs a compressor whose memory does not depend on "
                          "the average; use overlap_compress=auto or false")
     return rest, wrapper if wrapper["speculative"] else None
@@ -156,13 +159,14 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
             raise ValueError(f"SpeculativeOptimizer: overlap_compress must be True, False or None, got "
                              f"{overlap_compress!r}")
         compressor = state.compressor
-        if speculative and compressor.dense:
+        traits = compressor.traits
+        if speculative and traits.dense:
             raise ValueError(f"SpeculativeOptimizer: compressor {compressor.name!r} is dense (all-reduced, "
                              "nothing to speculate on); use a sparse compressor such as 'granular' or 'topk'")
-        if speculative and not compressor.returns_average:
+        if speculative and not traits.returns_average:
             raise ValueError(f"SpeculativeOptimizer: compressor {compressor.name!r} does not return the "
                              "average of the payloads, which speculative training applies")
-        if speculative and overlap_compress and compressor.commit_needs_average:
+        if speculative and overlap_compress and traits.commit_needs_average:
             raise ValueError(f"SpeculativeOptimizer: overlap_compress=True needs a compressor whose memory "
                              f"does not depend on the average; {compressor.name!r}'s does (use "
                              "overlap_compress=None or False)")
@@ -186,11 +190,11 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
         self.last_drifts: List[float] = []  # per layer, after the last correction (0: reverted)
         # Committing early only matters when the exchange is left in flight (threshold > 0).
         self.overlap_compress = bool(speculative and self.revert_threshold > 0 and overlap_compress is not False
-                                     and not compressor.commit_needs_average)
+                                     and not traits.commit_needs_average)
         if speculative:
             state.speculative = self.revert_threshold
             state.overlap_compress = self.overlap_compress
-            compressor.observation_lag = int(self.overlap_compress)
+            state.signal(ObservationLag(int(self.overlap_compress)))
             self._global = [p.detach().clone() for p in self._params]
             groups = [{**{k: v for k, v in group.items() if k != "params"},
                        "params": [self._global[self._index[id(p)]] for p in group["params"]]}
@@ -224,9 +228,9 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
             return self.optimizer.step()
         state = self.compression
         if self.revert_threshold == 0:
-            state.finish_exchanges()  # synchronous: this step's exchange, now
-        landed = state.take_landed()
-        usable, state._own_ok = state._own_ok, []  # per bucket: this step's own update is finite
+            state.inflight.finish(state)  # synchronous: this step's exchange, now
+        landed = state.inflight.take_landed()
+        usable = state.inflight.take_own_ok()  # per bucket: this step's own update is finite
         current = state.step - 1  # the hook's step of the backward just done
         dense_now = self._dense_at == current or (current in landed and landed[current].dense)
         self._dense_at = None
@@ -250,8 +254,8 @@ class SpeculativeOptimizer(torch.optim.Optimizer):
         The correction still happens at the next step(), where it would have."""
         if not self.speculative:
             return
-        self.compression.finish_exchanges()
-        landed = self.compression.take_landed()
+        self.compression.inflight.finish(self.compression)
+        landed = self.compression.inflight.take_landed()
         for at in sorted(landed):
             if landed[at].dense:
                 self._dense_at = at

@@ -176,7 +176,7 @@ size_t predictive_score_workspace_bytes(int64_t n);
 cudaError_t predictive_score(const PredictiveScoreArgs& args, void* workspace,
                              size_t workspace_bytes, cudaStream_t stream);
 
-// The influence score of seed 002 (ops.influence_update), one elementwise pass, no workspace and
+// The influence score of granular (ops.influence_update), one elementwise pass, no workspace and
 // no host synchronisation. Per entry, in float32, every product and sum rounded on its own in
 // this order (bitwise the CPU kernel's): a = residual + grad -> acc; t = |a| * eps;
 // u = 0.5 * |hessian|, u = u * eps, u = u * eps; influence = t + u (hessian nullptr: t);

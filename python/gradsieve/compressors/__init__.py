@@ -1,3 +1,8 @@
-"""The registered compressors. Importing this package fills the registry."""
+"""The registered compressors, one module each. Importing this package imports every module in it,
+which fills the registry: adding a compressor is adding one file here."""
 
-from gradsieve.compressors import adaptive, dense, dgc, ef21, granular, predictive, regtopk, topk  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")

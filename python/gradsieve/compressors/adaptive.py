@@ -1,16 +1,16 @@
-"""Adaptive sparsity with momentum-based int8 quantization (seed 000 of ``shared/seeds``).
+"""Adaptive sparsity with momentum-based int8 quantization.
 
 Per segment (the bucket, or each parameter with ``scope="layer"``) and worker, every step::
 
     a   = grad + residual                       # residual: see error_feedback and capacity
     MA  = alpha * |a| + (1 - alpha) * MA        # moving average of |grad|, per entry
-    thr = quantile(|MA|, 1 - density)           # the seed's Percentile(MA, SparsityTarget)
+    thr = quantile(|MA|, 1 - density)           # the original Percentile(MA, SparsityTarget)
     m   = a where (|a| if compare == "grad" else MA) >= thr, else 0
     Q   = beta * m + (1 - beta) * QM            # quantization momentum
     send the entries with Q != 0 (at most `capacity` of them: the largest |Q|), int8 values
     QM  = Q as the receivers decoded it (0 where nothing was sent)
 
-What the seed leaves open, and what is done here:
+What the original rule leaves open, and what is done here:
 
 * The literal rule (``capacity=1.0, error_feedback=False``) sends every entry with ``Q != 0``. The
   blend keeps an entry alive for many steps after it was last above the threshold (its value
@@ -24,46 +24,46 @@ What the seed leaves open, and what is done here:
 * ``error_feedback=True`` also keeps the masked-out part ``a - m`` and the int8 rounding in that
   residual. Then ``sum(sent) + residual + (1 - beta) / beta * QM == sum(grad)`` holds exactly (up
   to float rounding): nothing is lost, only delayed, as in ``topk``.
-* The default is not the seed's ``beta = 0.7`` but ``beta = 1.0`` (no quantization momentum), with
-  the capacity equal to the density: at the same bytes, 1.0 trained better than 0.7 and 0.4 on
-  digits (SGD with momentum 0.9) and charlm (Adam), 3 seeds each, and without the momentum tail a
-  capacity of 2 x density is half padding (``experiments/adaptive/RESULTS.md``). When more than
-  the capacity pass the threshold, the cap keeps the largest: the default then selects what
-  ``topk`` selects. ``beta=0.7`` gives the seed's rule.
+* The default is ``beta = 1.0`` (no quantization momentum), not the originally proposed
+  ``beta = 0.7``; docs/compressors.md has the measurements. Its capacity equals the density:
+  without the momentum tail about ``density`` entries pass the threshold, so a larger capacity
+  would mostly be padding. When more than the capacity pass the threshold, the cap keeps the
+  largest: the default then selects what ``topk`` selects. ``beta=0.7`` gives the original rule.
 * Momentum and the optimizer: with ``beta < 1``, ``Q`` is an exponential moving average of the
   masked gradient with weight ``beta`` (a heavy-ball momentum of ``1 - beta`` whose gain is 1),
   applied before the optimizer's own. With Adam or AdamW it delays and smooths the gradient Adam
   sees: Adam's first moment (0.9) dominates the smoothing, and its second moment is computed from
   already-smoothed values, so its step sizes come out slightly larger; with SGD and momentum 0.9
-  the two momenta stack. Neither helped in our runs.
+  the two momenta stack.
 
 Memory per entry: ``average`` (MA), ``momentum`` (QM), ``residual``; counters in the bucket's
-``extra``: ``stat_wanted`` (entries with Q != 0, summed over steps) and ``stat_sent``.
+``counters``: ``wanted`` (entries with Q != 0, summed over steps) and ``sent``.
 """
 
+import dataclasses
 import math
 from typing import List, Tuple
 
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SPARSE_OPTIONS, Segment, SparseCompressor, entries_for
+from gradsieve.compressor import SPARSE_OPTIONS, Segment, Selection, SparseCompressor, entries_for
 from gradsieve.options import Option
 from gradsieve.registry import register_compressor
 
 
 @register_compressor("adaptive")
 class AdaptiveCompressor(SparseCompressor):
-    """Seed 000: per-entry moving-average threshold, momentum blend, int8 values.
+    """Adaptive threshold: per-entry moving-average threshold, momentum blend, int8 values.
 
-    Options: ``density`` (1 - the seed's SparsityTarget), ``alpha`` (weight of the new |grad| in
+    Options: ``density`` (1 - the original SparsityTarget), ``alpha`` (weight of the new |grad| in
     the moving average), ``beta`` (weight of the masked gradient in the momentum blend; default 1.0,
-    no momentum, which trained best; the seed's 0.7 is ``beta=0.7``),
-    ``compare`` (``"grad"``: |a| against the threshold, as the seed's pseudocode; ``"average"``:
-    the moving average against it), ``error_feedback``, ``capacity`` (most entries sent per
-    segment and step, as a fraction; 0 means ``density`` with ``beta=1`` and ``2 * density``
-    otherwise; ``capacity=1.0, error_feedback=False, beta=0.7`` is the seed's literal rule), and those of ``topk`` (``scope``,
-    ``compress_1d``, ``values`` (default ``int8``), ``chunk``, ``index``).
+    no momentum; the originally proposed 0.7 is ``beta=0.7``), ``compare`` (``"grad"``: |a|
+    against the threshold, as the original rule; ``"average"``: the moving average against it),
+    ``error_feedback``, ``capacity`` (most entries sent per segment and step, as a fraction; 0
+    means ``density`` with ``beta=1`` and ``2 * density`` otherwise; ``capacity=1.0,
+    error_feedback=False, beta=0.7`` is the literal original rule), and those of ``topk``
+    (``scope``, ``compress_1d``, ``values`` (default ``int8``), ``chunk``, ``index``).
 
     Example::
 
@@ -78,10 +78,10 @@ class AdaptiveCompressor(SparseCompressor):
         "alpha": Option(0.9, "weight of the new |grad| in the moving average, in [0, 1]",
                         check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]"),
         "beta": Option(1.0, "weight of the masked gradient in the momentum blend, in (0, 1]; 1: no "
-                       "momentum (the default: it trained best), the seed's value is 0.7",
+                       "momentum (the default), the originally proposed value is 0.7",
                        check=lambda v: 0.0 < v <= 1.0, allowed="in (0, 1]"),
-        "compare": Option("grad", "what is compared with the threshold: |grad| (the seed's "
-                          "pseudocode) or its moving average", kind=str, choices=("grad", "average")),
+        "compare": Option("grad", "what is compared with the threshold: |grad| (the original "
+                          "rule) or its moving average", kind=str, choices=("grad", "average")),
         "error_feedback": Option(True, "keep what was not sent (masked-out gradient, int8 rounding) "
                                  "in a residual added to the next gradient", kind=bool),
         "capacity": Option(0.0, "most entries one rank sends per segment and step, as a fraction of "
@@ -89,6 +89,8 @@ class AdaptiveCompressor(SparseCompressor):
                            check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]"),
     }
     memory_names = ("average", "momentum", "residual")
+    traits = dataclasses.replace(SparseCompressor.traits, counters=("wanted", "sent"),
+                                 reports=(("sent", "entries_sent"), ("wanted", "entries_wanted")))
 
     def capacity_fraction(self) -> float:
         """``capacity``, or when it is 0: ``density`` without momentum (``beta=1``; what passes the
@@ -130,12 +132,12 @@ class AdaptiveCompressor(SparseCompressor):
             wanted = wanted + count
         cat = (lambda parts: parts[0]) if len(parts_i) == 1 else torch.cat
         indices, values, valid = cat(parts_i), cat(parts_v), cat(parts_ok)
-        pending = {"average": average, "residual": residual, "_indices": indices, "_values": values,
-                   "_valid": valid, "_wanted": wanted}
-        return indices, values, pending
+        return Selection(indices, values, {"average": average, "residual": residual},
+                         {"indices": indices, "valid": valid, "wanted": wanted})
 
-    def commit(self, memory, pending, average, layout):
-        indices, valid, sent = pending["_indices"], pending["_valid"], pending["_wire_values"]
+    def commit(self, memory, compressed, average, layout):
+        pending, scratch = compressed.pending, compressed.scratch
+        indices, valid, sent = scratch["indices"], scratch["valid"], scratch["wire_values"]
         residual = pending["residual"]
         if self.error_feedback:
             # What was sent leaves the residual; the int8 rounding (Q - sent) stays, over beta.
@@ -147,11 +149,17 @@ class AdaptiveCompressor(SparseCompressor):
         memory.entries["average"] = pending["average"]
         memory.entries["momentum"] = momentum
         memory.entries["residual"] = residual
-        extra = memory.extra
+        counters = memory.counters
         zero = torch.zeros((), dtype=torch.int64, device=residual.device)
-        extra["stat_wanted"] = extra.get("stat_wanted", zero) + pending["_wanted"]
-        extra["stat_sent"] = extra.get("stat_sent", zero) + valid.sum()
+        counters["wanted"] = counters.get("wanted", zero) + scratch["wanted"]
+        counters["sent"] = counters.get("sent", zero) + valid.sum()
         return average
+
+    def undelivered(self, memory):
+        if not self.error_feedback:
+            return None
+        entries = memory.entries
+        return entries["residual"] + in_flight(self.beta) * entries["momentum"]
 
 
 def in_flight(beta: float) -> float:

@@ -3,7 +3,7 @@ as PyTorch's own fp16/bf16 compression hooks do)."""
 
 import torch
 
-from gradsieve.compressor import Compressor
+from gradsieve.compressor import Compressor, Traits
 from gradsieve.registry import register_compressor
 
 
@@ -12,20 +12,18 @@ class NoCompression(Compressor):
     """Dense all-reduce of the bucket in its own dtype: the baseline every other compressor is
     measured against."""
 
-    dense = True
+    traits = Traits(dense=True)
 
 
 @register_compressor("fp16")
 class Float16Compression(Compressor):
     """Cast to float16, all-reduce, cast back: half the bytes of fp32, no memory."""
 
-    dense = True
-    allreduce_dtype = torch.float16
+    traits = Traits(dense=True, allreduce_dtype=torch.float16)
 
 
 @register_compressor("bf16")
 class BFloat16Compression(Compressor):
     """Cast to bfloat16, all-reduce, cast back: fp32's range with 8 bits of mantissa."""
 
-    dense = True
-    allreduce_dtype = torch.bfloat16
+    traits = Traits(dense=True, allreduce_dtype=torch.bfloat16)

@@ -18,17 +18,19 @@ Per worker and bucket:
   selection is exact top-k.
 
 Momentum lives in the compressor: use it with a momentum-free optimizer (plain SGD), or the
-gradient gets momentum twice; :meth:`DGCCompressor.watch_optimizer` warns about that.
+gradient gets momentum twice; given the optimizer (``state.watch_optimizer``) it warns about that.
 """
 
+import dataclasses
 import math
 import warnings
 
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SPARSE_OPTIONS, SparseCompressor, entries_for
+from gradsieve.compressor import SPARSE_OPTIONS, Selection, SparseCompressor, entries_for
 from gradsieve.options import Option
+from gradsieve.signals import OptimizerSet
 from gradsieve.registry import register_compressor
 
 WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
@@ -57,7 +59,9 @@ class DGCCompressor(SparseCompressor):
         "seed": Option(0, "seed of the threshold sampling", kind=int),
     }
     memory_names = ("momentum_u", "velocity_v")
-    ascending = False  # threshold_select pads each segment; the padding is sorted out by the wire
+    # threshold_select pads each segment (padding inside the entries: the wire sorts them out);
+    # the optimizer is checked for a momentum of its own.
+    traits = dataclasses.replace(SparseCompressor.traits, ascending=False, signals=frozenset({OptimizerSet}))
 
     def density_at(self, step: int) -> float:
         if self.density_warmup_steps and step < self.density_warmup_steps:
@@ -65,7 +69,11 @@ class DGCCompressor(SparseCompressor):
             return max(self.density, WARMUP_DENSITIES[stage])
         return self.density
 
-    def watch_optimizer(self, optimizer):
+    def observe(self, signal):
+        if isinstance(signal, OptimizerSet):
+            self._check_optimizer(signal.optimizer)
+
+    def _check_optimizer(self, optimizer):
         if not self.momentum:
             return
         for group in optimizer.param_groups:
@@ -74,7 +82,7 @@ class DGCCompressor(SparseCompressor):
                     "dgc keeps its own momentum (momentum correction); the optimizer "
                     f"{type(optimizer).__name__} has momentum too, so updates get momentum twice. "
                     "Use torch.optim.SGD with momentum=0.",
-                    stacklevel=2,
+                    stacklevel=4,
                 )
                 return
 
@@ -158,8 +166,15 @@ class DGCCompressor(SparseCompressor):
         keep.scatter_reduce_(0, safe, sent.logical_not().to(v.dtype), reduce="amin")
         u = u * keep
         v = v * keep
-        return safe, values, {"momentum_u": u, "velocity_v": v, "threshold_factor": new_factor, "_sent": sent,
-                              "_valid": sent}
+        return Selection(safe, values, {"momentum_u": u, "velocity_v": v, "threshold_factor": new_factor},
+                         {"valid": sent})
 
-    def absorb_rounding(self, pending, indices, error):
-        pending["velocity_v"].index_add_(0, indices, torch.where(pending["_sent"], error, 0.0))
+    def absorb_rounding(self, selection, error):
+        selection.pending["velocity_v"].index_add_(0, selection.indices,
+                                                   torch.where(selection.scratch["valid"], error, 0.0))
+
+    def undelivered(self, memory):
+        # Without momentum or clipping, v is plain error feedback: what waits to be sent.
+        if self.momentum == 0.0 and self.clip_norm == 0.0:
+            return memory.entries["velocity_v"]
+        return None

@@ -11,7 +11,9 @@ The estimates start at zero.
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SparseCompressor, per_segment
+import dataclasses
+
+from gradsieve.compressor import Selection, SparseCompressor, per_segment
 from gradsieve.registry import register_compressor
 
 
@@ -26,22 +28,22 @@ class EF21Compressor(SparseCompressor):
     """
 
     memory_names = ("estimate", "global_estimate")
-    returns_average = False  # the optimizer receives the global estimate, not this step's average
-    commit_needs_average = True
+    # The optimizer receives the global estimate, not this step's average.
+    traits = dataclasses.replace(SparseCompressor.traits, returns_average=False, commit_needs_average=True)
 
     def select(self, grad, memory, segments, layout, step):
         estimate = memory.entries["estimate"]
         change = grad - estimate
         indices, values = per_segment(segments, lambda _, piece, k: ops.topk_abs(change[piece], k))
-        return indices, values, {"estimate": estimate.clone(), "_ef21_indices": indices, "_ef21_values": values}
+        return Selection(indices, values, {"estimate": estimate.clone()}, {"indices": indices, "change": values})
 
-    def absorb_rounding(self, pending, indices, error):
+    def absorb_rounding(self, selection, error):
         # g_i must move by what was actually sent: subtract the part that did not survive rounding.
-        pending["_ef21_values"] = pending["_ef21_values"] - error
+        selection.scratch["change"] = selection.scratch["change"] - error
 
-    def commit(self, memory, pending, average, layout):
-        estimate = pending["estimate"]
-        estimate.index_add_(0, pending["_ef21_indices"], pending["_ef21_values"])
+    def commit(self, memory, compressed, average, layout):
+        estimate = compressed.pending["estimate"]
+        estimate.index_add_(0, compressed.scratch["indices"], compressed.scratch["change"])
         memory.entries["estimate"] = estimate
         global_estimate = memory.entries["global_estimate"] + average
         memory.entries["global_estimate"] = global_estimate

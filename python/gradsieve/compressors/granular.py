@@ -1,6 +1,5 @@
-"""Influence-scored sparse updates with a granularity that changes during training (seed 002 of
-``shared/seeds``), built for DDP: no server; every rank computes the same global update from the
-gathered payloads.
+"""Influence-scored sparse updates with a granularity that changes during training, built for
+DDP: no server; every rank computes the same global update from the gathered payloads.
 
 Per bucket and worker, every step::
 
@@ -38,13 +37,13 @@ at equal cost:
 
 Policies for ``auto`` (``policy``):
 
-* ``rules``: the seed's three signals. Progress: the first third of ``horizon`` steps starts
-  from ``layer``, the second from ``hybrid``, the rest from ``weight`` (``horizon=0``: unknown,
-  start from ``hybrid``; ``gradsieve-train`` sets it to the run's steps). Confidence: one level
-  finer when the loss trend is steady, measured as the spread of the last ``window`` training
-  losses around their least-squares line, relative to their mean, below ``steady``. Resources:
-  one level coarser when the step is communication-bound: the share of the step a rank spent
-  waiting for its last bucket's exchange (the hook's own timings), averaged over ranks, above
+* ``rules``: the three originally proposed signals. Progress: the first third of ``horizon`` steps
+  starts from ``layer``, the second from ``hybrid``, the rest from ``weight`` (``horizon=0``:
+  unknown, start from ``hybrid``; ``gradsieve-train`` sets it to the run's steps). Confidence: one
+  level finer when the loss trend is steady, measured as the spread of the last ``window`` training
+  losses around their least-squares line, relative to their mean, below ``steady``. Resources: one
+  level coarser when the step is communication-bound: the share of the step a rank spent waiting
+  for its last bucket's exchange (the hook's own timings), averaged over ranks, above
   ``comm_bound``. At an equal byte budget, coarser means more values per byte (no indices), not
   fewer bytes.
 * ``bandit``: a discounted UCB over the three levels (``ucb_c``, ``ucb_gamma``), rewarded by
@@ -68,8 +67,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SPARSE_OPTIONS, Compressed, Compressor, entries_for
+from gradsieve.compressor import SPARSE_OPTIONS, Aggregated, Compressed, Compressor, ProbePlan, Traits, entries_for
 from gradsieve.options import Option
+from gradsieve.signals import CommShare, Loss, ObservationLag
 from gradsieve.registry import register_compressor
 from gradsieve.wire import LayerFormat, PayloadFormat
 
@@ -131,7 +131,7 @@ def steadiness(losses: Sequence[float]) -> float:
 
 @register_compressor("granular")
 class GranularCompressor(Compressor):
-    """Seed 002: influence scores, per-step granularity (weight / layer / hybrid / auto).
+    """Influence-scored sparse updates: per-step granularity (weight / layer / hybrid / auto).
 
     Options: ``density`` (the byte budget, a fraction of the dense fp32 bytes), ``granularity``,
     ``policy`` (``rules`` or ``bandit``, for ``auto``), ``eps`` (perturbation size of the
@@ -156,8 +156,9 @@ class GranularCompressor(Compressor):
                               "parameters sent dense (layer), entries inside the most influential "
                               "parameters (hybrid), or a policy's choice each step (auto)",
                               kind=str, choices=("weight", "layer", "hybrid", "auto")),
-        "policy": Option("rules", "how auto picks the level: the seed's signals (rules) or a "
-                         "discounted UCB bandit rewarded by loss decrease per byte", kind=str,
+        "policy": Option("rules", "how auto picks the level: rules on progress, loss steadiness "
+                         "and wait share (rules) or a discounted UCB bandit rewarded by loss "
+                         "decrease per byte", kind=str,
                          choices=("rules", "bandit")),
         "values": Option("int8", SPARSE_OPTIONS["values"].doc, kind=str,
                          choices=SPARSE_OPTIONS["values"].choices),
@@ -191,6 +192,10 @@ class GranularCompressor(Compressor):
                             check=lambda v: 0.0 < v <= 1.0, allowed="in (0, 1]"),
     }
     memory_names = ("residual", "score")
+    traits = Traits(signals=frozenset({Loss, CommShare, ObservationLag}), probes=True,
+                    reports=(("level_steps", "level_steps"),))
+    # Steps by which the auto policy reads each step's observations late (see ObservationLag).
+    observation_lag = 0
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -212,15 +217,17 @@ class GranularCompressor(Compressor):
         self.reward_scale = 0.0
         self.last_signals: Dict[str, Any] = {}
 
-    # ------------------------------------------------------------------------------ reports
-    def report_loss(self, loss: Any) -> None:
-        """This rank's training loss of the step being computed (a float or a 0-d tensor; a tensor
-        is copied into the payload without waiting for it)."""
-        self._loss_local = loss.detach().reshape(()).float() if isinstance(loss, torch.Tensor) else float(loss)
-
-    def note_timing(self, comm_share: float) -> None:
-        """The share of the last step this rank waited for its exchange (from the hook)."""
-        self._comm_local = float(comm_share)
+    # ------------------------------------------------------------------------------ signals
+    def observe(self, signal) -> None:
+        if isinstance(signal, Loss):
+            # This rank's loss of the step being computed (a 0-d tensor is copied into the payload
+            # without waiting for it).
+            loss = signal.loss
+            self._loss_local = loss.detach().reshape(()).float() if isinstance(loss, torch.Tensor) else float(loss)
+        elif isinstance(signal, CommShare):
+            self._comm_local = float(signal.share)
+        elif isinstance(signal, ObservationLag):
+            self.observation_lag = int(signal.steps)
 
     # ------------------------------------------------------------------------------ sizes
     def budget_bytes(self, numel: int) -> int:
@@ -256,8 +263,8 @@ class GranularCompressor(Compressor):
         """The level a bucket plays when the step's level is ``level``. Under ``auto``, a bucket
         whose largest parameter does not fit the layer payload plays ``hybrid`` instead of
         ``layer``: at the layer level that parameter could never be sent, its residual would only
-        grow, and the step that finally sends it would apply all of it at once (on digits, a first
-        third of ``layer`` steps made the loss NaN after the switch)."""
+        grow, and the step that finally sends it would apply all of it at once, a jump that can
+        make the loss non-finite (experiments/granular/RESULTS.md)."""
         if level == "layer" and self.granularity == "auto" and \
                 max(layout.param_numels) > self.layer_format(layout).capacity:
             return "hybrid"
@@ -367,10 +374,7 @@ class GranularCompressor(Compressor):
         floats[0] = loss.to(grad.device) if isinstance(loss, torch.Tensor) else loss
         floats[1] = self._comm_local
         payload = torch.cat([side, body])
-        pending = {"residual": residual, "score": score}
-        if indices is not None:
-            pending["_indices"] = indices
-        return Compressed(payload, pending)
+        return Compressed(payload, {"residual": residual, "score": score}, {"level": level})
 
     @staticmethod
     def _ranked(score, layout) -> List[int]:
@@ -417,28 +421,32 @@ class GranularCompressor(Compressor):
                              f"{level}, got {gathered.shape[1]}")
         finite, well_formed = fmt.decode_sum(body, out)
         well_formed = well_formed & (side[:, 0] == LEVELS.index(level))
-        self.last_malformed = ~well_formed
         if step not in self.observed and (self.previous is None or self.previous[0] < step):
             code = self.played.get(step, LEVELS.index(level))
             self.observed[step] = (floats[:, 0].mean(), floats[:, 1].mean(), code, gathered.shape[1])
-        return out.div_(world), finite & well_formed
+        return Aggregated(out.div_(world), finite, well_formed)
 
     def own_update(self, compressed, layout, step):
         level = self.bucket_level(self.level_at(step), layout)
         fmt = self.layer_format(layout) if level == "layer" else self.weight_format(layout)
         out = torch.zeros(layout.numel, dtype=torch.float32, device=compressed.payload.device)
         finite, well_formed = fmt.decode_sum(compressed.payload[SIDE_BYTES:].unsqueeze(0), out)
-        return out, finite & well_formed
+        return Aggregated(out, finite, well_formed)
 
-    def commit(self, memory, pending, average, layout):
-        memory.entries["residual"] = pending["residual"]
-        memory.entries["score"] = pending["score"]
+    def commit(self, memory, compressed, average, layout):
+        memory.entries["residual"] = compressed.pending["residual"]
+        memory.entries["score"] = compressed.pending["score"]
         return average
 
+    def undelivered(self, memory):
+        return memory.entries["residual"]
+
     # ------------------------------------------------------------------------------ probes
-    def store_hessian(self, params_memory: Dict[int, Dict[str, torch.Tensor]], key: int,
-                      diagonal: torch.Tensor) -> None:
-        """Keeps a parameter's Hessian-diagonal estimate (flat float32) in the per-parameter memory."""
+    def probe_plan(self) -> Optional[ProbePlan]:
+        return ProbePlan(self.probe_every, self.probes, self.eps) if self.probe_every else None
+
+    def store_probe(self, params_memory: Dict[int, Dict[str, torch.Tensor]], key: int,
+                    diagonal: torch.Tensor) -> None:
         params_memory.setdefault(key, {})["hessian"] = diagonal.detach().reshape(-1).float().clone()
 
     # ------------------------------------------------------------------------------ state

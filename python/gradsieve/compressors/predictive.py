@@ -1,8 +1,8 @@
-"""Sparsity masks from a gradient-importance predictor trained online (seed 001 of ``shared/seeds``).
+"""Sparsity masks from a gradient-importance predictor trained online.
 
 Each worker scores every entry with a small per-parameter network and sends the ``density``
 fraction of entries with the highest scores, int8-quantized; what it did not send, and the
-rounding, stays in a residual added to the next gradient (the seed's error compensation)::
+rounding, stays in a residual added to the next gradient (error compensation)::
 
     a      = residual + grad                      # what error feedback would send
     x      = features(a, grad, last H gradients)  # per entry, scale-free (below)
@@ -10,11 +10,9 @@ rounding, stays in a residual added to the next gradient (the seed's error compe
     send the top `density` of entries: half of them by |a|, the rest by score (``magnitude``)
     values a (int8); residual = a - sent
 
-The share chosen by magnitude (``magnitude``, 0.5 by default) is what made the learned ranking
-train as well as topk: ranked by the score alone (``magnitude=0``), error feedback loses its
-guarantee that a large accumulated entry is eventually sent, and training fell 11 points short of
-dense on digits with plain SGD, and 0.34 nats behind topk on charlm
-(experiments/predictive/RESULTS.md).
+The share chosen by magnitude (``magnitude``, 0.5 by default) keeps error feedback's guarantee
+that a large accumulated entry is eventually sent, which a ranking by the score alone
+(``magnitude=0``) loses; docs/compressors.md has the measurements behind the default.
 
 The predictor (per parameter tensor; weights identical in shape on every rank, in the rank's
 per-parameter memory, checkpointed): ``x -> relu(W1 x + b1) -> w2 . z + b2 = logit``, hidden width
@@ -24,8 +22,9 @@ per-parameter memory, checkpointed): ``x -> relu(W1 x + b1) -> w2 . z + b2 = log
 
 where ``h_j`` is the entry's gradient ``j + 1`` steps ago (j < ``history``): signed and relative to
 the direction ``a`` would be sent in, so a consistent direction and a flip-flopping one look
-different. The score is ``softplus(logit)`` (order of ``sigmoid(logit)``, the seed's importance in
-(0, 1), without its float saturation), or with ``ranking="product"`` ``sigmoid(logit) * |a|``.
+different. The score is ``softplus(logit)`` (order of ``sigmoid(logit)``, the originally
+proposed importance in (0, 1), without its float saturation), or with ``ranking="product"``
+``sigmoid(logit) * |a|``.
 The fused op :func:`gradsieve.ops.predictive_score` computes ``a`` and the scores in two passes.
 
 What it learns from. After the exchange every worker holds the average of the sent entries; an
@@ -56,14 +55,16 @@ Memory per entry: ``residual`` (4 bytes) and ``history`` gradients (4 bytes each
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SPARSE_OPTIONS, SparseCompressor, entries_for
+from gradsieve.compressor import SPARSE_OPTIONS, Selection, SparseCompressor, entries_for
 from gradsieve.options import Option
+from gradsieve.signals import Metric
 from gradsieve.registry import register_compressor
 
 # One background thread for all predictors of a process: jobs are small and run one at a time.
@@ -147,16 +148,16 @@ def _job(saved: Mapping[str, torch.Tensor], hidden: int, lr: float):
 
 @register_compressor("predictive")
 class PredictiveCompressor(SparseCompressor):
-    """Seed 001: top-k by a learned importance score, int8 values, error feedback, adaptive k.
+    """Top-k by a learned importance score, int8 values, error feedback, adaptive k.
 
-    Options: ``density`` (fraction sent, the seed's k), ``history`` (H past gradients the
-    predictor reads, 3), ``hidden`` (its width, 8), ``lr`` (its Adam step, 0.01), ``sample``
-    (entries per parameter it trains on per step, 512), ``ranking`` (``"score"``: by the
-    predicted importance; ``"product"``: importance times ``|a|``), ``magnitude`` (share of k
-    taken by ``|a|`` first, 0.5), ``history_dtype``
-    (``fp32``/``bf16``), ``seed``; adaptive k: ``k_min``, ``k_max`` (0: the density; equal: off),
-    ``k_factor`` (2), ``k_plateau`` (0.002), ``k_fast`` (0.02); and those of ``topk`` (``scope``,
-    ``compress_1d``, ``values`` (default ``int8``), ``chunk``, ``index``).
+    Options: ``density`` (fraction sent, the k of the original design), ``history`` (H past
+    gradients the predictor reads, 3), ``hidden`` (its width, 8), ``lr`` (its Adam step, 0.01),
+    ``sample`` (entries per parameter it trains on per step, 512), ``ranking`` (``"score"``: by
+    the predicted importance; ``"product"``: importance times ``|a|``), ``magnitude`` (share of k
+    taken by ``|a|`` first, 0.5), ``history_dtype`` (``fp32``/``bf16``), ``seed``; adaptive k:
+    ``k_min``, ``k_max`` (0: the density; equal: off), ``k_factor`` (2), ``k_plateau`` (0.002),
+    ``k_fast`` (0.02); and those of ``topk`` (``scope``, ``compress_1d``, ``values`` (default
+    ``int8``), ``chunk``, ``index``).
 
     Example::
 
@@ -164,8 +165,10 @@ class PredictiveCompressor(SparseCompressor):
         >>> average = sim.step([torch.randn(10_000) for _ in range(4)])
     """
 
-    commit_needs_average = True  # the predictor learns from the average
-    rollback_safe = False  # the commit also trains the predictors (memory.params, background jobs)
+    # The predictor learns from the average; the commit also trains the predictors (memory.params,
+    # background jobs), so it cannot be undone; adaptive k follows the validation metric.
+    traits = dataclasses.replace(SparseCompressor.traits, commit_needs_average=True, rollback_safe=False,
+                                 signals=frozenset({Metric}), reports=(("density", "density"),))
 
     OPTIONS = {
         **SPARSE_OPTIONS,
@@ -238,6 +241,10 @@ class PredictiveCompressor(SparseCompressor):
 
     def runtime(self) -> Dict[str, Any]:
         return {"density": self.density_now}
+
+    def observe(self, signal) -> None:
+        if isinstance(signal, Metric):
+            self.report_metric(signal.value, signal.higher_is_better)
 
     def report_metric(self, value: float, higher_is_better: bool = True) -> None:
         """Applies the adaptive-k rule to a new validation metric (non-finite values are ignored)."""
@@ -341,21 +348,25 @@ class PredictiveCompressor(SparseCompressor):
         indices = torch.cat(parts_i) if len(parts_i) > 1 else parts_i[0]
         values = torch.cat(parts_v) if len(parts_v) > 1 else parts_v[0]
         residual = accumulator.clone().index_fill_(0, indices, 0.0)
-        pending = {"residual": residual, "_grad": grad, "_indices": indices, "_predictors": predictors,
-                   "_scales": scales, "_segments": segments}
-        return indices, values, pending
+        scratch = {"grad": grad, "indices": indices, "predictors": predictors, "scales": scales,
+                   "segments": segments}
+        return Selection(indices, values, {"residual": residual}, scratch)
 
-    def absorb_rounding(self, pending, indices, error):
-        pending["residual"].index_add_(0, indices, error)
+    def absorb_rounding(self, selection, error):
+        selection.pending["residual"].index_add_(0, selection.indices, error)
 
-    def commit(self, memory, pending, average, layout):
-        grad, sent = pending["_grad"], pending["_indices"]
+    def undelivered(self, memory):
+        return memory.entries["residual"]
+
+    def commit(self, memory, compressed, average, layout):
+        scratch = compressed.scratch
+        grad, sent = scratch["grad"], scratch["indices"]
         step_labels = torch.zeros(layout.numel, dtype=torch.bool, device=grad.device)
         dense = torch.zeros(layout.numel, dtype=torch.bool, device=grad.device)
         target = average
         if self.label == "smoothed":
             target = memory.entries["received"] * self.label_decay + average * (1.0 - self.label_decay)
-        for seg in pending["_segments"]:
+        for seg in scratch["segments"]:
             piece = slice(seg.offset, seg.offset + seg.numel)
             if seg.k == seg.numel:
                 dense[piece] = True
@@ -366,7 +377,7 @@ class PredictiveCompressor(SparseCompressor):
         batches = {}
         history_writes: Dict[int, List[Tuple[int, int]]] = {}
         for key, offset, numel in memory.slices():
-            saved = pending["_predictors"][key]
+            saved = scratch["predictors"][key]
             written = int(saved["written"])
             history_writes.setdefault(written % self.history, []).append((offset, numel))
             if numel == 0 or bool(dense[offset]):
@@ -379,10 +390,10 @@ class PredictiveCompressor(SparseCompressor):
             ordered = [past[(newest - j) % self.history][idx] for j in range(self.history)]
             g = grad[piece][idx]
             a = memory.entries["residual"][piece][idx] + g
-            batches[key] = (features(a, g, ordered, pending["_scales"][key]),
+            batches[key] = (features(a, g, ordered, scratch["scales"][key]),
                             step_labels[piece][idx].float())
         # The per-entry memory: the residual, and this step's gradient in each parameter's slot.
-        memory.entries["residual"] = pending["residual"]
+        memory.entries["residual"] = compressed.pending["residual"]
         if self.label == "smoothed":
             memory.entries["received"] = target
         for slot, pieces in history_writes.items():
@@ -392,7 +403,7 @@ class PredictiveCompressor(SparseCompressor):
                 target[offset:offset + numel] = grad[offset:offset + numel]
             memory.entries[name] = target
         for key, _, _ in memory.slices():
-            saved = dict(pending["_predictors"][key])
+            saved = dict(scratch["predictors"][key])
             saved["written"] = saved["written"] + 1
             if batches[key] is not None:
                 saved["batch_x"], saved["batch_y"] = batches[key]

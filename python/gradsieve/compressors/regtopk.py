@@ -17,6 +17,7 @@ bucket with the same parameters in another order the stored positions are moved 
 parameter; when the parameters differ the step falls back to plain top-k.
 """
 
+import dataclasses
 import math
 import warnings
 from typing import List, Tuple
@@ -24,7 +25,7 @@ from typing import List, Tuple
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SPARSE_OPTIONS, Segment, per_segment
+from gradsieve.compressor import SPARSE_OPTIONS, Segment, Selection, per_segment
 from gradsieve.compressors.topk import TopKCompressor
 from gradsieve.options import Option
 from gradsieve.registry import register_compressor
@@ -48,7 +49,8 @@ class RegTopKCompressor(TopKCompressor):
         >>> average = sim.step([torch.randn(10_000) for _ in range(4)])
     """
 
-    commit_needs_average = True  # the distortion of the next step compares with the average
+    # The distortion of the next step compares with the average.
+    traits = dataclasses.replace(TopKCompressor.traits, commit_needs_average=True)
 
     OPTIONS = {
         **SPARSE_OPTIONS,
@@ -73,23 +75,23 @@ class RegTopKCompressor(TopKCompressor):
                                        self.mu, k, layout.world_size, self.q, bad=outside)
 
         indices, values = per_segment(segments, pick)
-        pending = {"residual": residual, "_indices": indices,
-                   "_layout": _signature(layout, segments), "_prev_outside": outside}
-        return indices, values, pending
+        scratch = {"indices": indices, "layout": _signature(layout, segments), "prev_outside": outside}
+        return Selection(indices, values, {"residual": residual}, scratch)
 
-    def commit(self, memory, pending, average, layout):
+    def commit(self, memory, compressed, average, layout):
+        scratch = compressed.scratch
         # Read after the exchange has landed (the hook has synchronised for its skip decision).
-        if bool(pending["_prev_outside"]):
+        if bool(scratch["prev_outside"]):
             warnings.warn("regtopk: the memory of the previous step held positions outside the "
                           "bucket (a corrupted checkpoint?); they were scored as not sent, and this "
                           "step's memory replaces them", RuntimeWarning, stacklevel=2)
-        indices = pending["_indices"]
-        memory.entries["residual"] = pending["residual"]
+        indices = scratch["indices"]
+        memory.entries["residual"] = compressed.pending["residual"]
         memory.extra["prev_indices"] = indices
         # The distortion compares the average with what this worker actually put on the wire.
-        memory.extra["prev_sent"] = pending["_wire_values"]
+        memory.extra["prev_sent"] = scratch["wire_values"]
         memory.extra["prev_agg"] = average[indices]
-        memory.extra["prev_layout"] = pending["_layout"]
+        memory.extra["prev_layout"] = scratch["layout"]
         return average
 
     # ------------------------------------------------------------------------ last step's entries

@@ -7,7 +7,7 @@ fp16 or bf16 values the rounding error of the sent values stays in the residual 
 """
 
 from gradsieve import ops
-from gradsieve.compressor import SparseCompressor, ef_select
+from gradsieve.compressor import Selection, SparseCompressor, ef_select
 from gradsieve.registry import register_compressor
 
 
@@ -31,7 +31,10 @@ class TopKCompressor(SparseCompressor):
     def select(self, grad, memory, segments, layout, step):
         residual = memory.entries["residual"].clone()
         indices, values = ef_select(residual, grad, segments, ops)
-        return indices, values, {"residual": residual}
+        return Selection(indices, values, {"residual": residual}, {})
 
-    def absorb_rounding(self, pending, indices, error):
-        pending["residual"].index_add_(0, indices, error)
+    def absorb_rounding(self, selection, error):
+        selection.pending["residual"].index_add_(0, selection.indices, error)
+
+    def undelivered(self, memory):
+        return memory.entries["residual"]

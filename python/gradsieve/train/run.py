@@ -19,12 +19,16 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from gradsieve.compressor import Traits
+from gradsieve.hook import compression_hook
+from gradsieve.registry import compressor_class
+from gradsieve.signals import Loss
+from gradsieve.speculative import SpeculativeOptimizer, split_options
+from gradsieve.state import CompressionState
 from gradsieve.train import link
 from gradsieve.train.baselines import is_baseline, register_baseline
 from gradsieve.train.checkpoint import RunCheckpoints, fault_point
-from gradsieve.hook import CompressionState, compression_hook
 from gradsieve.train.progress import Progress
-from gradsieve.speculative import SpeculativeOptimizer, split_options
 from gradsieve.train.workloads import epochs_to_steps
 
 __all__ = ["RunSpec", "train_one", "eval_steps"]
@@ -127,10 +131,11 @@ def _replay_first_iteration(ddp, model, state, spec: RunSpec, workload, args, de
 
 def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torch.device,
               index: int = 0) -> Dict[str, Any]:
-    """Trains ``spec`` from the seed's initial model; returns rank 0's record of the run (the
-    losses are every rank's, averaged). With ``args.checkpoint_dir`` it saves a checkpoint every
-    ``args.checkpoint_every`` steps and the finished record; with ``args.resume`` it continues from
-    the newest checkpoint every rank has (``index``: the run's place in the comparison)."""
+    """Trains ``spec`` from the initial model of ``args.seed``; returns rank 0's record of the run
+    (the losses are every rank's, averaged). With ``args.checkpoint_dir`` it saves a checkpoint
+    every ``args.checkpoint_every`` steps and the finished record; with ``args.resume`` it
+    continues from the newest checkpoint every rank has (``index``: the run's place in the
+    comparison)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(args.seed)  # the same initial model on every rank and in every run
@@ -142,12 +147,14 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         state, after_step = register_baseline(spec.compressor, ddp, spec.options, steps)
     else:
         options, wrapper = split_options(spec.compressor, dict(spec.options))
-        if spec.compressor == "granular" and "horizon" not in options:
-            # The auto policy's progress signal: the run's length in compressed steps.
+        if "horizon" in compressor_class(spec.compressor).OPTIONS and "horizon" not in options:
+            # A compressor that declares a horizon (granular's progress signal) gets the run's
+            # length in compressed steps.
             options["horizon"] = max(0, steps - args.warmup_steps)
         state = CompressionState(spec.compressor, warmup_steps=args.warmup_steps, **options)
         ddp.register_comm_hook(state, compression_hook)
         after_step = None
+    traits = Traits() if spec.from_torch else state.compressor.traits
     optimizer = _optimizer(args, spec, ddp.parameters())
     if not spec.from_torch:
         state.watch_optimizer(optimizer)
@@ -224,18 +231,20 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
                                   device=device)
             dist.broadcast(shared, src=0)
             state.report_metric(float(shared), higher_is_better=accuracy is not None)
-        counters = getattr(state, "stats", lambda: {})()
-        if "density" in counters:  # predictive: the density now (adaptive k)
-            point["density"] = counters["density"]
-        if "level_steps" in counters:  # granular auto: steps played per level so far
-            point["level_steps"] = counters["level_steps"]
-        if "sent" in counters:  # adaptive: entries on the wire so far (rank 0's)
-            point["entries_sent"] = counters["sent"]
-            point["entries_wanted"] = counters["wanted"]
+        if not spec.from_torch:
+            # What the compressor reports (e.g. predictive's density now, granular's levels
+            # played, adaptive's entries sent so far: rank 0's), under the names it gives.
+            counters = state.stats()
+            for stat, field in traits.reports:
+                if stat in counters:
+                    point[field] = counters[stat]
         evals.append(point)
 
+    # What the compressor asks of the loop: this rank's loss before each backward, a curvature
+    # probe after each optimizer step (when due).
+    wants_loss = Loss in traits.signals
     probing = None
-    if not spec.from_torch and spec.compressor == "granular":
+    if traits.probes:
         def probing(module, data):
             return workload.loss(module(data[0]), data[1])
 
@@ -258,12 +267,12 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         optimizer.zero_grad(set_to_none=True)
         output = ddp(x)
         loss = workload.loss(output, y)
-        if probing is not None:
-            state.report_loss(loss.detach())  # granular's auto policy (not waited for)
+        if wants_loss:
+            state.report_loss(loss.detach())  # not waited for
         loss.backward()
         optimizer.step()
         if probing is not None:
-            # granular's curvature probe when it is due (on the clock: it is training cost).
+            # The curvature probe when it is due (on the clock: it is training cost).
             state.probe(model, probing, (x, y))
         value = loss.item()  # also waits for the step
         if wrapper is not None and step + 1 in evaluate_at:
@@ -335,13 +344,9 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "compress_s_per_step": None if stats["compress_s"] is None else stats["compress_s"] / steps,
         "decode_s_per_step": None if stats["decode_s"] is None else stats["decode_s"] / steps,
         "skipped_steps": stats["skipped_steps"],
-        # granular's curvature probes (rank 0): how many, and their share of the training time.
+        # curvature probes (rank 0): how many, and their share of the training time.
         "probes": stats.get("probes", 0),
         "probe_share": stats.get("probe_s", 0.0) / clock if clock else None,
-        # adaptive's counters (rank 0): entries put on the wire, and entries it would have sent
-        # without its capacity, per compressed step.
-        "entries_sent_per_step": _per_step(stats.get("sent"), stats.get("compressed_steps", 0)),
-        "entries_wanted_per_step": _per_step(stats.get("wanted"), stats.get("compressed_steps", 0)),
         # speculative training (rank 0): corrections, layer reverts, drift kept, extra memory.
         "speculative": {**optimizer.stats(), "wait_s_per_step": stats["wait_s"] / steps,
                         "rolled_back": stats.get("rolled_back", 0)}
@@ -349,6 +354,11 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "history": {"loss": mean_losses, "cum_bytes": cum_bytes, "step_s": step_times, "eval": evals,
                     "link_cum_bytes": link_cum},
     }
+    # The compressor's reported counters (rank 0), per compressed step (e.g. adaptive's entries put
+    # on the wire, and those it would have sent without its capacity).
+    for stat, field in traits.reports:
+        if stat in traits.counters:
+            record[f"{field}_per_step"] = _per_step(stats.get(stat), stats.get("compressed_steps", 0))
     if checkpoints is not None:
         if wrapper is not None:
             with optimizer.global_weights():  # the finished model is the global one

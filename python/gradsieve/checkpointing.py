@@ -1,0 +1,52 @@
+"""Saving and restoring a rank's :class:`~gradsieve.state.CompressionState`: one path, used by
+``state_dict``/``load_state_dict`` and by pickling.
+
+What is saved: the compressor's configuration (a checkpoint loads only into a state configured
+alike), the warm-up, the hook's step, the compressor memory per parameter (so that it is placed
+right whatever bucket layout the new process starts from), the compressor's run-time state and the
+statistics. Not saved: the process group and the exchange's collectives, the parameter keys (the
+hook learns them again from DDP's first layout), and anything in flight (saving refuses while
+speculative exchanges are in flight).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+__all__ = ["STATS", "state_dict", "load_state_dict"]
+
+# The statistics a checkpoint carries (the CompressionState attributes of the same names).
+STATS = ("wire_bytes", "dense_bytes", "compressed_steps", "skipped_steps", "compress_s", "decode_s",
+         "bad_payloads", "bad_payload_ranks", "probe_s", "probe_count", "_last_probe", "wait_s",
+         "rolled_back")
+
+
+def state_dict(state: Any) -> Dict[str, Any]:
+    if state.inflight.busy():
+        raise ValueError("CompressionState.state_dict: speculative exchanges are still in flight or "
+                         "not applied; call the SpeculativeOptimizer's state_dict() (or "
+                         "synchronize()) first")
+    return {
+        "config": state.compressor.config(),
+        "warmup_steps": state.warmup_steps,
+        "step": state.step,
+        "memory": state.memory.state_dict(),
+        "compressor_state": state.compressor.state_dict(),
+        "stats": {key: getattr(state, key) for key in STATS},
+    }
+
+
+def load_state_dict(state: Any, saved: Dict[str, Any]) -> None:
+    if saved["config"] != state.compressor.config():
+        raise ValueError(
+            f"CompressionState.load_state_dict: the checkpoint was made with {saved['config']}, "
+            f"this state has {state.compressor.config()}"
+        )
+    state.warmup_steps = int(saved["warmup_steps"])
+    state.step = int(saved["step"])
+    state.memory.load_state_dict(saved["memory"])
+    state.compressor.load_state_dict(saved.get("compressor_state", {}))
+    for key, value in saved.get("stats", {}).items():
+        if key not in STATS:
+            raise ValueError(f"CompressionState.load_state_dict: unknown statistic {key!r} in the checkpoint")
+        setattr(state, key, value)

@@ -1,0 +1,390 @@
+"""The compressor contract, checked for every registered compressor (``available_compressors()``):
+a new compressor is covered by registering it, without editing any list here.
+
+In one process: the declared contract (traits, options, memory), ``compress`` never changes the
+memory, the Simulator's error-feedback account (``undelivered``). On 2 gloo ranks with DDP (one
+run per compressor, several buckets that DDP rebuilds after the first iteration): the hook equals
+the Simulator bit for bit (sparse) or the true average (dense); the error-feedback account holds
+through the hook; a checkpoint taken mid-run and restored into a fresh process state continues bit
+for bit; a step with one non-finite bucket leaves the memory as it was; a rank configured with
+other options fails with a clear error on every rank.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradsieve
+from gradsieve.compressor import Aggregated, Compressed, Traits
+from gradsieve.memory import MemoryBank
+from gradsieve.registry import compressor_class
+from gradsieve.signals import Signal
+from distributed import run_workers
+
+NAMES = gradsieve.available_compressors()
+STEPS = 6  # the first is the dense warm-up
+SAVE_AT = 3  # the checkpoint is taken after this many steps
+BUCKET_CAP_MB = 0.001  # several buckets, rebuilt by DDP after the first iteration
+
+
+def options_for(name):
+    """Each compressor at its defaults, sparse ones at a density that sends something of every
+    bucket of the small model."""
+    return {"density": 0.1} if "density" in compressor_class(name).OPTIONS else {}
+
+
+def other_config(name):
+    """(name, options) that differ from ``(name, options_for(name))`` in one declared option
+    (validated); for a compressor without options, another registered compressor of its kind."""
+    options = other_options(name)
+    if options is not None:
+        return name, options
+    dense = compressor_class(name).traits.dense
+    other = next(n for n in NAMES if n != name and compressor_class(n).traits.dense == dense)
+    return other, options_for(other)
+
+
+def other_options(name):
+    """Options that differ from ``options_for(name)`` in one declared option (validated), or None
+    for a compressor without options."""
+    declared = compressor_class(name).OPTIONS
+    mine = options_for(name)
+    for key, option in declared.items():
+        current = mine.get(key, option.default)
+        if option.choices is not None:
+            candidates = [c for c in option.choices if c != current]
+        elif option.kind is bool:
+            candidates = [not current]
+        else:
+            candidates = [current * 2, current / 2, current + 1, 0.5, 1]
+        for value in candidates:
+            try:
+                value = option.validate(name, key, value)
+            except ValueError:
+                continue
+            if value != current:
+                return {**mine, key: value}
+    return None
+
+
+# ------------------------------------------------------------------------------ one process
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_contract(name):
+    cls = compressor_class(name)
+    compressor = gradsieve.get_compressor(name, **options_for(name))
+    assert compressor.name == name and isinstance(compressor.traits, Traits)
+    assert all(isinstance(kind, type) and issubclass(kind, Signal) for kind in compressor.traits.signals)
+    fields = [field for _, field in compressor.traits.reports]
+    assert len(set(fields)) == len(fields)  # one record name per reported statistic
+    assert isinstance(compressor.memory_names, tuple)
+    assert compressor.config() == {"compressor": name, **compressor.options}
+    assert set(compressor.options) == set(cls.OPTIONS)
+    for key, option in cls.OPTIONS.items():  # every default passes its own check
+        assert option.validate(name, key, option.default) == option.default
+    if compressor.traits.probes:
+        assert compressor.probe_plan() is None or compressor.probe_plan().every > 0
+    if compressor.traits.dense:
+        assert not compressor.memory_names
+
+
+def _layout(world):
+    return gradsieve.BucketLayout(1000, (600, 330, 70), (2, 2, 1), world, 0, (7, 3, 11))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not compressor_class(n).traits.dense])
+def test_compress_leaves_memory_alone_and_aggregate_is_typed(name):
+    """A step can be dropped whole: compress changes no memory tensor, in place or by rebinding;
+    aggregate and own_update return the typed result, with flags per worker."""
+    compressor = gradsieve.get_compressor(name, **options_for(name))
+    layout = _layout(2)
+    gen = torch.Generator().manual_seed(0)
+    banks = [MemoryBank() for _ in range(2)]
+    for step in range(3):
+        memories = [b.get(0, layout.keys, layout.param_numels, compressor.memory_names, torch.device("cpu"),
+                          compressor.memory_dtypes) for b in banks]
+        before = [{k: t.clone() for k, t in m.entries.items()} for m in memories]
+        ids = [{k: id(t) for k, t in m.entries.items()} for m in memories]
+        compressed = [compressor.compress(torch.randn(1000, generator=gen), m, layout, step) for m in memories]
+        for m, b, i in zip(memories, before, ids):
+            assert {k: id(t) for k, t in m.entries.items()} == i
+            assert all(torch.equal(m.entries[k], t) for k, t in b.items())
+        assert all(isinstance(c, Compressed) and c.payload.dtype == torch.uint8 for c in compressed)
+        assert len({c.payload.numel() for c in compressed}) == 1  # one size on every rank
+        aggregated = compressor.aggregate(torch.stack([c.payload for c in compressed]), layout, step)
+        assert isinstance(aggregated, Aggregated)
+        assert aggregated.average.shape == (1000,) and aggregated.average.dtype == torch.float32
+        assert aggregated.usable.tolist() == [True, True]
+        own = compressor.own_update(compressed[0], layout, step)
+        assert isinstance(own, Aggregated) and own.usable.tolist() == [True]
+        for m, c in zip(memories, compressed):
+            compressor.commit(m, c, aggregated.average, layout)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not compressor_class(n).traits.dense])
+def test_error_feedback_account_in_simulator(name):
+    """Nothing is lost, only delayed: over the run, what every worker's gradients added up to
+    equals what reached the average plus what the workers still hold (``undelivered``)."""
+    world = 3
+    sim = gradsieve.Simulator(name, world_size=world, param_sizes=[600, 330, 70], param_ndims=[2, 2, 1],
+                              **options_for(name))
+    gen = torch.Generator().manual_seed(1)
+    total = torch.zeros(1000, dtype=torch.float64)
+    delivered = torch.zeros(1000, dtype=torch.float64)
+    for _ in range(6):
+        grads = [torch.randn(1000, generator=gen) for _ in range(world)]
+        total += sum(g.double() for g in grads)
+        delivered += world * sim.step(grads).double()
+    held = [sim.compressor.undelivered(bank.buckets[0]) for bank in sim.banks]
+    if held[0] is None:
+        pytest.skip(f"{name} keeps no error-feedback account at these options")
+    torch.testing.assert_close(delivered + sum(h.double() for h in held), total, rtol=0, atol=1e-4)
+
+
+def test_other_options_differ_for_every_compressor():
+    for name in NAMES:
+        other = other_options(name)
+        if compressor_class(name).OPTIONS:
+            assert other is not None and other != options_for(name), name
+            gradsieve.get_compressor(name, **other)  # valid
+
+
+# ------------------------------------------------------------------------------ the hook
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _memory(state):
+    return {index: {part: {k: t.clone() for k, t in getattr(m, part).items()}
+                    for part in ("entries", "extra", "counters")}
+            for index, m in state.memory.buckets.items()}
+
+
+def _attach(model, state, record=None):
+    ddp = DDP(model, bucket_cap_mb=BUCKET_CAP_MB)
+
+    def hook(state, bucket):
+        if record is None:
+            return gradsieve.compression_hook(state, bucket)
+        layout = state.layout_of(bucket, state.exchange.world_size)
+        entry = {"step": state.step, "index": bucket.index(), "layout": layout,
+                 "input": bucket.buffer().detach().clone()}
+        record.append(entry)
+
+        def keep(fut):
+            entry["output"] = fut.value().detach().clone()
+            return fut.value()
+
+        return gradsieve.compression_hook(state, bucket).then(keep)
+
+    ddp.register_comm_hook(state, hook)
+    return ddp
+
+
+def _train(ddp, opt, rank, steps):
+    for step in steps:
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+
+
+def worker_conformance(rank, world, name, options, other_name, other):
+    out = {}
+    # 1. A straight run, recorded, with a checkpoint taken on the way.
+    model = _model()
+    state = gradsieve.CompressionState(name, **options)
+    record = []
+    ddp = _attach(model, state, record)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    _train(ddp, opt, rank, range(SAVE_AT))
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict(),
+             "state": state.state_dict()}
+    _train(ddp, opt, rank, range(SAVE_AT, STEPS))
+    out["record"] = list(record)
+    out["params"] = _flat(model)
+    out["buckets"] = len(state.memory.buckets)
+    out["undelivered"] = {index: state.compressor.undelivered(m) for index, m in state.memory.buckets.items()}
+    out["stats"] = state.stats()
+
+    # 2. The checkpoint restored into a fresh model, DDP and state: DDP starts from its initial
+    # bucket layout and rebuilds it after one iteration, replayed with the hook observing.
+    resumed = _model(seed=123)
+    resumed.load_state_dict(saved["model"])
+    state2 = gradsieve.CompressionState(name, **options)
+    state2.load_state_dict(saved["state"])
+    ddp2 = _attach(resumed, state2)
+    opt2 = torch.optim.SGD(ddp2.parameters(), lr=0.1)
+    opt2.load_state_dict(saved["opt"])
+    state2.observing = True
+    x, y = _batch(rank, 999)
+    torch.nn.functional.cross_entropy(ddp2(x), y).backward()
+    state2.observing = False
+    ddp2.zero_grad(set_to_none=True)
+    _train(ddp2, opt2, rank, range(SAVE_AT, STEPS))
+    out["resumed_params"] = _flat(resumed)
+
+    # 3. One more step of the straight run where one parameter's gradient is non-finite on rank 1:
+    # only its bucket is bad; the whole step is skipped and the memory stays as it was.
+    before = _memory(state)
+    bad = list(model.parameters())[2]  # the second layer's weight
+    handle = bad.register_hook(lambda g: g * float("nan")) if rank == 1 else None
+    record.clear()
+    x, y = _batch(rank, STEPS)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(ddp(x), y).backward()
+    if handle is not None:
+        handle.remove()
+    out["skip_outputs_finite"] = {r["index"]: bool(torch.isfinite(r["output"]).all()) for r in record}
+    out["skip_memory_same"] = {
+        index: all(torch.equal(t, getattr(state.memory.buckets[index], part)[k])
+                   and set(getattr(state.memory.buckets[index], part)) == set(parts[part])
+                   for part in parts for k, t in parts[part].items())
+        for index, parts in before.items()}
+    out["bad_bucket"] = next(r["index"] for r in record if bad.numel() in r["layout"].param_numels)
+    out["skipped_steps"] = state.stats()["skipped_steps"] - out["stats"]["skipped_steps"]
+
+    # 4. A rank configured otherwise fails clearly, on every rank.
+    mine, my_options = (other_name, other) if rank == 1 else (name, options)
+    mismatched = gradsieve.CompressionState(mine, **my_options)
+    ddp3 = _attach(_model(), mismatched)
+    opt3 = torch.optim.SGD(ddp3.parameters(), lr=0.1)
+    try:
+        _train(ddp3, opt3, rank, range(3))
+        out["mismatch"] = None
+    except Exception as err:  # noqa: BLE001  (the message is what is checked)
+        out["mismatch"] = str(err)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compressor_through_the_hook(tmp_path, name):
+    options = options_for(name)
+    traits = compressor_class(name).traits
+    results = run_workers(worker_conformance, 2, tmp_path, name, options, *other_config(name))
+    world = len(results)
+    a, b = results
+
+    # The hook equals the Simulator fed the same per-rank buckets, bucket by bucket.
+    assert a["buckets"] > 1 or traits.dense
+    steps = {}
+    for rank, r in enumerate(results):
+        for entry in r["record"]:
+            steps.setdefault((entry["step"], entry["index"]), [None] * world)[rank] = entry
+    compressed = sorted(k for k in steps if k[0] >= 1)  # step 0 is the dense warm-up
+    assert {s for s, _ in compressed} == set(range(1, STEPS))
+    sims = {}
+    for step, index in compressed:
+        entries = steps[(step, index)]
+        layout = entries[0]["layout"]
+        assert all(e["layout"] == layout for e in entries)
+        inputs = [e["input"] for e in entries]
+        if traits.dense:
+            # The true average of the ranks' gradients, to the all-reduce dtype's rounding.
+            # Each input is rounded to the dtype, summed and divided there: the error is within a
+            # few units of rounding of the summands' magnitude.
+            true = sum(x.double() for x in inputs) / world
+            scale = sum(x.double().abs() for x in inputs) / world
+            unit = {None: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[traits.allreduce_dtype]
+            for e in entries:
+                error = (e["output"].double() - true).abs()
+                assert bool((error <= 3 * unit * scale + 1e-30).all()), (step, index, float(error.max()))
+            continue
+        sim = sims.setdefault(index, gradsieve.Simulator(
+            name, world_size=world, param_sizes=layout.param_numels, param_ndims=layout.param_ndims,
+            param_keys=layout.param_keys, **options))
+        expected = sim.step(inputs)
+        for e in entries:
+            assert torch.equal(e["output"], expected), (step, index)
+
+    # The error-feedback account through the hook: per bucket, the ranks' gradients of the
+    # compressed steps add up to what the hook delivered (world x its output) plus what the
+    # ranks still hold. Independent of the decode: a hook returning zeros fails it.
+    if not traits.dense and a["undelivered"] and all(v is not None for v in a["undelivered"].values()):
+        for index in a["undelivered"]:
+            grads = sum(steps[k][r]["input"].double() for k in compressed if k[1] == index for r in range(world))
+            delivered = sum(world * steps[k][0]["output"].double() for k in compressed if k[1] == index)
+            held = sum(r["undelivered"][index].double() for r in results)
+            torch.testing.assert_close(delivered + held, grads, rtol=0, atol=1e-5)
+            assert float(delivered.abs().sum()) > 0
+
+    # Both ranks hold the same model; the restored run continues bit for bit.
+    assert torch.equal(a["params"], b["params"])
+    for r in results:
+        assert torch.equal(r["resumed_params"], r["params"])
+
+    # One bad bucket: its average is non-finite on every rank (so GradScaler skips the step; the
+    # buckets that landed before it may have returned theirs), the step counts as skipped and
+    # every bucket's memory is as it was.
+    for r in results:
+        assert not r["skip_outputs_finite"][r["bad_bucket"]]
+        if traits.dense:
+            continue
+        assert r["skipped_steps"] == 1
+        if traits.rollback_safe:
+            assert all(r["skip_memory_same"].values()), r["skip_memory_same"]
+        else:
+            assert r["skip_memory_same"][r["bad_bucket"]]
+
+    # A rank with other options (or another compressor) fails clearly on every rank.
+    for r in results:
+        assert r["mismatch"] is not None and "configured differently" in r["mismatch"], r["mismatch"]
+
+
+# ------------------------------------------------------------------------------ exchanges
+def worker_exchange(rank, world, name):
+    exchange = gradsieve.get_exchange(name)
+    payload = torch.arange(7, dtype=torch.uint8) + 10 * rank
+    gathered = exchange.start(payload).wait()
+    summed = exchange.reduce(torch.full((5,), float(rank + 1))).wait()
+    return {"world": exchange.world_size, "gathered": gathered, "summed": summed}
+
+
+@pytest.mark.parametrize("name", gradsieve.available_exchanges())
+def test_exchange_moves_what_the_local_one_does(tmp_path, name):
+    """Every registered exchange gives what the Simulator's LocalExchange gives for the same
+    per-rank payloads: the payloads in rank order, and the sum."""
+    results = run_workers(worker_exchange, 2, tmp_path, name)
+    local = gradsieve.LocalExchange(2)
+    gathered = [local.start(torch.arange(7, dtype=torch.uint8) + 10 * rank) for rank in range(2)][0].wait()
+    summed = [local.reduce(torch.full((5,), float(rank + 1))) for rank in range(2)][0].wait()
+    for r in results:
+        assert r["world"] == 2
+        assert torch.equal(r["gathered"], gathered)
+        assert torch.equal(r["summed"], summed)
+
+
+def test_local_exchange_waits_for_every_worker_and_refuses_mixed_calls():
+    local = gradsieve.LocalExchange(3)
+    first = local.start(torch.zeros(4, dtype=torch.uint8))
+    second = local.start(torch.ones(4, dtype=torch.uint8))
+    assert not first.done() and not second.done()
+    with pytest.raises(ValueError, match="a reduce started while a gather waits for 1 more worker"):
+        local.reduce(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"worker 2 gave \(5,\), worker 0 gave \(4,\)"):
+        local.start(torch.zeros(5, dtype=torch.uint8))
+    third = local.start(torch.full((4,), 2, dtype=torch.uint8))
+    assert first.wait().tolist() == [[0] * 4, [1] * 4, [2] * 4] and third.wait() is first.wait()
+    with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
+        gradsieve.LocalExchange(0)
+    with pytest.raises(ValueError, match="unknown exchange 'ring'; available: allgather"):
+        gradsieve.CompressionState("topk", exchange="ring")
+
+
+def test_a_registered_name_cannot_be_taken_twice():
+    with pytest.raises(ValueError, match="register_compressor: the name 'topk' is taken by TopKCompressor"):
+        gradsieve.register_compressor("topk")(type("Other", (gradsieve.Compressor,), {}))
+    with pytest.raises(ValueError, match="register_exchange: the name 'allgather' is taken by AllGatherExchange"):
+        gradsieve.register_exchange("allgather")(type("Other", (gradsieve.Exchange,), {}))
+    assert gradsieve.available_compressors() == NAMES and gradsieve.available_exchanges() == ["allgather"]
