@@ -55,7 +55,7 @@ def worker(compressor, options):
     ddp = DDP(model, device_ids=[0])
     ddp.register_comm_hook(state, recorder)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    names = () if state.compressor.dense else state.compressor.memory_names
+    names = () if state.compressor.traits.dense else state.compressor.memory_names
     memory = []
     for step in range(STEPS):
         x, y = batch(0, step)

@@ -312,3 +312,14 @@ def test_a_killed_launcher_takes_the_namespace_with_it(long_run):
     proc.kill()  # SIGKILL: no handler runs; the kernel's parent-death signals do the teardown
     proc.communicate(timeout=30)
     assert _wait_for(lambda: _foreign_netns_processes() == [], 20)
+
+
+def test_a_worker_whose_launcher_died_before_it_asked_to_die_with_it_exits():
+    """A worker asks the kernel to kill it with its launcher only after importing torch; had the
+    launcher died in between, the worker (reparented) exits at once instead of running on."""
+    code = ("import os, sys; from gradsieve.train import link; "
+            "link.die_with_parent(int(sys.argv[1])); print('alive', flush=True)")
+    orphan = subprocess.run([PYTHON, "-c", code, "1"], capture_output=True, text=True, timeout=120)
+    assert orphan.returncode == 1 and "alive" not in orphan.stdout, orphan
+    child = subprocess.run([PYTHON, "-c", code, str(os.getpid())], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and "alive" in child.stdout, child

@@ -116,8 +116,8 @@ def _run_all(rank, world, args, runs, reporter, device, backend) -> None:
 
 
 def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace, runs: List[RunSpec],
-             reporter: Reporter) -> None:
-    link.die_with_parent()
+             reporter: Reporter, launcher: int) -> None:
+    link.die_with_parent(launcher)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     run_rank(local_rank, world, local_rank, args, runs, reporter)
     # Done and written: leave without interpreter finalisation, so that gloo's threads cannot meet
@@ -156,7 +156,7 @@ def launch(args: argparse.Namespace, runs: List[RunSpec], reporter: Reporter, pr
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
 
     try:
-        ctx = mp.start_processes(_spawned, args=(args.nproc, _free_port(), args, runs, reporter),
+        ctx = mp.start_processes(_spawned, args=(args.nproc, _free_port(), args, runs, reporter, os.getpid()),
                                  nprocs=args.nproc, join=False, start_method="spawn")
         # A short grace period: a worker that failed has already said why; the others are either
         # failing too or stuck (a stopped peer never answers SIGTERM), so do not wait 30 s for them.

@@ -226,9 +226,11 @@ def tx_bytes(device: str = "lo") -> Optional[int]:
     return None
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: Optional[int] = None) -> None:
     """Asks the kernel to kill this process when its parent dies (Linux), so that a worker never
-    outlives a launcher that was killed, and the namespace goes with them."""
+    outlives a launcher that was killed, and the namespace goes with them. ``parent``: the pid the
+    parent had; when it is no longer this process's parent, the parent died before the request
+    was made (a worker starts slowly: it imports torch first), and this process exits at once."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -237,3 +239,5 @@ def die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
