@@ -24,10 +24,8 @@ namespaces); without one they are reported as skipped.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from launching import SEND_RECV, stop_a_worker  # noqa: E402  (tests/launching.py)
 
 
 class Skip(Exception):
@@ -51,32 +51,6 @@ def _prefix():
         raise Skip(f"no private network namespace here: {err}") from None
 
 
-SEND_RECV = """
-    import json, os, sys, time
-    import torch, torch.distributed as dist, torch.multiprocessing as mp
-    from gradsieve.train import link
-
-    def worker(rank, port, nbytes, out):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=2)
-        t = torch.ones(nbytes // 4)
-        for _ in range(2):  # the first transfer opens the connection
-            dist.barrier()
-            started = time.perf_counter()
-            if rank == 0:
-                dist.send(t, 1)
-            else:
-                dist.recv(t, 0)
-            dist.barrier()
-            seconds = time.perf_counter() - started
-        if rank == 1:
-            json.dump({"seconds": seconds}, open(out, "w"))
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        link.configure(link.LinkSpec.parse(sys.argv[1]))
-        mp.spawn(worker, args=(29512, int(sys.argv[2]), sys.argv[3]), nprocs=2)
-"""
 
 
 def check_link_rate(tmp: str) -> str:
@@ -99,48 +73,9 @@ def check_link_rate(tmp: str) -> str:
     return f"{achieved / 1e6:.1f} Mbit/s for a 40 Mbit/s link"
 
 
-def _spawned_workers(parent: int) -> list:
-    found = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
-    workers = []
-    for pid in found:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    workers.append(int(pid))
-        except OSError:
-            pass
-    return workers
-
-
 def check_stopped_worker(tmp: str) -> str:
-    ck = os.path.join(tmp, "ck")
-    proc = subprocess.Popen([PYTHON, "-m", "gradsieve.train", "--workload", "digits", "--compare", "topk",
-                             "--steps", "100000", "--timeout", "4", "--no-progress", "--out",
-                             os.path.join(tmp, "out"), "--checkpoint-dir", ck, "--checkpoint-every", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    stopped = None
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and not all(
-                glob.glob(os.path.join(ck, "*", f"step-*-rank{r}.pt")) for r in (0, 1)):
-            time.sleep(0.2)
-        workers = _spawned_workers(proc.pid)
-        assert len(workers) == 2, "the run did not start training on its workers"
-        stopped = workers[-1]
-        os.kill(stopped, signal.SIGSTOP)
-        began = time.monotonic()
-        _, err = proc.communicate(timeout=90)
-        waited = time.monotonic() - began
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-        if stopped is not None:
-            try:
-                os.kill(stopped, signal.SIGKILL)
-            except OSError:
-                pass
-    assert proc.returncode == 1 and "no reply within --timeout 4 s" in err, err[-2000:]
+    returncode, err, waited = stop_a_worker(tmp)
+    assert returncode == 1 and "no reply within --timeout 4 s" in err, err[-2000:]
     assert 4.0 <= waited < 25.0, f"the run failed {waited:.1f} s after the stop"
     return f"the run failed {waited:.1f} s after the stop (--timeout 4)"
 

@@ -10,7 +10,6 @@ for bit; a step with one non-finite bucket leaves the memory as it was; a rank c
 other options fails with a clear error on every rank.
 """
 
-import dataclasses
 
 import pytest
 import torch

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from gradsieve.train import link
+from launching import SEND_RECV
 
 PYTHON = sys.executable
 
@@ -129,32 +130,6 @@ def _run_in_namespace(code, timeout=120):
                           timeout=timeout, env=env)
 
 
-SEND_RECV = """
-    import json, os, sys, time
-    import torch, torch.distributed as dist, torch.multiprocessing as mp
-    from gradsieve.train import link
-
-    def worker(rank, port, nbytes, out):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=2)
-        t = torch.ones(nbytes // 4)
-        for _ in range(2):  # the first transfer opens the connection
-            dist.barrier()
-            started, lo_before = time.perf_counter(), link.tx_bytes()
-            if rank == 0:
-                dist.send(t, 1)
-            else:
-                dist.recv(t, 0)
-            dist.barrier()
-            seconds, lo_bytes = time.perf_counter() - started, link.tx_bytes() - lo_before
-        if rank == 0:  # its window opens before the send and closes after rank 1 has it all
-            json.dump({"seconds": seconds, "lo_bytes": lo_bytes}, open(out, "w"))
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        link.configure(link.LinkSpec.parse(sys.argv[1]))
-        mp.spawn(worker, args=(29512, int(sys.argv[2]), sys.argv[3]), nprocs=2)
-"""
 
 
 def _burst(rate_bits):

@@ -4,15 +4,11 @@ The runs start ``python -m gradsieve.train`` (slow tier); argument errors and th
 checked in this process."""
 
 import csv
-import glob
 import json
 import os
 import pickle
-import re
-import signal
 import subprocess
 import sys
-import time
 import types
 
 import numpy as np
@@ -23,6 +19,7 @@ import torch.distributed as dist
 from gradsieve.train import cli as train_cli
 from gradsieve.train import run as training
 from gradsieve.train import workloads
+from launching import stop_a_worker
 
 PYTHON = sys.executable
 
@@ -221,24 +218,6 @@ def test_the_command_exits_2_with_one_line_and_no_traceback():
     assert "unknown compressor 'tpok'" in lines[0]
 
 
-def _spawned_workers(parent: int) -> list:
-    found = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
-    workers = []
-    for pid in found:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    workers.append(int(pid))
-        except OSError:
-            pass
-    return workers
-
-
-def _training_steps_done(checkpoints, rank: int) -> int:
-    """The newest step that ``rank`` has saved a checkpoint after (0 before the first)."""
-    found = [int(m.group(1)) for path in glob.glob(os.path.join(checkpoints, "*", f"step-*-rank{rank}.pt"))
-             if (m := re.search(r"step-(\d+)-rank", os.path.basename(path)))]
-    return max(found, default=0)
 
 
 @pytest.mark.slow
@@ -250,36 +229,8 @@ def test_a_stopped_worker_fails_the_run_with_the_timeout(tmp_path):
     after a compressed step, so both are in the loop), not for a fixed sleep that a loaded
     machine can outlast; how soon after the stop the run fails (4 to 25 s) is
     ``benchmarks/check_timing.py --only stopped_worker``'s, on a quiet machine."""
-    checkpoints = tmp_path / "ck"
-    proc = subprocess.Popen([PYTHON, "-m", "gradsieve.train", "--workload", "digits", "--compare", "topk",
-                             "--steps", "100000", "--timeout", "4", "--no-progress", "--out", str(tmp_path / "out"),
-                             "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    stopped = None
-    try:
-        # Generous deadlines, hang guards only: a run that fails goes on at once (poll), and
-        # without the 4 s timeout the stopped run would wait gloo's default, 30 minutes.
-        deadline = time.monotonic() + 300
-        while (min(_training_steps_done(checkpoints, r) for r in (0, 1)) < 2 and proc.poll() is None
-               and time.monotonic() < deadline):
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert min(_training_steps_done(checkpoints, r) for r in (0, 1)) >= 2, "no training steps in 300 s"
-        workers = _spawned_workers(proc.pid)
-        assert len(workers) == 2, "the run did not start its workers"
-        stopped = workers[-1]
-        os.kill(stopped, signal.SIGSTOP)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-        if stopped is not None:
-            try:
-                os.kill(stopped, signal.SIGKILL)
-            except OSError:
-                pass
-    assert proc.returncode == 1
+    returncode, err, _ = stop_a_worker(str(tmp_path))
+    assert returncode == 1
     lines = err.strip().splitlines()
     assert lines[-1].startswith("gradsieve-train: error: a worker failed:"), err[-2000:]
     assert "a peer stopped answering: no reply within --timeout 4 s" in lines[-1]

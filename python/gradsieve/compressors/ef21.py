@@ -8,11 +8,9 @@ error feedback it converges on heterogeneous data, where workers' gradients diff
 The estimates start at zero.
 """
 
-import torch
-
-from gradsieve import ops
 import dataclasses
 
+from gradsieve import ops
 from gradsieve.compressor import Selection, SparseCompressor, per_segment
 from gradsieve.registry import register_compressor
 
