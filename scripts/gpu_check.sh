@@ -31,13 +31,15 @@
 #                          "--ops topk_abs,ef_topk_" when the whole driver does not fit the time)
 #   GPU_CHECK_PYTEST_ARGS  extra pytest arguments (for example "-n 8" with pytest-xdist, or "-x")
 #   GPU_CHECK_PYTEST_K     one pytest -k expression (for example "cuda" or "not cuda")
+#   GPU_CHECK_PYTEST_M     one pytest -m expression (for example "not slow": the slow tier holds no
+#                          CUDA test, only CPU multi-process and command-line runs, which CI runs)
 #   GPU_CHECK_PYTEST_LIMIT seconds for the pytest stage (default 360)
 # One call of the device tool may run 10 minutes. On an H100 (2026-11-24) the build took 35 s, the
 # CUDA tests 50 s, the sanitizers about 150 s, the benchmarks 180 s and the hook 35 s, while the CPU
 # tests need more than one call. So: first everything with the CUDA tests, then the CPU tests:
 #   GPU_CHECK_DEADLINE_S=570 GPU_CHECK_PYTEST_K=cuda bash scripts/gpu_check.sh
 #   GPU_CHECK_DEADLINE_S=590 GPU_CHECK_PYTEST_LIMIT=540 GPU_CHECK_PYTEST_K="not cuda" \
-#     bash scripts/gpu_check.sh build pytest
+#     GPU_CHECK_PYTEST_M="not slow" bash scripts/gpu_check.sh build pytest
 # (a machine is given back 30 s after a call, so the second call builds again).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -268,6 +270,7 @@ stage_pytest() {
   # shellcheck disable=SC2206  # GPU_CHECK_PYTEST_ARGS is a word list on purpose
   args+=(${GPU_CHECK_PYTEST_ARGS:-})
   if [ -n "${GPU_CHECK_PYTEST_K:-}" ]; then args+=(-k "$GPU_CHECK_PYTEST_K"); fi
+  if [ -n "${GPU_CHECK_PYTEST_M:-}" ]; then args+=(-m "$GPU_CHECK_PYTEST_M"); fi
   echo "== $PY -m pytest ${args[*]}" > "$log"
   run_limited "$limit" "$log" "$PY" -m pytest "${args[@]}"
   rc=$?
