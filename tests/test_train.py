@@ -108,15 +108,19 @@ def test_tiny_run_of_each_workload(tmp_path, workload, extra):
 @pytest.mark.slow
 def test_torch_baselines_and_variants_end_to_end(tmp_path):
     out = tmp_path / "out"
-    result = run_cli("--compare", "none,torch-fp16,powersgd:start_iter=3:rank=2,topk,topk:values=int8",
+    result = run_cli("--compare", "none,torch-fp16,torch-bf16,powersgd:start_iter=3:rank=2,topk,topk:values=int8",
                      "--steps", "8", "--eval-every", "4", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {r["name"]: r for r in json.loads((out / "metrics.json").read_text())["runs"]}
-    assert list(runs) == ["none", "torch-fp16", "powersgd:start_iter=3:rank=2", "topk", "topk:values=int8"]
-    assert [runs[n]["source"] for n in runs] == ["torch", "torch", "torch", "gradsieve", "gradsieve"]
-    # DDP's default and torch's fp16 hook: fp32 and half the bytes, every step.
+    assert list(runs) == ["none", "torch-fp16", "torch-bf16", "powersgd:start_iter=3:rank=2", "topk",
+                          "topk:values=int8"]
+    assert [runs[n]["source"] for n in runs] == ["torch", "torch", "torch", "torch", "gradsieve", "gradsieve"]
+    # DDP's default and torch's fp16 and bf16 hooks: fp32 and half the bytes, every step.
     assert runs["none"]["compression_ratio"] == 1.0
-    assert runs["torch-fp16"]["compression_ratio"] == 2.0
+    assert runs["torch-fp16"]["compression_ratio"] == 2.0 and runs["torch-bf16"]["compression_ratio"] == 2.0
+    # bf16 keeps 8 bits of mantissa, fp16 11: the two casts train differently from fp32 and each other.
+    losses = {n: runs[n]["history"]["loss"] for n in ("none", "torch-fp16", "torch-bf16")}
+    assert losses["torch-bf16"] != losses["torch-fp16"] and losses["torch-bf16"] != losses["none"]
     # PowerSGD: 3 dense steps, then rank-2 factors (and the uncompressed biases) only.
     power = runs["powersgd:start_iter=3:rank=2"]
     dense = runs["none"]["wire_bytes_per_step"]

@@ -3,7 +3,8 @@
 These are what a user would pick instead of gradsieve, run with torch's code, not ours:
 
 * ``none``: DDP's default: no hook, DDP's built-in all-reduce of every bucket in fp32.
-* ``torch-fp16``: ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks.fp16_compress_hook``.
+* ``torch-fp16``, ``torch-bf16``: ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks``'s
+  ``fp16_compress_hook`` and ``bf16_compress_hook`` (cast, all-reduce, cast back).
 * ``powersgd``: ``PowerSGDState`` + ``powerSGD_hook`` (Vogels et al. 2019, arXiv 1905.13727) with
   error feedback and warm start (torch's defaults). ``start_iter`` is its dense warm-up: torch's
   docs advise starting at 10% of the training steps, which is the default here.
@@ -58,17 +59,24 @@ def _none(ddp, options, steps, counter: ByteCount) -> Callable[[], None]:
     return after_step
 
 
-def _torch_fp16(ddp, options, steps, counter: ByteCount) -> Callable[[], None]:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+def _torch_cast(hook_name: str):
+    """Registers torch's ``default_hooks.<hook_name>`` (a 16-bit cast around the all-reduce)."""
 
-    def hook(process_group, bucket):  # no annotations: DDP checks them against the real types
-        counter.wire_bytes += bucket.buffer().numel() * 2
-        counter.dense_bytes += bucket.buffer().numel() * 4
-        counter.step += int(bucket.is_last())
-        return default_hooks.fp16_compress_hook(process_group, bucket)
+    def register(ddp, options, steps, counter: ByteCount) -> Callable[[], None]:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    ddp.register_comm_hook(None, hook)
-    return lambda: None
+        torch_hook = getattr(default_hooks, hook_name)
+
+        def hook(process_group, bucket):  # no annotations: DDP checks them against the real types
+            counter.wire_bytes += bucket.buffer().numel() * 2
+            counter.dense_bytes += bucket.buffer().numel() * 4
+            counter.step += int(bucket.is_last())
+            return torch_hook(process_group, bucket)
+
+        ddp.register_comm_hook(None, hook)
+        return lambda: None
+
+    return register
 
 
 def _powersgd(ddp, options, steps, counter: ByteCount) -> Callable[[], None]:
@@ -116,7 +124,8 @@ def _positive_int_or_none(v: Any) -> bool:
 
 BASELINES: Dict[str, Baseline] = {
     "none": Baseline("none", "DDP's default: fp32 all-reduce, no hook", {}, _none),
-    "torch-fp16": Baseline("torch-fp16", "torch's fp16_compress_hook", {}, _torch_fp16),
+    "torch-fp16": Baseline("torch-fp16", "torch's fp16_compress_hook", {}, _torch_cast("fp16_compress_hook")),
+    "torch-bf16": Baseline("torch-bf16", "torch's bf16_compress_hook", {}, _torch_cast("bf16_compress_hook")),
     "powersgd": Baseline("powersgd", "torch's PowerSGD hook (error feedback, warm start)", {
         "rank": Option(1, "matrix approximation rank (torch's matrix_approximation_rank)", kind=int,
                        check=lambda v: v >= 1, allowed="an integer >= 1"),

@@ -3,7 +3,7 @@
 Launches its own local workers (``--nproc``, default 2) or, started under ``torchrun``, uses the
 ranks it is given. Each compressor of ``--compare`` (or the one ``--compressor``) trains in turn
 from the same seed, model initialisation and data split; PyTorch's own hooks (``none``: DDP's
-default all-reduce, ``torch-fp16``, ``powersgd``) run beside gradsieve's compressors as baselines.
+default all-reduce, ``torch-fp16``, ``torch-bf16``, ``powersgd``) run beside gradsieve's compressors as baselines.
 With ``--link RATE`` the local workers talk over a rate-limited loopback in a private network
 namespace (:mod:`gradsieve.train.link`). At the end rank 0 prints a table with time-to-target and the
 speed-ups against dense all-reduce, and writes ``metrics.json``, ``metrics.csv`` and three plots
