@@ -255,6 +255,12 @@ class Compressor:
         if state:
             raise ValueError(f"{self.name}: this compressor keeps no run-time state, got {sorted(state)}")
 
+    def receive(self, signal: Signal) -> None:
+        """Hands ``signal`` to :meth:`observe` when its type is in ``traits.signals``; other
+        signals are dropped here (the hook's state and the Simulator send every signal here)."""
+        if type(signal) in self.traits.signals:
+            self.observe(signal)
+
     def observe(self, signal: Signal) -> None:
         """A signal of one of the types in ``traits.signals`` (no other reaches it)."""
 

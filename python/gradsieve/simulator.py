@@ -134,8 +134,7 @@ class Simulator:
     def signal(self, signal: Signal) -> None:
         """Hands ``signal`` to the compressor when its traits ask for that kind (as the hook's
         state does)."""
-        if type(signal) in self.compressor.traits.signals:
-            self.compressor.observe(signal)
+        self.compressor.receive(signal)
 
     def report_metric(self, value: float, higher_is_better: bool = True) -> None:
         """A validation metric, as every worker would report it (see ``CompressionState``)."""

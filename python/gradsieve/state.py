@@ -204,8 +204,7 @@ class CompressionState:
     # ------------------------------------------------------------------------------ signals
     def signal(self, signal: Signal) -> None:
         """Hands ``signal`` to the compressor when its traits ask for that kind."""
-        if type(signal) in self.compressor.traits.signals:
-            self.compressor.observe(signal)
+        self.compressor.receive(signal)
 
     def report_metric(self, value: float, higher_is_better: bool = True) -> None:
         """Tells the compressor a validation metric (``predictive`` adapts its density to it).

@@ -62,7 +62,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SPARSE_OPTIONS, Selection, SparseCompressor, entries_for
+from gradsieve.compressor import SPARSE_OPTIONS, Selection, SparseCompressor
 from gradsieve.options import Option
 from gradsieve.signals import Metric
 from gradsieve.registry import register_compressor
