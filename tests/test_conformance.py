@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradsieve
 from gradsieve.compressor import Aggregated, Compressed, Traits
+from gradsieve.exchanges.hierarchical import shard_sizes
 from gradsieve.memory import MemoryBank
 from gradsieve.registry import compressor_class
 from gradsieve.signals import Signal
@@ -206,11 +207,16 @@ def _train(ddp, opt, rank, steps):
         opt.step()
 
 
-def worker_conformance(rank, world, name, options, other_name, other):
+def worker_conformance(rank, world, name, options, other_name, other, exchange="allgather", exchange_options=None):
     out = {}
+
+    def make_state(name, **options):
+        built = gradsieve.get_exchange(exchange, **(exchange_options or {}))
+        return gradsieve.CompressionState(name, exchange=built, **options)
+
     # 1. A straight run, recorded, with a checkpoint taken on the way.
     model = _model()
-    state = gradsieve.CompressionState(name, **options)
+    state = make_state(name, **options)
     record = []
     ddp = _attach(model, state, record)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -228,7 +234,7 @@ def worker_conformance(rank, world, name, options, other_name, other):
     # bucket layout and rebuilds it after one iteration, replayed with the hook observing.
     resumed = _model(seed=123)
     resumed.load_state_dict(saved["model"])
-    state2 = gradsieve.CompressionState(name, **options)
+    state2 = make_state(name, **options)
     state2.load_state_dict(saved["state"])
     ddp2 = _attach(resumed, state2)
     opt2 = torch.optim.SGD(ddp2.parameters(), lr=0.1)
@@ -263,7 +269,7 @@ def worker_conformance(rank, world, name, options, other_name, other):
 
     # 4. A rank configured otherwise fails clearly, on every rank.
     mine, my_options = (other_name, other) if rank == 1 else (name, options)
-    mismatched = gradsieve.CompressionState(mine, **my_options)
+    mismatched = make_state(mine, **my_options)
     ddp3 = _attach(_model(), mismatched)
     opt3 = torch.optim.SGD(ddp3.parameters(), lr=0.1)
     try:
@@ -276,11 +282,32 @@ def worker_conformance(rank, world, name, options, other_name, other):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compressor_through_the_hook(tmp_path, name):
+    check_through_the_hook(tmp_path, name, 2)
+
+
+SPARSE = [n for n in NAMES if not compressor_class(n).traits.dense]
+
+
+@pytest.mark.parametrize("nodes,local", [(1, 2), (2, 1)])
+def test_hierarchical_exchange_through_the_hook(tmp_path, nodes, local):
+    """The hierarchical exchange on one node of 2 and on 2 nodes of 1, topk."""
+    check_through_the_hook(tmp_path, "topk", nodes * local, "hierarchical", {"local": local})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SPARSE)
+def test_hierarchical_exchange_on_two_nodes_of_two(tmp_path, name):
+    """Every sparse compressor through the hierarchical exchange on 2 nodes of 2 ranks."""
+    check_through_the_hook(tmp_path, name, 4, "hierarchical", {"local": 2})
+
+
+def check_through_the_hook(tmp_path, name, world, exchange="allgather", exchange_options=None):
     options = options_for(name)
     traits = compressor_class(name).traits
-    results = run_workers(worker_conformance, 2, tmp_path, name, options, *other_config(name))
-    world = len(results)
-    a, b = results
+    results = run_workers(worker_conformance, world, tmp_path, name, options, *other_config(name), exchange,
+                          exchange_options)
+    a, b = results[:2]
+    local = (exchange_options or {}).get("local", 1) if exchange == "hierarchical" else 1
 
     # The hook equals the Simulator fed the same per-rank buckets, bucket by bucket.
     assert a["buckets"] > 1 or traits.dense
@@ -309,19 +336,25 @@ def test_compressor_through_the_hook(tmp_path, name):
             continue
         sim = sims.setdefault(index, gradsieve.Simulator(
             name, world_size=world, param_sizes=layout.param_numels, param_ndims=layout.param_ndims,
-            param_keys=layout.param_keys, **options))
+            param_keys=layout.param_keys, exchange=exchange, exchange_options=exchange_options, **options))
         expected = sim.step(inputs)
         for e in entries:
             assert torch.equal(e["output"], expected), (step, index)
 
     # The error-feedback account through the hook: per bucket, the ranks' gradients of the
     # compressed steps add up to what the hook delivered (world x its output) plus what the
-    # ranks still hold. Independent of the decode: a hook returning zeros fails it.
+    # ranks still hold. Independent of the decode: a hook returning zeros fails it. Under the
+    # hierarchical exchange a rank holds its shard of the node's average: L times its share.
     if not traits.dense and a["undelivered"] and all(v is not None for v in a["undelivered"].values()):
         for index in a["undelivered"]:
             grads = sum(steps[k][r]["input"].double() for k in compressed if k[1] == index for r in range(world))
             delivered = sum(world * steps[k][0]["output"].double() for k in compressed if k[1] == index)
-            held = sum(r["undelivered"][index].double() for r in results)
+            numel = grads.numel()
+            held = torch.zeros(numel, dtype=torch.float64)
+            for rank, r in enumerate(results):
+                part = r["undelivered"][index].double()
+                lo = sum(shard_sizes(numel, local)[:rank % local])
+                held[lo:lo + part.numel()] += local * part
             torch.testing.assert_close(delivered + held, grads, rtol=0, atol=1e-5)
             assert float(delivered.abs().sum()) > 0
 
@@ -349,42 +382,51 @@ def test_compressor_through_the_hook(tmp_path, name):
 
 
 # ------------------------------------------------------------------------------ exchanges
-def worker_exchange(rank, world, name):
-    exchange = gradsieve.get_exchange(name)
-    payload = torch.arange(7, dtype=torch.uint8) + 10 * rank
-    gathered = exchange.start(payload).wait()
-    summed = exchange.reduce(torch.full((5,), float(rank + 1))).wait()
-    return {"world": exchange.world_size, "gathered": gathered, "summed": summed}
+def _requests(rank, world):
+    """The same collectives, as rank ``rank`` of ``world`` asks for them."""
+    everyone = tuple(range(world))
+    splits = tuple(range(1, world + 1))
+    return [
+        gradsieve.Collective("all_gather", everyone, torch.arange(7, dtype=torch.uint8) + 10 * rank),
+        gradsieve.Collective("all_to_all", everyone, torch.arange(sum(splits), dtype=torch.float32) + 100 * rank,
+                             splits=splits),
+        gradsieve.Collective("all_reduce", everyone, torch.full((5,), float(rank + 1))),
+        gradsieve.Collective("broadcast", everyone, torch.full((3,), float(rank)), src=world - 1),
+        gradsieve.Collective("all_gather", (rank,), torch.full((2,), float(rank))),
+    ]
 
 
-@pytest.mark.parametrize("name", gradsieve.available_exchanges())
-def test_exchange_moves_what_the_local_one_does(tmp_path, name):
-    """Every registered exchange gives what the Simulator's LocalExchange gives for the same
-    per-rank payloads: the payloads in rank order, and the sum."""
-    results = run_workers(worker_exchange, 2, tmp_path, name)
-    local = gradsieve.LocalExchange(2)
-    gathered = [local.start(torch.arange(7, dtype=torch.uint8) + 10 * rank) for rank in range(2)][0].wait()
-    summed = [local.reduce(torch.full((5,), float(rank + 1))) for rank in range(2)][0].wait()
-    for r in results:
-        assert r["world"] == 2
-        assert torch.equal(r["gathered"], gathered)
-        assert torch.equal(r["summed"], summed)
+def worker_collectives(rank, world):
+    exchange = gradsieve.get_exchange("allgather")
+    return [exchange.issue(c).wait() for c in _requests(rank, world)]
 
 
-def test_local_exchange_waits_for_every_worker_and_refuses_mixed_calls():
-    local = gradsieve.LocalExchange(3)
-    first = local.start(torch.zeros(4, dtype=torch.uint8))
-    second = local.start(torch.ones(4, dtype=torch.uint8))
-    assert not first.done() and not second.done()
-    with pytest.raises(ValueError, match="a reduce started while a gather waits for 1 more worker"):
-        local.reduce(torch.zeros(4))
-    with pytest.raises(ValueError, match=r"worker 2 gave \(5,\), worker 0 gave \(4,\)"):
-        local.start(torch.zeros(5, dtype=torch.uint8))
-    third = local.start(torch.full((4,), 2, dtype=torch.uint8))
-    assert first.wait().tolist() == [[0] * 4, [1] * 4, [2] * 4] and third.wait() is first.wait()
-    with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
-        gradsieve.LocalExchange(0)
-    with pytest.raises(ValueError, match="unknown exchange 'ring'; available: allgather"):
+def test_collectives_on_ranks_are_what_the_simulator_answers(tmp_path):
+    """Each kind of collective a round may ask for gives on 3 gloo ranks what run_together gives
+    the Simulator's workers."""
+    world = 3
+    results = run_workers(worker_collectives, world, tmp_path)
+
+    def phase(rank):
+        got = []
+        for c in _requests(rank, world):
+            got.append((yield c))
+        return got
+
+    expected = gradsieve.run_together([phase(rank) for rank in range(world)])
+    for rank in range(world):
+        for got, want in zip(results[rank], expected[rank]):
+            assert torch.equal(got, want)
+    assert expected[0][1].tolist() == [[0.0], [100.0], [200.0]]  # each rank's first piece to rank 0
+
+
+def test_run_together_refuses_diverged_rounds():
+    def phase(op):
+        yield gradsieve.Collective(op, (0, 1), torch.zeros(2))
+
+    with pytest.raises(RuntimeError, match="asked for different collectives"):
+        gradsieve.run_together([phase("all_gather"), phase("all_reduce")])
+    with pytest.raises(ValueError, match="unknown exchange 'ring'; available: allgather, hierarchical"):
         gradsieve.CompressionState("topk", exchange="ring")
 
 
@@ -393,4 +435,4 @@ def test_a_registered_name_cannot_be_taken_twice():
         gradsieve.register_compressor("topk")(type("Other", (gradsieve.Compressor,), {}))
     with pytest.raises(ValueError, match="register_exchange: the name 'allgather' is taken by AllGatherExchange"):
         gradsieve.register_exchange("allgather")(type("Other", (gradsieve.Exchange,), {}))
-    assert gradsieve.available_compressors() == NAMES and gradsieve.available_exchanges() == ["allgather"]
+    assert gradsieve.available_compressors() == NAMES and gradsieve.available_exchanges()[0] == "allgather"

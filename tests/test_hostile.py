@@ -146,10 +146,11 @@ def corrupting(state, rank, bad_steps):
     state.compressor.compress = compress_and_corrupt
 
 
-def worker_corrupted(rank, world, bad_steps, max_bad_steps, steps):
+def worker_corrupted(rank, world, bad_steps, max_bad_steps, steps, exchange="allgather", local=None, sender=1):
     model = small_model()
-    state = gradsieve.CompressionState("topk", density=0.1, max_bad_steps=max_bad_steps)
-    corrupting(state, 1, set(bad_steps))
+    built = gradsieve.get_exchange(exchange, **({"local": local} if local else {}))
+    state = gradsieve.CompressionState("topk", density=0.1, max_bad_steps=max_bad_steps, exchange=built)
+    corrupting(state, sender, set(bad_steps))
     from torch.nn.parallel import DistributedDataParallel as DDP
     ddp = DDP(model)
     ddp.register_comm_hook(state, gradsieve.compression_hook)
@@ -182,6 +183,21 @@ def test_too_many_corrupted_steps_in_a_row_raise_naming_the_sender(tmp_path):
     with pytest.raises(Exception, match=r"malformed payloads for 2 steps in a row \(max_bad_steps=2\) "
                                         r"from rank\(s\) \[1\]"):
         run_workers(worker_corrupted, 2, tmp_path, list(range(2, 8)), 2, 8)
+
+
+@pytest.mark.slow
+def test_under_the_hierarchical_exchange_every_rank_counts_and_names_the_sender(tmp_path):
+    """2 nodes of 2: rank 3's payloads reach only ranks 1 and 3 (its shard's cross-node group);
+    ranks 0 and 2 learn of them through the node's all-gather: every rank skips the same steps,
+    counts rank 3, and raises after max_bad_steps naming it."""
+    results = run_workers(worker_corrupted, 4, tmp_path, [3, 4], 3, 8, "hierarchical", 2, 3)
+    params = [r[0] for r in results]
+    assert all(torch.equal(p, params[0]) for p in params) and torch.isfinite(params[0]).all()
+    for _, stats, _ in results:
+        assert stats["bad_payload_ranks"] == {3: 2} and stats["skipped_steps"] == 2, stats
+    with pytest.raises(Exception, match=r"malformed payloads for 2 steps in a row \(max_bad_steps=2\) "
+                                        r"from rank\(s\) \[3\]"):
+        run_workers(worker_corrupted, 4, tmp_path, list(range(2, 8)), 2, 8, "hierarchical", 2, 3)
 
 
 def test_max_bad_steps_is_checked():

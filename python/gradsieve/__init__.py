@@ -15,8 +15,8 @@ from gradsieve import compressors as _compressors  # noqa: F401  (fills the regi
 from gradsieve import ops
 from gradsieve import signals
 from gradsieve.compressor import Aggregated, BucketLayout, Compressed, Compressor, SparseCompressor, Traits
-from gradsieve.exchange import (AllGatherExchange, Exchange, LocalExchange, available_exchanges, get_exchange,
-                                register_exchange)
+from gradsieve.exchange import (AllGatherExchange, Collective, Exchange, Round, Topology, available_exchanges,
+                                get_exchange, register_exchange, run_together)
 from gradsieve.hook import compression_hook
 from gradsieve.state import CompressionState
 from gradsieve.ops import (
@@ -45,11 +45,13 @@ __all__ = [
     "Aggregated",
     "AllGatherExchange",
     "BucketLayout",
+    "Collective",
     "Compressed",
     "CompressionState",
     "Compressor",
     "Exchange",
-    "LocalExchange",
+    "Round",
+    "Topology",
     "Simulator",
     "SpeculativeOptimizer",
     "SparseCompressor",
@@ -72,6 +74,7 @@ __all__ = [
     "regtopk_select_",
     "register_compressor",
     "register_exchange",
+    "run_together",
     "segment_mean",
     "signals",
     "sparse_accumulate_",

@@ -16,7 +16,7 @@ from typing import Any, Dict
 __all__ = ["STATS", "state_dict", "load_state_dict"]
 
 # The statistics a checkpoint carries (the CompressionState attributes of the same names).
-STATS = ("wire_bytes", "dense_bytes", "compressed_steps", "skipped_steps", "compress_s", "decode_s",
+STATS = ("wire_bytes", "node_bytes", "dense_bytes", "compressed_steps", "skipped_steps", "compress_s", "decode_s",
          "bad_payloads", "bad_payload_ranks", "probe_s", "probe_count", "_last_probe", "wait_s",
          "rolled_back")
 
@@ -32,6 +32,8 @@ def state_dict(state: Any) -> Dict[str, Any]:
         "step": state.step,
         "memory": state.memory.state_dict(),
         "compressor_state": state.compressor.state_dict(),
+        "exchange": state.exchange.config(),
+        "exchange_state": state.exchange.state_dict(),
         "stats": {key: getattr(state, key) for key in STATS},
     }
 
@@ -42,10 +44,16 @@ def load_state_dict(state: Any, saved: Dict[str, Any]) -> None:
             f"CompressionState.load_state_dict: the checkpoint was made with {saved['config']}, "
             f"this state has {state.compressor.config()}"
         )
+    exchange = saved.get("exchange", {"exchange": "allgather"})
+    if exchange != state.exchange.config():
+        raise ValueError(f"CompressionState.load_state_dict: the checkpoint was made with the exchange {exchange}, "
+                         f"this state has {state.exchange.config()} (under the hierarchical exchange the "
+                         f"compressor memory is per shard)")
     state.warmup_steps = int(saved["warmup_steps"])
     state.step = int(saved["step"])
     state.memory.load_state_dict(saved["memory"])
     state.compressor.load_state_dict(saved.get("compressor_state", {}))
+    state.exchange.load_state_dict(saved.get("exchange_state", {}))
     for key, value in saved.get("stats", {}).items():
         if key not in STATS:
             raise ValueError(f"CompressionState.load_state_dict: unknown statistic {key!r} in the checkpoint")

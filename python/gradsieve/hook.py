@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from gradsieve.config_check import verify_config
+from gradsieve.exchange import run_now
 from gradsieve.ledger import BucketJob
 from gradsieve.signals import CommShare
 from gradsieve.state import CompressionState
@@ -54,8 +55,15 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     if speculative:
         return state.inflight.launch(state, job, bucket.buffer(), early)
     state.ledger.launched(at, job.last)
-    return state.exchange.start(job.compressed.payload).then(
-        functools.partial(_land, state, job, bucket.buffer()))
+    received = state.exchange.issue(job.round.send(job.compressed))
+    if not job.round.gathers_back:
+        return received.then(functools.partial(_land, state, job, bucket.buffer()))
+    # The round ends with a collective of its own (the hierarchical exchange's all-gather inside
+    # the node): issued from the landing callback, in the order the rounds were launched.
+    out = torch.futures.Future(devices=[bucket.buffer().device] if bucket.buffer().is_cuda else None)
+    ticket = state.in_order.enter()
+    received.then(functools.partial(_land_first, state, job, bucket.buffer(), out, ticket))
+    return out
 
 
 def _compress(state: CompressionState, bucket: dist.GradBucket, at: int, world: int, speculative: bool,
@@ -66,24 +74,32 @@ def _compress(state: CompressionState, bucket: dist.GradBucket, at: int, world: 
     if speculative and not compressor.traits.returns_average:
         raise ValueError(f"gradsieve: speculative training needs a compressor whose result is the "
                          f"average of the payloads; {compressor.name!r} is not one")
+    if speculative and not state.exchange.speculative_ok:
+        raise ValueError(f"gradsieve: speculative training needs an exchange of whole buckets' payloads "
+                         f"(allgather), got {state.exchange.name!r}")
     started = time.perf_counter()
     buffer = bucket.buffer()
-    layout = state.layout_of(bucket, world)
+    bucket_layout = state.layout_of(bucket, world)
     if speculative:
-        state.inflight.before_compress(state, at, layout, early)
+        state.inflight.before_compress(state, at, bucket_layout, early)
+    exchange = state.exchange
+    round_ = exchange.round(buffer, bucket_layout, exchange.rank)
+    grad, layout = run_now(exchange, round_.prepare())
     memory = state.memory.get(layout.index, layout.keys, layout.param_numels,
                               compressor.memory_names, buffer.device, compressor.memory_dtypes)
     step = at - state.warmup_steps
-    compressed = compressor.compress(buffer.float(), memory, layout, step)
+    compressed = run_now(exchange, round_.compress(compressor, grad, memory, layout, step))
     payload = compressed.payload
     if speculative and sum(p.numel() for p in bucket.parameters()) != layout.numel:
         raise ValueError("gradsieve: speculative training needs DDP buckets made of whole parameters")
     verified = (payload.numel(), compressor.runtime(), state.speculative, bool(state.overlap_compress))
     if state._verified.get(layout.index) != verified:
-        verify_config(state, layout, payload.numel(), world, payload.device)
+        verify_config(state, bucket_layout, payload.numel() * payload.element_size(), world, payload.device,
+                      round_.payload_group)
         state._verified[layout.index] = verified
-    state.wire_bytes += payload.numel() * payload.element_size()
-    state.dense_bytes += layout.numel * 4
+    state.wire_bytes += payload.numel() * payload.element_size() + round_.index_bytes
+    state.node_bytes += round_.node_bytes
+    state.dense_bytes += bucket_layout.numel * 4
     state.compress_s += time.perf_counter() - started
     launched = time.perf_counter()
     period = None
@@ -93,7 +109,7 @@ def _compress(state: CompressionState, bucket: dist.GradBucket, at: int, world: 
             period = launched - state._last_launch
         state._last_launch = launched
     return BucketJob(at, step, tuple(bucket.parameters()), layout, memory, compressed, bucket.is_last(),
-                     launched, period)
+                     launched, period, round=round_)
 
 
 def _land(state: CompressionState, job: BucketJob, buffer: torch.Tensor, fut: torch.futures.Future) -> torch.Tensor:
@@ -102,20 +118,80 @@ def _land(state: CompressionState, job: BucketJob, buffer: torch.Tensor, fut: to
     ledger = state.ledger
     with ledger.lock:
         begun = time.perf_counter()
-        result, aggregated = ledger.settle(state, job, fut.value())
-        if result is None:
-            # This bucket, or one before it of the same step, is skipped: so is the whole step,
-            # and the buckets of the step that committed already are undone.
-            result = torch.full_like(aggregated.average, float("nan"))
-            ledger.skip(job.at)
-        if job.last and job.period:
-            # The share of the step this rank waited for its last exchange: the signal of a
-            # communication-bound step (granular's auto policy).
-            state.signal(CommShare(min(1.0, (begun - job.launched) / job.period)))
+        result, _ = _settle(state, job, fut.value(), begun)
+        result, _, _ = run_now(state.exchange, job.round.finish(result, True))
+        job.round.settled(ledger.bad_step != job.at)
         ledger.landed(state, job.at)
         buffer.copy_(result)
         state.decode_s += time.perf_counter() - begun
     return buffer
+
+
+def _settle(state: CompressionState, job: BucketJob, received: torch.Tensor, begun: float):
+    """Decodes and commits (or skips) this rank's part of a landed bucket (under the ledger's
+    lock); its result (NaN when the step is skipped) and the :class:`Aggregated`."""
+    ledger = state.ledger
+    result, aggregated = ledger.settle(state, job, received)
+    if result is None:
+        # This bucket, or one before it of the same step, is skipped: so is the whole step,
+        # and the buckets of the step that committed already are undone.
+        result = torch.full_like(aggregated.average, float("nan"))
+        ledger.skip(job.at)
+    if job.last and job.period:
+        # The share of the step this rank waited for its last exchange: the signal of a
+        # communication-bound step (granular's auto policy).
+        state.signal(CommShare(min(1.0, (begun - job.launched) / job.period)))
+    return result, aggregated
+
+
+def _land_first(state: CompressionState, job: BucketJob, buffer: torch.Tensor, out: torch.futures.Future,
+                ticket: list, fut: torch.futures.Future) -> None:
+    """A round that gathers back: its part has landed. Settles it and issues the round's last
+    collective when every round launched before it has issued theirs."""
+    try:
+        with state.ledger.lock:
+            begun = time.perf_counter()
+            result, aggregated = _settle(state, job, fut.value(), begun)
+            usable = state.ledger.bad_step != job.at
+            malformed = () if usable else tuple((~aggregated.well_formed).nonzero().flatten().tolist())
+            phase = job.round.finish(result, usable, malformed)
+            collective = next(phase)
+            state.decode_s += time.perf_counter() - begun
+
+        def issue() -> None:
+            state.exchange.issue(collective).then(
+                functools.partial(_land_second, state, job, buffer, out, phase))
+
+        state.in_order.ready(ticket, issue)
+    except BaseException as err:  # noqa: B902  (DDP raises it from the bucket's future)
+        state.in_order.ready(ticket, None)
+        out.set_exception(err)
+
+
+def _land_second(state: CompressionState, job: BucketJob, buffer: torch.Tensor, out: torch.futures.Future,
+                 phase, fut: torch.futures.Future) -> None:
+    """A round that gathers back has ended: the whole step is skipped unless every rank's part
+    was usable; the bucket goes to DDP."""
+    try:
+        try:
+            phase.send(fut.value())
+            raise RuntimeError(f"exchange {state.exchange.name!r}: a round's finish asked for a second collective")
+        except StopIteration as stop:
+            bucket, every, elsewhere = stop.value
+        ledger = state.ledger
+        with ledger.lock:
+            begun = time.perf_counter()
+            ledger.count_senders(state, elsewhere)
+            if not every:
+                ledger.skip(job.at)
+                bucket = torch.full_like(bucket, float("nan"))
+            job.round.settled(ledger.bad_step != job.at)
+            ledger.landed(state, job.at)
+            buffer.copy_(bucket)
+            state.decode_s += time.perf_counter() - begun
+        out.set_result(buffer)
+    except BaseException as err:  # noqa: B902
+        out.set_exception(err)
 
 
 def _dense(state: CompressionState, bucket: dist.GradBucket, world: int, count: bool = True,

@@ -69,7 +69,7 @@ class SpeculativeExchanges:
         """Starts the bucket's exchange and leaves it in flight; with ``early`` commits its memory
         now. Returns a completed future of this rank's own sent update (in ``buffer``)."""
         compressor = state.compressor
-        future = state.exchange.start(job.compressed.payload)
+        future = state.exchange.issue(job.round.send(job.compressed))
         if early:
             job = job._replace(before=job.memory.snapshot())
             compressor.commit(job.memory, job.compressed, None, job.layout)

@@ -17,14 +17,15 @@ whichever that is. At the end of a step it counts a skipped step, and raises aft
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+import collections
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from gradsieve.compressor import Aggregated, BucketLayout, Compressed
 from gradsieve.memory import BucketMemory, Snapshot
 
-__all__ = ["BucketJob", "StepLedger"]
+__all__ = ["BucketJob", "InOrder", "StepLedger"]
 
 
 class BucketJob(NamedTuple):
@@ -42,6 +43,7 @@ class BucketJob(NamedTuple):
     # Committed early (speculative overlap_compress): the bucket's memory before this step's commit,
     # to go back to when the step is skipped; None: committed when it lands.
     before: Optional[Snapshot] = None
+    round: Any = None  # the exchange's round of this bucket (gradsieve.exchange.Round)
 
 
 class StepLedger:
@@ -79,7 +81,7 @@ class StepLedger:
         result for the optimizer, or None when the bucket is skipped (this one, or one before it of
         the same step: the caller then undoes with :meth:`skip`). Malformed payloads are counted."""
         compressor = state.compressor
-        aggregated = compressor.aggregate(gathered, job.layout, job.step)
+        aggregated = job.round.aggregate(compressor, gathered, job.layout, job.step)
         usable = bool(aggregated.usable.all())
         if usable and self.bad_step != job.at:
             if job.before is not None:
@@ -88,7 +90,7 @@ class StepLedger:
             self.keep(compressor, job.at, job.memory)
             return compressor.commit(job.memory, job.compressed, aggregated.average, job.layout), aggregated
         if not usable:
-            self.count_malformed(state, aggregated)
+            self.count_malformed(state, aggregated, job.round.sender)
         return None, aggregated
 
     # ------------------------------------------------------------------------------ undo
@@ -118,13 +120,20 @@ class StepLedger:
         self._end_of_step(state)
 
     # ------------------------------------------------------------------------------ bad payloads
-    def count_malformed(self, state: Any, aggregated: Aggregated) -> None:
-        """After a skipped bucket: counts the payloads that were not well formed, by sender (the
-        skip decision has synchronised with the device already; this reads a few flags more)."""
+    def count_malformed(self, state: Any, aggregated: Aggregated, sender: Callable[[int], int]) -> None:
+        """After a skipped bucket: counts the payloads that were not well formed, by sending rank
+        (``sender(row)``; the skip decision has synchronised with the device already; this reads a
+        few flags more)."""
         malformed = ~aggregated.well_formed
         if not bool(malformed.any()):
             return
-        for rank in malformed.nonzero().flatten().tolist():
+        self.count_senders(state, [sender(row) for row in malformed.nonzero().flatten().tolist()])
+
+    def count_senders(self, state: Any, ranks) -> None:
+        """Counts one malformed payload from each of ``ranks`` (none: nothing to count)."""
+        if not ranks:
+            return
+        for rank in ranks:
             state.bad_payloads += 1
             state.bad_payload_ranks[rank] = state.bad_payload_ranks.get(rank, 0) + 1
         self.bad_this_step = True
@@ -141,3 +150,30 @@ class StepLedger:
                 f"gradsieve: malformed payloads for {self.bad_streak} steps in a row (max_bad_steps="
                 f"{state.max_bad_steps}) from rank(s) {ranks} (counts {state.bad_payload_ranks}): a peer "
                 "is sending corrupted data")
+
+
+class InOrder:
+    """Issues the collectives that end rounds (the hierarchical exchange's all-gather inside the
+    node) in the order the rounds were launched, the same on every rank, although their first
+    collectives land in any order and on any thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: Deque[List[Any]] = collections.deque()
+
+    def enter(self) -> List[Any]:
+        """A ticket for a round being launched now (on the thread that launches rounds)."""
+        ticket: List[Any] = [False, None]
+        with self.lock:
+            self.queue.append(ticket)
+        return ticket
+
+    def ready(self, ticket: List[Any], issue: Optional[Callable[[], None]]) -> None:
+        """The round of ``ticket`` may issue its last collective by calling ``issue`` (None: it
+        failed and issues nothing); issues every ready round at the head of the queue, in order."""
+        with self.lock:
+            ticket[0], ticket[1] = True, issue
+            while self.queue and self.queue[0][0]:
+                head = self.queue.popleft()
+                if head[1] is not None:
+                    head[1]()

@@ -1,9 +1,13 @@
 """N workers in one process, running exactly the compressor code the DDP hook runs.
 
-The simulator packs each worker's payload, exchanges them through a
-:class:`~gradsieve.exchange.LocalExchange` (which stacks them as ``all_gather_into_tensor`` would),
-and decodes with the same code, so its averages equal the hook's bit for bit (on CPU, for the
-sparse compressors). It is meant for studying algorithms (heterogeneous data, many workers) and for tests.
+The simulator runs each worker's round of the exchange (:mod:`gradsieve.exchange`: the same
+phases the hook runs, their collectives answered in one process by
+:func:`~gradsieve.exchange.run_together`) and the same compressor code, so its averages equal the
+hook's bit for bit (on CPU, for the sparse compressors; sums of more than two workers' values,
+dense or in the ``allreduce`` exchange, are added in rank order here and in the library's order in
+torch.distributed). With ``nodes`` and ``local`` it knows the cluster's layout, for the
+``hierarchical`` exchange. It is meant for studying algorithms (heterogeneous data, many workers)
+and for tests.
 
 Example::
 
@@ -21,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from gradsieve.compressor import BucketLayout, Compressor
-from gradsieve.exchange import LocalExchange
+from gradsieve.exchange import Collective, Exchange, Phase, get_exchange, run_together
 from gradsieve.memory import MemoryBank
 from gradsieve.registry import get_compressor
 from gradsieve.signals import CommShare, Loss, Metric, Signal
@@ -38,19 +42,38 @@ class Simulator:
         param_ndims: optional dimensions of those parameters (1 marks biases and norms).
         param_keys: optional stable identities of those parameters (default: their positions);
             the hook uses such keys so that its results do not depend on DDP's bucket order.
+        nodes, local: the cluster's layout, ``nodes`` nodes of ``local`` workers (worker ``w`` on
+            node ``w // local``); give them instead of ``world_size`` (or with it: then
+            ``world_size == nodes * local``). Default: one node of ``world_size`` workers.
+        exchange: a registered exchange name (``gradsieve.available_exchanges()``, default
+            ``"allgather"``); ``exchange_options`` its options besides the layout (e.g.
+            ``{"cross": "allreduce"}`` for ``hierarchical``).
         **options: compressor options (``density``, ...), validated by the registry.
     """
 
     def __init__(
         self,
         compressor: Union[str, Compressor],
-        world_size: int,
+        world_size: Optional[int] = None,
         param_sizes: Optional[Sequence[int]] = None,
         param_ndims: Optional[Sequence[int]] = None,
         param_keys: Optional[Sequence[int]] = None,
+        nodes: Optional[int] = None,
+        local: Optional[int] = None,
+        exchange: str = "allgather",
+        exchange_options: Optional[Dict[str, object]] = None,
         **options,
     ) -> None:
-        if not isinstance(world_size, int) or world_size < 1:
+        for name, value in (("nodes", nodes), ("local", local)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"Simulator: {name} must be an integer >= 1, got {value!r}")
+        if nodes is not None or local is not None:
+            if nodes is None or local is None:
+                raise ValueError(f"Simulator: give nodes and local together, got nodes={nodes!r}, local={local!r}")
+            if world_size is not None and world_size != nodes * local:
+                raise ValueError(f"Simulator: world_size {world_size!r} is not nodes * local = {nodes * local}")
+            world_size = nodes * local
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise ValueError(f"Simulator: world_size must be an integer >= 1, got {world_size!r}")
         if isinstance(compressor, Compressor):
             if options:
@@ -65,7 +88,11 @@ class Simulator:
         if self.param_keys and (len(set(self.param_keys)) != len(self.param_keys)
                                 or len(self.param_keys) != len(self.param_sizes or ())):
             raise ValueError("Simulator: param_keys must be distinct, one per entry of param_sizes")
-        self.exchange = LocalExchange(world_size)
+        exchange_options = dict(exchange_options or {})
+        if exchange == "hierarchical":
+            exchange_options.setdefault("local", local or world_size)
+        self.exchange: Exchange = get_exchange(exchange, None, simulated_world=world_size, **exchange_options)
+        self.exchange.accepts(self.compressor)
         self.banks = [MemoryBank() for _ in range(world_size)]
         self.steps = 0
         self.wire_bytes = 0  # sent by all workers together
@@ -95,28 +122,41 @@ class Simulator:
         compressor = self.compressor
         if compressor.traits.dense:
             dtype = compressor.traits.allreduce_dtype or torch.float32
-            total = [self.exchange.reduce(g.to(dtype)) for g in flat][0].wait()
+            total = flat[0].to(dtype).clone()
+            for g in flat[1:]:
+                total += g.to(dtype)
             self.wire_bytes += self.world_size * total.numel() * total.element_size()
             self.steps += 1
             return total.float().div_(self.world_size)
         layout = self.layout(numel)
-        keys = layout.keys
+        rounds = [self.exchange.round(g, layout, worker) for worker, g in enumerate(flat)]
+        parts = run_together([r.prepare() for r in rounds])
         memories = [
-            bank.get(0, keys, layout.param_numels, compressor.memory_names, flat[0].device,
+            bank.get(part.index, part.keys, part.param_numels, compressor.memory_names, flat[0].device,
                      compressor.memory_dtypes)
-            for bank in self.banks
+            for bank, (_, part) in zip(self.banks, parts)
         ]
-        compressed = [compressor.compress(g, m, layout, self.steps) for g, m in zip(flat, memories)]
+        compressed = run_together([r.compress(compressor, grad, m, part, self.steps)
+                                   for r, (grad, part), m in zip(rounds, parts, memories)])
         self.last_compressed = compressed
-        gathered = [self.exchange.start(c.payload) for c in compressed][0].wait()
-        self.wire_bytes += gathered.numel()
-        aggregated = compressor.aggregate(gathered, layout, self.steps)
-        if not bool(aggregated.usable.all()):
+        received = run_together([_exchanged(r.send(c)) for r, c in zip(rounds, compressed)])
+        self.wire_bytes += sum(c.payload.numel() * c.payload.element_size() for c in compressed)
+        # Every member of a payload group decodes the same payloads: once per group.
+        aggregated = {}
+        for r, got, (_, part) in zip(rounds, received, parts):
+            if r.payload_group not in aggregated:
+                aggregated[r.payload_group] = r.aggregate(compressor, got, part, self.steps)
+        kept = all(bool(a.usable.all()) for a in aggregated.values())
+        for r in rounds:
+            r.settled(kept)
+        if not kept:
             self.skipped_steps += 1
-            return torch.full_like(aggregated.average, float("nan"))
-        results = [compressor.commit(m, c, aggregated.average, layout) for m, c in zip(memories, compressed)]
+            return torch.full((numel,), float("nan"))
+        results = [compressor.commit(m, c, aggregated[r.payload_group].average, part)
+                   for r, m, c, (_, part) in zip(rounds, memories, compressed, parts)]
+        finished = run_together([r.finish(result, True, ()) for r, result in zip(rounds, results)])
         self.steps += 1
-        return results[0]
+        return finished[0][0]
 
     def memory(self, rank: int, name: str) -> torch.Tensor:
         """Worker ``rank``'s memory ``name`` (for example ``"residual"``), flat."""
@@ -157,6 +197,11 @@ class Simulator:
         self.compressor.load_state_dict(state.get("compressor_state", {}))
         for bank, saved in zip(self.banks, state["banks"]):
             bank.load_state_dict(saved)
+
+
+def _exchanged(collective: Collective) -> Phase:
+    """A phase that asks for one collective and returns its result."""
+    return (yield collective)
 
 
 def simulate(compressor: str, grads: List[List[torch.Tensor]], **options) -> List[torch.Tensor]:

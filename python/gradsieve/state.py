@@ -11,7 +11,7 @@ from gradsieve import checkpointing
 from gradsieve.compressor import BucketLayout, Compressor
 from gradsieve.exchange import Exchange, get_exchange
 from gradsieve.inflight import SpeculativeExchanges
-from gradsieve.ledger import StepLedger
+from gradsieve.ledger import InOrder, StepLedger
 from gradsieve.memory import MemoryBank
 from gradsieve.registry import compressor_class, get_compressor
 from gradsieve.signals import Loss, Metric, OptimizerSet, Signal
@@ -32,7 +32,9 @@ class CompressionState:
         max_bad_steps: steps in a row with a malformed payload before the hook raises, naming the
             sender.
         exchange: how buckets move: a registered name (``gradsieve.available_exchanges()``,
-            default ``"allgather"``) or an :class:`~gradsieve.exchange.Exchange`.
+            default ``"allgather"``; ``"hierarchical"`` for nodes of several ranks, ``"allreduce"``
+            for an agreed index set) or an :class:`~gradsieve.exchange.Exchange` (built with its
+            options, e.g. ``gradsieve.get_exchange("hierarchical", local=8)``).
         **options: compressor options, validated by the registry (``scope``, ``values``, ...).
 
     Tuning: start from ``topk`` at density 0.01 with fp32 values; ``values="int8"`` cuts the value
@@ -59,6 +61,7 @@ class CompressionState:
         "_verified",
         "observing",
         "ledger",
+        "in_order",
         # speculative training (gradsieve.speculative): the revert threshold while an optimizer
         # wrapper drives the exchange, whether memory commits when a payload is sent, and the
         # exchanges in flight
@@ -67,6 +70,7 @@ class CompressionState:
         "inflight",
         # statistics
         "wire_bytes",
+        "node_bytes",
         "dense_bytes",
         "compressed_steps",
         "skipped_steps",
@@ -107,6 +111,7 @@ class CompressionState:
             raise ValueError(f"CompressionState: max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
         self.process_group = process_group
         self.exchange = exchange if isinstance(exchange, Exchange) else get_exchange(exchange, process_group)
+        self.exchange.accepts(self.compressor)
         self.warmup_steps = warmup_steps
         self.max_bad_steps = max_bad_steps
         self.memory = MemoryBank()
@@ -117,10 +122,12 @@ class CompressionState:
         # changing nothing (a resumed run replays DDP's first iteration this way).
         self.observing = False
         self.ledger = StepLedger()
+        self.in_order = InOrder()
         self.speculative: Optional[float] = None
         self.overlap_compress = False
         self.inflight = SpeculativeExchanges()
         self.wire_bytes = 0
+        self.node_bytes = 0  # handed to collectives inside the node (the hierarchical exchange)
         self.dense_bytes = 0
         self.compressed_steps = 0
         self.skipped_steps = 0
@@ -138,7 +145,8 @@ class CompressionState:
     # ------------------------------------------------------------------------------ statistics
     def stats(self) -> Dict[str, Any]:
         """Totals since construction: ``wire_bytes`` (bytes this rank put on the wire, measured
-        from the payload buffers), ``dense_bytes`` (what fp32 all-reduce would have sent),
+        from the payload buffers; under the hierarchical exchange, what crossed nodes),
+        ``node_bytes`` (what the exchange's collectives inside the node carried), ``dense_bytes`` (what fp32 all-reduce would have sent),
         ``compression_ratio`` (their ratio), ``compress_s``/``decode_s`` (host time; on CUDA the
         kernels run asynchronously, so these time the launches), ``steps``, ``compressed_steps``,
         ``skipped_steps`` (non-finite steps or malformed payloads), ``wait_s`` (speculative
@@ -163,6 +171,7 @@ class CompressionState:
             "compressed_steps": self.compressed_steps,
             "skipped_steps": self.skipped_steps,
             "wire_bytes": self.wire_bytes,
+            "node_bytes": self.node_bytes,
             "dense_bytes": self.dense_bytes,
             "compression_ratio": self.dense_bytes / self.wire_bytes if self.wire_bytes else float("nan"),
             "compress_s": self.compress_s,
@@ -191,13 +200,15 @@ class CompressionState:
 
     def __getstate__(self) -> Dict[str, Any]:
         # Pickling goes through the checkpoint, plus what the constructor was given.
-        return {"compressor": self.compressor, "exchange": self.exchange.name, "max_bad_steps": self.max_bad_steps,
+        return {"compressor": self.compressor, "exchange": self.exchange.name,
+                "exchange_options": dict(self.exchange.options), "max_bad_steps": self.max_bad_steps,
                 "speculative": self.speculative, "overlap_compress": self.overlap_compress,
                 "checkpoint": self.state_dict()}
 
     def __setstate__(self, saved: Dict[str, Any]) -> None:
+        exchange = get_exchange(saved["exchange"], None, **saved.get("exchange_options", {}))
         self.__init__(saved["compressor"], warmup_steps=saved["checkpoint"]["warmup_steps"],
-                      max_bad_steps=saved["max_bad_steps"], exchange=saved["exchange"])
+                      max_bad_steps=saved["max_bad_steps"], exchange=exchange)
         self.speculative, self.overlap_compress = saved["speculative"], saved["overlap_compress"]
         self.load_state_dict(saved["checkpoint"])
 
