@@ -310,3 +310,53 @@ class MomentumCorrectedTopK:
             v[idx] = picked - sent
             total.index_add_(0, idx, sent)
         return total / self.world
+
+
+# ------------------------------------------------------------------ values at agreed indices
+def agreed_topk(residual, grad, indices, values: str):
+    """Error-feedback top-k sending at a given index set (the set is not chosen here), one
+    worker, in plain torch: ``acc = residual + grad`` (float32); the values ``acc[indices]`` go
+    on the wire as :func:`wire_values` decodes them (fp32/fp16/bf16); the new residual is ``acc``
+    with, at the indices, ``acc - sent`` (0 for fp32). Returns ``(acc, sent, new residual)``."""
+    acc = residual.detach().reshape(-1).cpu().float() + grad.detach().reshape(-1).cpu().float()
+    idx = torch.as_tensor(indices, dtype=torch.int64).cpu()
+    chosen = acc[idx]
+    sent = wire_values(chosen, values)
+    new = acc.clone()
+    new[idx] = chosen - sent
+    return acc, sent, new
+
+
+def agreed_dgc(u, v, grad, indices, momentum: float, clip_norm: float, world: int, values: str):
+    """DGC sending at a given index set, one worker, in plain torch: with ``clip_norm`` > 0 the
+    gradient is scaled by ``min(1, (clip_norm / sqrt(world)) / (||grad||_2 + 1e-12))`` (the norm
+    taken in float64 here); then ``u = momentum * u + g``, ``v = v + u`` (float32); the values
+    ``v[indices]`` go on the wire as :func:`wire_values` decodes them; at the indices ``u``
+    becomes 0 and ``v`` becomes ``v - sent`` (0 for fp32). Returns ``(v before sending, sent,
+    new u, new v)``."""
+    g = grad.detach().reshape(-1).cpu().float()
+    if clip_norm > 0:
+        norm = float(np.linalg.norm(as_float64(g)))
+        g = g * float(min(1.0, (clip_norm / math.sqrt(world)) / (norm + 1e-12)))
+    u = u.detach().reshape(-1).cpu().float() * momentum + g
+    acc = v.detach().reshape(-1).cpu().float() + u
+    idx = torch.as_tensor(indices, dtype=torch.int64).cpu()
+    chosen = acc[idx]
+    sent = wire_values(chosen, values)
+    new_u, new_v = u.clone(), acc.clone()
+    new_u[idx] = 0.0
+    new_v[idx] = chosen - sent
+    return acc, sent, new_u, new_v
+
+
+def agreed_ef21(estimate, grad, indices, values: str):
+    """EF21 sending at a given index set, one worker, in plain torch: the change
+    ``grad - estimate`` (float32) at the indices goes on the wire as :func:`wire_values` decodes
+    it, and the estimate moves by what was sent there. Returns ``(change, sent, new estimate)``;
+    the global estimate moves by the average of every worker's sent values (the caller's sum)."""
+    change = grad.detach().reshape(-1).cpu().float() - estimate.detach().reshape(-1).cpu().float()
+    idx = torch.as_tensor(indices, dtype=torch.int64).cpu()
+    sent = wire_values(change[idx], values)
+    new = estimate.detach().reshape(-1).cpu().float().clone()
+    new[idx] = new[idx] + sent
+    return change, sent, new

@@ -304,9 +304,21 @@ class SparseCompressor(Compressor):
     The bucket is cut into segments (the whole bucket; each parameter with ``scope="layer"``; the
     stretches between 1-D parameters, which go dense, with ``compress_1d=False``); each segment
     sends ``ceil(density * numel)`` entries. Subclasses implement :meth:`select`.
+
+    Agreed indices: a compressor whose class sets ``agreed_indices = True`` can also send its
+    values at an index set that every rank was given (:meth:`accumulate`, :meth:`compress_at`),
+    for an exchange that all-reduces those values with no index bytes. Such a class implements
+    ``_accumulate`` and ``_pending_at``. The attribute is not inherited: a subclass declares it in
+    its own body, since a subclass that changes :meth:`select` (regtopk from topk) has a selection
+    rule of its own, which an agreed index set would bypass.
     """
 
     OPTIONS = SPARSE_OPTIONS
+    agreed_indices: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.agreed_indices = bool(cls.__dict__.get("agreed_indices", False))
 
     def density_at(self, step: int) -> float:
         return self.density
@@ -354,6 +366,125 @@ class SparseCompressor(Compressor):
             self.absorb_rounding(selection, selection.values - sent)
         selection.scratch["wire_values"] = sent  # the values as they went on the wire (float32[K])
         return Compressed(payload, selection.pending, selection.scratch)
+
+    # ------------------------------------------------------------------------------ agreed indices
+    def check_agreed_indices(self) -> None:
+        """Raises ValueError unless :meth:`compress_at` can run with these options: the class sets
+        ``agreed_indices`` and ``values`` is fp32, fp16 or bf16 (a sum of int8 codes quantized
+        with each rank's own scales is not the sum of the values)."""
+        self._require_agreed_indices()
+        if self.values not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"compressor {self.name!r}: values must be fp32, fp16 or bf16 to send "
+                             f"values at agreed indices, got {self.values!r} (a sum of int8 codes "
+                             f"quantized with each rank's own scales is not the sum of the values)")
+
+    def _require_agreed_indices(self) -> None:
+        if not self.agreed_indices:
+            raise ValueError(f"compressor {self.name!r} cannot send its values at agreed indices "
+                             f"(agreed_indices is False): it chooses its entries by a rule of its own")
+
+    def accumulate(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout,
+                   step: int) -> torch.Tensor:
+        """What this worker would select its entries from this step, as :meth:`compress` computes
+        it (the compressor's accumulator, for example ``residual + grad``). Pure: ``memory`` is
+        not changed and the result is a new tensor.
+
+        Args:
+            grad: Tensor[layout.numel] (any shape and strides with that many entries) of float32,
+                float16 or bfloat16; read as float32.
+            memory: this worker's memory of the bucket.
+
+        Returns:
+            Tensor[layout.numel] float32.
+
+        Example::
+
+            >>> topk = gradsieve.get_compressor("topk", density=0.1)
+            >>> acc = topk.accumulate(grad, memory, layout, step)
+            >>> indices = gradsieve.topk_abs(acc, 10)[1]  # e.g. chosen by one rank, broadcast
+        """
+        self._require_agreed_indices()
+        return self._accumulate(self._flat_grad("accumulate", grad, layout), memory, layout, step)
+
+    def compress_at(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int,
+                    indices: torch.Tensor, accumulated: Optional[torch.Tensor] = None) -> Compressed:
+        """This worker's values at the agreed ``indices``, for an all-reduce of the values alone.
+
+        The index set is given, so ``scope``, ``compress_1d``, ``density`` and any threshold or
+        warm-up of the compressor's own selection decide nothing here (the caller chooses the set
+        and its size, for example from :meth:`density_at`); ``index``, ``chunk`` and ``checksum``
+        do not apply (no payload is packed). Memory is not changed: :meth:`commit` applies the
+        pending memory as after :meth:`compress`. A non-finite gradient does not raise: the
+        scratch flag ``"finite"`` says so (no host synchronisation).
+
+        Args:
+            grad: as for :meth:`accumulate`.
+            memory: this worker's memory of the bucket.
+            indices: Tensor[K] int64, ascending, distinct, in ``[0, layout.numel)``, the same on
+                every rank (not checked: checking would synchronise with the host).
+            accumulated: :meth:`accumulate` of the same inputs when the caller already has it;
+                the result is the same with or without it.
+
+        Returns:
+            :class:`Compressed` whose ``payload`` is Tensor[K] in the wire dtype of ``values``
+            (float32, float16 or bfloat16): ``accumulate(...)[indices]`` rounded to it, a tensor
+            of its own (nothing in ``pending`` or ``scratch`` shares its storage, so an exchange
+            may reduce into it in place). ``pending``: the memory :meth:`compress` would leave had
+            it sent exactly these values. ``scratch``: what :meth:`commit` needs, with
+            ``"indices"``, ``"wire_values"`` (the payload as float32[K]) and ``"finite"`` (bool
+            Tensor[], every gradient entry finite).
+
+        Raises:
+            ValueError: the compressor has no agreed-index form, ``values="int8"``, or a tensor of
+                the wrong size or dtype.
+
+        Example::
+
+            >>> compressed = topk.compress_at(grad, memory, layout, step, indices, accumulated=acc)
+            >>> total = compressed.payload.float()  # all-reduced (summed) over the workers
+            >>> average = torch.zeros(layout.numel).index_add_(0, indices, total / world)
+            >>> topk.commit(memory, compressed, average, layout)
+        """
+        self.check_agreed_indices()
+        flat = self._flat_grad("compress_at", grad, layout)
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
+            got = f"{indices.dtype} of shape {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) \
+                else type(indices).__name__
+            raise ValueError(f"compress_at: indices must be a 1-D int64 tensor, got {got}")
+        if accumulated is None:
+            accumulated = self._accumulate(flat, memory, layout, step)
+        elif accumulated.dtype != torch.float32 or accumulated.shape != (layout.numel,):
+            raise ValueError(f"compress_at: accumulated must be float32 of shape ({layout.numel},), got "
+                             f"{accumulated.dtype} of shape {tuple(accumulated.shape)}")
+        chosen = accumulated[indices]
+        dtype = VALUE_DTYPES[self.values]
+        payload = chosen.to(dtype, copy=True)
+        sent = chosen if dtype == torch.float32 else payload.float()
+        pending, scratch = self._pending_at(flat, memory, layout, step, indices, accumulated, chosen, sent)
+        scratch.update(indices=indices, wire_values=sent, finite=torch.isfinite(grad).all())
+        return Compressed(payload, pending, scratch)
+
+    def _accumulate(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout,
+                    step: int) -> torch.Tensor:
+        """:meth:`accumulate` of a flat float32 ``grad`` (Tensor[numel]); a new tensor."""
+        raise NotImplementedError(f"compressor {self.name!r} sets agreed_indices but does not "
+                                  f"implement _accumulate")
+
+    def _pending_at(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int,
+                    indices: torch.Tensor, accumulated: torch.Tensor, chosen: torch.Tensor,
+                    sent: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """The pending memory and the compressor's own scratch of :meth:`compress_at`, given the
+        flat float32 ``grad``, ``accumulated`` (not to be changed), ``chosen`` (its values at
+        ``indices``, float32[K]) and ``sent`` (those values as the wire rounds them)."""
+        raise NotImplementedError(f"compressor {self.name!r} sets agreed_indices but does not "
+                                  f"implement _pending_at")
+
+    @staticmethod
+    def _flat_grad(what: str, grad: torch.Tensor, layout: BucketLayout) -> torch.Tensor:
+        if grad.numel() != layout.numel or grad.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{what}: grad must be float32, float16 or bfloat16 with {layout.numel} "
+                             f"entries, got {grad.dtype} with {grad.numel()}")
+        return grad.reshape(-1).to(torch.float32)
 
 
 def per_segment(segments: List[Segment],

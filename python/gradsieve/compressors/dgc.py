@@ -17,6 +17,12 @@ Per worker and bucket:
   (on the device, no host sync) for the next step when too few passed. With ``sample_fraction=0``
   selection is exact top-k.
 
+At agreed indices (``compress_at``, for an exchange that all-reduces the values at one index set
+chosen for all ranks) clipping and momentum correction apply as above, the values of ``v`` at the
+given indices are sent, and ``u`` and ``v`` are zeroed there (``v`` keeps the wire's rounding
+error); the sampled threshold and the warm-up select nothing (the caller chooses the set, and may
+size it by ``density_at``, which follows the warm-up).
+
 Momentum lives in the compressor: use it with a momentum-free optimizer (plain SGD), or the
 gradient gets momentum twice; given the optimizer (``state.watch_optimizer``) it warns about that.
 """
@@ -59,6 +65,7 @@ class DGCCompressor(SparseCompressor):
         "seed": Option(0, "seed of the threshold sampling", kind=int),
     }
     memory_names = ("momentum_u", "velocity_v")
+    agreed_indices = True
     # threshold_select pads each segment (padding inside the entries: the wire sorts them out);
     # the optimizer is checked for a momentum of its own.
     traits = dataclasses.replace(SparseCompressor.traits, ascending=False, signals=frozenset({OptimizerSet}))
@@ -127,12 +134,30 @@ class DGCCompressor(SparseCompressor):
             slots.append(order[min(keys)])
         return slots
 
-    def select(self, grad, memory, segments, layout, step):
+    def _momentum(self, grad, memory, layout):
+        """``u = momentum * u + g`` (a new tensor), ``g`` the gradient after local clipping."""
         g = grad
         if self.clip_norm > 0:
             limit = self.clip_norm / math.sqrt(layout.world_size)
             g = grad * torch.clamp(limit / (torch.linalg.vector_norm(grad) + 1e-12), max=1.0)
-        u = memory.entries["momentum_u"] * self.momentum + g
+        return memory.entries["momentum_u"] * self.momentum + g
+
+    def _accumulate(self, grad, memory, layout, step):
+        return memory.entries["velocity_v"] + self._momentum(grad, memory, layout)
+
+    def _pending_at(self, grad, memory, layout, step, indices, accumulated, chosen, sent):
+        # Momentum factor masking at the indices, by the same product with a 0/1 mask as select
+        # (so a negative entry becomes -0.0 alike); v keeps the wire's rounding there. The
+        # threshold factor is not used, so it stays as it is.
+        keep = torch.ones_like(accumulated).index_fill_(0, indices, 0.0)
+        u = self._momentum(grad, memory, layout) * keep
+        v = accumulated * keep
+        if self.values != "fp32":
+            v.index_add_(0, indices, chosen - sent)
+        return {"momentum_u": u, "velocity_v": v}, {}
+
+    def select(self, grad, memory, segments, layout, step):
+        u = self._momentum(grad, memory, layout)
         v = memory.entries["velocity_v"] + u
         factor = memory.extra.get("threshold_factor")
         if factor is None or factor.numel() != len(layout.param_numels):

@@ -6,6 +6,9 @@ Each worker keeps an estimate ``g_i`` of its own gradient and sends only the top
 ``g = mean(g_i)`` by adding ``mean(c_i)``, and ``g`` is what the optimizer receives. Unlike plain
 error feedback it converges on heterogeneous data, where workers' gradients differ persistently.
 The estimates start at zero.
+
+At agreed indices (``compress_at``) the change ``grad_i - g_i`` is sent at the given indices, and
+``g_i`` moves by the values as sent (rounded to the wire's dtype).
 """
 
 import dataclasses
@@ -26,6 +29,7 @@ class EF21Compressor(SparseCompressor):
     """
 
     memory_names = ("estimate", "global_estimate")
+    agreed_indices = True
     # The optimizer receives the global estimate, not this step's average.
     traits = dataclasses.replace(SparseCompressor.traits, returns_average=False, commit_needs_average=True)
 
@@ -34,6 +38,13 @@ class EF21Compressor(SparseCompressor):
         change = grad - estimate
         indices, values = per_segment(segments, lambda _, piece, k: ops.topk_abs(change[piece], k))
         return Selection(indices, values, {"estimate": estimate.clone()}, {"indices": indices, "change": values})
+
+    def _accumulate(self, grad, memory, layout, step):
+        return grad - memory.entries["estimate"]
+
+    def _pending_at(self, grad, memory, layout, step, indices, accumulated, chosen, sent):
+        # commit moves the estimate by the change as sent, at the indices.
+        return {"estimate": memory.entries["estimate"].clone()}, {"change": sent}
 
     def absorb_rounding(self, selection, error):
         # g_i must move by what was actually sent: subtract the part that did not survive rounding.

@@ -4,6 +4,10 @@ Each worker adds its gradient to a residual, sends the ``density`` fraction of e
 magnitude, and keeps the rest for later steps: nothing is lost, only delayed (Stich et al. 2018,
 "Sparsified SGD with Memory", arXiv 1809.07599; Aji & Heafield 2017, arXiv 1704.05021). With int8,
 fp16 or bf16 values the rounding error of the sent values stays in the residual too.
+
+At agreed indices (``compress_at``, for an exchange that all-reduces the values at one index set
+chosen for all ranks) the accumulator is the same, the values at the given indices are sent, and
+the residual keeps everything else, so the error-feedback account holds as with ``compress``.
 """
 
 from gradsieve import ops
@@ -18,7 +22,9 @@ class TopKCompressor(SparseCompressor):
     Options: ``density`` (fraction sent), ``scope`` (``"bucket"`` or ``"layer"``),
     ``compress_1d``, ``values`` (``fp32``/``fp16``/``bf16``/``int8``), ``chunk`` (int8 scale
     group). Tuning: 0.001-0.01 is the usual density; ``scope="layer"`` guarantees every layer sends
-    something each step, at the same total budget.
+    something each step, at the same total budget. At agreed indices: ``accumulate`` is
+    ``residual + grad``; ``compress_at`` leaves as residual that accumulator with the sent entries
+    replaced by their rounding error (``values`` fp32/fp16/bf16).
 
     Example::
 
@@ -27,11 +33,21 @@ class TopKCompressor(SparseCompressor):
     """
 
     memory_names = ("residual",)
+    agreed_indices = True
 
     def select(self, grad, memory, segments, layout, step):
         residual = memory.entries["residual"].clone()
         indices, values = ef_select(residual, grad, segments, ops)
         return Selection(indices, values, {"residual": residual}, {})
+
+    def _accumulate(self, grad, memory, layout, step):
+        return memory.entries["residual"] + grad
+
+    def _pending_at(self, grad, memory, layout, step, indices, accumulated, chosen, sent):
+        # The residual: the accumulator with the sent values taken out, their rounding kept.
+        if self.values == "fp32":
+            return {"residual": accumulated.index_fill(0, indices, 0.0)}, {}
+        return {"residual": accumulated.index_copy(0, indices, chosen - sent)}, {}
 
     def absorb_rounding(self, selection, error):
         selection.pending["residual"].index_add_(0, selection.indices, error)
