@@ -301,6 +301,22 @@ def test_hierarchical_exchange_on_two_nodes_of_two(tmp_path, name):
     check_through_the_hook(tmp_path, name, 4, "hierarchical", {"local": 2})
 
 
+def test_allreduce_exchange_through_the_hook(tmp_path):
+    """The agreed-index all-reduce exchange with topk on 2 ranks."""
+    check_through_the_hook(tmp_path, "topk", 2, "allreduce", {"select": "mix"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,select", [("dgc", "leader"), ("ef21", "previous"), ("topk", "leader")])
+def test_allreduce_exchange_through_the_hook_for_each_compressor(tmp_path, name, select):
+    check_through_the_hook(tmp_path, name, 2, "allreduce", {"select": select})
+
+
+@pytest.mark.slow
+def test_hierarchical_with_allreduce_across_nodes_through_the_hook(tmp_path):
+    check_through_the_hook(tmp_path, "topk", 4, "hierarchical", {"local": 2, "cross": "allreduce"})
+
+
 def check_through_the_hook(tmp_path, name, world, exchange="allgather", exchange_options=None):
     options = options_for(name)
     traits = compressor_class(name).traits
@@ -426,7 +442,7 @@ def test_run_together_refuses_diverged_rounds():
 
     with pytest.raises(RuntimeError, match="asked for different collectives"):
         gradsieve.run_together([phase("all_gather"), phase("all_reduce")])
-    with pytest.raises(ValueError, match="unknown exchange 'ring'; available: allgather, hierarchical"):
+    with pytest.raises(ValueError, match="unknown exchange 'ring'; available: allgather, allreduce, hierarchical"):
         gradsieve.CompressionState("topk", exchange="ring")
 
 

@@ -172,3 +172,128 @@ def test_a_checkpoint_loads_only_into_the_same_exchange():
                                        exchange=gradsieve.get_exchange("hierarchical", simulated_world=4, local=2))
     again.load_state_dict(nodes.state_dict())
     assert again.stats()["node_bytes"] == 0
+
+
+# ------------------------------------------------------------------------------ the agreed-index all-reduce
+def test_allreduce_leader_sends_the_leaders_top_k_and_keeps_the_rest():
+    """Against plain torch: step 0's leader (worker 0 for bucket 0) picks the top-k of its
+    gradient; every worker's values there are averaged; each worker keeps the rest."""
+    world, numel, k = 3, 200, 10
+    sim = gradsieve.Simulator("topk", world, exchange="allreduce", density=k / numel)
+    grads = grads_for(world, numel, steps=2)
+    out = sim.step(grads[0])
+    chosen = grads[0][0].abs().topk(k).indices.sort().values
+    expected = torch.zeros(numel)
+    expected[chosen] = torch.stack([g[chosen] for g in grads[0]]).sum(0) / world
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    for w in range(world):
+        kept = grads[0][w].clone()
+        kept[chosen] = 0
+        assert torch.equal(sim.memory(w, "residual"), kept)
+    # Step 1: the leader is worker 1, choosing from its residual plus its gradient.
+    out = sim.step(grads[1])
+    acc = [sim_residual + g for sim_residual, g in zip([grads[0][w].clone().index_fill_(0, chosen, 0)
+                                                        for w in range(world)], grads[1])]
+    chosen = acc[1].abs().topk(k).indices.sort().values
+    expected = torch.zeros(numel)
+    expected[chosen] = torch.stack([a[chosen] for a in acc]).sum(0) / world
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("select", ["leader", "previous", "mix"])
+@pytest.mark.parametrize("name", ["topk", "dgc", "ef21"])
+def test_allreduce_at_full_density_is_the_average(select, name):
+    world, numel = 4, 300
+    options = {"momentum": 0.0} if name == "dgc" else {}
+    sim = gradsieve.Simulator(name, world, exchange="allreduce", exchange_options={"select": select},
+                              density=1.0, **options)
+    for grads in grads_for(world, numel, steps=3):
+        torch.testing.assert_close(sim.step(grads), torch.stack(grads).mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("select", ["leader", "previous", "mix"])
+def test_allreduce_error_feedback_account(select):
+    world, numel = 4, 500
+    sim = gradsieve.Simulator("topk", world, exchange="allreduce", exchange_options={"select": select},
+                              density=0.02)
+    total = torch.zeros(numel, dtype=torch.float64)
+    delivered = torch.zeros(numel, dtype=torch.float64)
+    for grads in grads_for(world, numel, steps=8):
+        total += sum(g.double() for g in grads)
+        delivered += world * sim.step(grads).double()
+    held = sum(sim.memory(w, "residual").double() for w in range(world))
+    torch.testing.assert_close(delivered + held, total, rtol=0, atol=1e-4)
+
+
+def test_allreduce_previous_freezes_the_set_and_mix_renews_part_of_it():
+    """"previous" alone keeps step 0's set forever (the average is zero outside it); "mix" takes
+    half from the leader each step."""
+    world, numel, k = 4, 400, 20
+    sets = {}
+    for select in ("previous", "mix"):
+        sim = gradsieve.Simulator("topk", world, exchange="allreduce", exchange_options={"select": select},
+                                  density=k / numel)
+        seen = []
+        for grads in grads_for(world, numel, steps=5):
+            sim.step(grads)
+            seen.append(set(next(iter(sim.exchange.previous.values())).tolist()))
+        sets[select] = seen
+    assert all(s == sets["previous"][0] for s in sets["previous"])
+    assert all(len(s) == k for s in sets["mix"])
+    assert any(len(a - b) > 0 for a, b in zip(sets["mix"][1:], sets["mix"]))
+
+
+def test_allreduce_a_non_finite_gradient_outside_the_set_skips_the_step():
+    world, numel = 2, 100
+    sim = gradsieve.Simulator("topk", world, exchange="allreduce", density=0.05)
+    grads = grads_for(world, numel, steps=2)
+    sim.step(grads[0])
+    before = [sim.memory(w, "residual").clone() for w in range(world)]
+    bad = [g.clone() for g in grads[1]]
+    bad[1][int(bad[1].abs().argmin())] = float("nan")  # an entry no one would send
+    assert torch.isnan(sim.step(bad)).all() and sim.skipped_steps == 1
+    for w in range(world):
+        assert torch.equal(sim.memory(w, "residual"), before[w])
+
+
+def test_allreduce_bytes_are_the_values_and_the_broadcast_set():
+    world, numel, k = 4, 1000, 10
+    sim = gradsieve.Simulator("topk", world, exchange="allreduce", density=k / numel, values="bf16")
+    sim.step(grads_for(world, numel, steps=1)[0])
+    assert sim.wire_bytes == world * (k + 1) * 2  # values and the finiteness entry, in bf16
+
+
+def test_allreduce_refuses_what_it_cannot_sum():
+    with pytest.raises(ValueError, match="needs a compressor that can send at indices .* 'regtopk' chooses its own"):
+        gradsieve.Simulator("regtopk", 2, exchange="allreduce")
+    with pytest.raises(ValueError, match="values must be fp32, fp16 or bf16 .* got 'int8'"):
+        gradsieve.Simulator("topk", 2, exchange="allreduce", values="int8")
+    with pytest.raises(ValueError, match="select must be one of leader, previous, mix, got 'best'"):
+        gradsieve.get_exchange("allreduce", simulated_world=2, select="best")
+    with pytest.raises(ValueError, match=r"share must be a number in \(0, 1\), got 1.0"):
+        gradsieve.get_exchange("allreduce", simulated_world=2, share=1.0)
+    gradsieve.Simulator("none", 2, exchange="allreduce")  # dense compressors all-reduce anyway
+
+
+def test_hierarchical_with_an_allreduce_across_nodes():
+    """Composed: shards inside the node, agreed-index all-reduce across nodes. At full density, the
+    average; the error-feedback account with local times each rank's shard residual."""
+    nodes, local, numel = 2, 2, 301
+    world = nodes * local
+    full = gradsieve.Simulator("topk", nodes=nodes, local=local, exchange="hierarchical",
+                               exchange_options={"cross": "allreduce"}, density=1.0)
+    grads = grads_for(world, numel, steps=2)
+    torch.testing.assert_close(full.step(grads[0]), torch.stack(grads[0]).mean(0), rtol=1e-5, atol=1e-6)
+    sim = gradsieve.Simulator("topk", nodes=nodes, local=local, exchange="hierarchical",
+                              exchange_options={"cross": "allreduce"}, density=0.03)
+    total = torch.zeros(numel, dtype=torch.float64)
+    delivered = torch.zeros(numel, dtype=torch.float64)
+    for step in grads_for(world, numel, steps=5):
+        total += sum(g.double() for g in step)
+        delivered += world * sim.step(step).double()
+    held = torch.zeros(numel, dtype=torch.float64)
+    sizes = shard_sizes(numel, local)
+    for rank in range(world):
+        lo = sum(sizes[:rank % local])
+        held[lo:lo + sizes[rank % local]] += local * sim.memory(rank, "residual").double()
+    torch.testing.assert_close(delivered + held, total, rtol=0, atol=1e-4)

@@ -19,30 +19,22 @@ import torch.distributed as dist
 __all__ = ["verify_config"]
 
 
-def verify_config(state: Any, layout: Any, nbytes: int, world: int, device: torch.device,
-                  payload_group: int = 0) -> None:
+def verify_config(state: Any, layout: Any, world: int, device: torch.device) -> None:
     """Raises ValueError on every rank when the ranks' configurations for bucket ``layout`` differ
     (compressor and its options, run-time state, bucket size, warm-up, exchange, speculative
-    settings) or when ranks of one payload group (``Round.payload_group``: the ranks whose payloads
-    one collective moves) send payloads of different sizes (``nbytes``); returns when they agree.
-    Blocking (two small collectives)."""
+    settings); returns when they agree. Runs before the bucket's first collective, so that no
+    collective of ranks configured differently is started. Blocking (two small collectives)."""
     mine: Dict[str, Any] = {
         "config": state.compressor.config(), "bucket_numel": layout.numel,
         "warmup_steps": state.warmup_steps, "runtime": state.compressor.runtime(),
         "speculative": state.speculative, "overlap_compress": bool(state.overlap_compress),
         "exchange": state.exchange.config()}
     text = json.dumps(mine, sort_keys=True).encode()
-    sizes = torch.tensor([nbytes, payload_group], dtype=torch.int64).view(torch.uint8)
-    digest = torch.cat([torch.tensor(list(hashlib.sha256(text).digest()), dtype=torch.uint8), sizes]).to(device)
+    digest = torch.tensor(list(hashlib.sha256(text).digest()), dtype=torch.uint8, device=device)
     group = state.process_group
-    digests = _gather(digest, world, group).cpu()
-    payloads = digests[:, 32:].contiguous().view(torch.int64)  # [world, (payload bytes, payload group)]
-    same_payloads = all(bool((payloads[payloads[:, 1] == g, 0] == payloads[payloads[:, 1] == g, 0][0]).all())
-                        for g in payloads[:, 1].unique())
-    if bool((digests[:, :32] == digests[0, :32]).all()) and same_payloads:
+    digests = _gather(digest, world, group)
+    if bool((digests == digest).all()):
         return
-    mine = {**mine, "payload_bytes": nbytes, "payload_group": payload_group}
-    text = json.dumps(mine, sort_keys=True).encode()
     # They differ: exchange the readable texts, padded to the longest.
     length = torch.tensor([len(text)], dtype=torch.int64, device=device)
     longest = int(_gather(length, world, group).max())

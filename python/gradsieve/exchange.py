@@ -196,6 +196,12 @@ class Round:
         received whose payloads were malformed."""
         return finished((result, usable, ()))
 
+    @property
+    def payload_group(self) -> int:
+        """Ranks whose rounds give the same number here decode the same payloads (the Simulator
+        decodes once per group)."""
+        return 0
+
     def settled(self, kept: bool) -> None:
         """The step this round belongs to is applied (``kept``) or skipped, on every rank."""
 
@@ -203,11 +209,6 @@ class Round:
         """The rank (of the exchange's process group) whose payload is row ``row`` of what
         :meth:`send` received."""
         return self.members[row]
-
-    @property
-    def payload_group(self) -> int:
-        """Ranks whose rounds return the same number here send payloads of the same size."""
-        return 0
 
 
 class Exchange:

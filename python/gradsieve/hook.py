@@ -82,6 +82,10 @@ def _compress(state: CompressionState, bucket: dist.GradBucket, at: int, world: 
     bucket_layout = state.layout_of(bucket, world)
     if speculative:
         state.inflight.before_compress(state, at, bucket_layout, early)
+    verified = (bucket_layout.numel, compressor.runtime(), state.speculative, bool(state.overlap_compress))
+    if state._verified.get(bucket_layout.index) != verified:
+        verify_config(state, bucket_layout, world, buffer.device)
+        state._verified[bucket_layout.index] = verified
     exchange = state.exchange
     round_ = exchange.round(buffer, bucket_layout, exchange.rank)
     grad, layout = run_now(exchange, round_.prepare())
@@ -92,11 +96,6 @@ def _compress(state: CompressionState, bucket: dist.GradBucket, at: int, world: 
     payload = compressed.payload
     if speculative and sum(p.numel() for p in bucket.parameters()) != layout.numel:
         raise ValueError("gradsieve: speculative training needs DDP buckets made of whole parameters")
-    verified = (payload.numel(), compressor.runtime(), state.speculative, bool(state.overlap_compress))
-    if state._verified.get(layout.index) != verified:
-        verify_config(state, bucket_layout, payload.numel() * payload.element_size(), world, payload.device,
-                      round_.payload_group)
-        state._verified[layout.index] = verified
     state.wire_bytes += payload.numel() * payload.element_size() + round_.index_bytes
     state.node_bytes += round_.node_bytes
     state.dense_bytes += bucket_layout.numel * 4
@@ -204,8 +203,7 @@ def _dense(state: CompressionState, bucket: dist.GradBucket, world: int, count: 
         # A dense compressor's ranks check their configuration at a bucket's first step too.
         verified = ("dense", tensor.numel(), str(dtype))
         if state._verified.get(bucket.index()) != verified:
-            verify_config(state, state.layout_of(bucket, world), tensor.numel() * tensor.element_size(), world,
-                          tensor.device)
+            verify_config(state, state.layout_of(bucket, world), world, tensor.device)
             state._verified[bucket.index()] = verified
     if count:
         state.wire_bytes += tensor.numel() * tensor.element_size()

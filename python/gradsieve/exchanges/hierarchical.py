@@ -148,6 +148,7 @@ class HierarchicalRound(Round):
 
     @property
     def payload_group(self) -> int:
+        """Ranks whose rounds give the same number here decode the same payloads."""
         return self.j
 
 
@@ -159,20 +160,22 @@ class HierarchicalExchange(Exchange):
         process_group: the group to exchange in (default: the whole world); its ranks numbered
             node by node, ``local`` to a node.
         local: ranks per node (default: torchrun's ``LOCAL_WORLD_SIZE``; without it, one node).
-        cross: the registered exchange that moves the shards across nodes (``"allgather"``).
+        cross: the registered exchange that moves the shards across nodes (``"allgather"``, or
+            ``"allreduce"``), with ``cross_options`` (e.g. ``{"select": "mix"}``).
 
     Every rank must build it at the same point (it creates the node and cross-node process
     groups, a collective of the whole world).
     """
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, local: Optional[int] = None,
-                 cross: str = "allgather", simulated_world: Optional[int] = None) -> None:
+                 cross: str = "allgather", cross_options: Optional[Dict[str, Any]] = None,
+                 simulated_world: Optional[int] = None) -> None:
         super().__init__(process_group, simulated_world)
         if cross == "hierarchical":
             raise ValueError("hierarchical exchange: cross must be a flat exchange, got 'hierarchical'")
-        self.inner = get_exchange(cross, process_group, simulated_world=simulated_world)
+        self.inner = get_exchange(cross, process_group, simulated_world=simulated_world, **(cross_options or {}))
         self.cross = cross
-        self.options = {"local": local, "cross": cross}
+        self.options = {"local": local, "cross": cross, "cross_options": dict(cross_options or {})}
         self.topology = Topology.of(self.world_size, local)
         local_rank = _env_int("LOCAL_RANK")
         if (simulated_world is None and local is None and local_rank is not None
