@@ -28,13 +28,13 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from gradsieve.train import link
+from gradsieve.train import cluster, link
 from gradsieve import speculative
 from gradsieve.train.baselines import BASELINES, baseline_options, is_baseline
 from gradsieve.train.launcher import launch, under_torchrun
 from gradsieve.registry import available_compressors, compressor_class, get_compressor
 from gradsieve.train.report import Target, report_comparison
-from gradsieve.train.run import RunSpec
+from gradsieve.train.run import EXCHANGE_OPTIONS, RunSpec, check_exchange, split_exchange
 from gradsieve.train.workloads import (MODEL_SIZES, WORKLOADS, WorkloadError, check_available, defaults_for,
                                  resolve_model_size)
 
@@ -76,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "compressors); a key goes to every run "
                         "that accepts it")
     p.add_argument("--warmup-steps", type=int, default=1, help="dense all-reduce steps before compression")
-    p.add_argument("--nproc", type=int, default=2, help="local worker processes (ignored under torchrun)")
+    p.add_argument("--nproc", type=int, default=2,
+                   help="local worker processes; with --nodes, ranks per node (ignored under torchrun)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="emulated nodes of --nproc ranks each, on this machine: every node a network namespace "
+                        "with one NIC of --link RATE each way into a bridge, started by a torchrun of its own "
+                        "(needs --link; 'unlimited' for unshaped NICs; root or user namespaces)")
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
                    help="auto: nccl with one GPU per rank when GPUs are present, else gloo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default per workload)")
@@ -174,6 +179,8 @@ def plan_runs(args: argparse.Namespace) -> List[RunSpec]:
             declared = dict(compressor_class(name).OPTIONS)  # ValueError for an unknown name
             if speculative.supports(compressor_class(name)):
                 declared.update(speculative.WRAPPER_OPTIONS)
+            if not compressor_class(name).traits.dense:
+                declared.update({key: None for key in EXCHANGE_OPTIONS})
         unknown = sorted(set(own) - set(declared))
         if unknown:
             raise ValueError(f"--compare {item}: {name} has no option {', '.join(unknown)}; "
@@ -195,8 +202,13 @@ def plan_runs(args: argparse.Namespace) -> List[RunSpec]:
                 options["momentum"] = args.momentum
             elif args.optimizer == "adam":
                 options["momentum"] = 0.0
-        compressor_options, _ = speculative.split_options(name, options)  # validates the wrapper's
+        options_left, exchange = split_exchange(options)
+        compressor_options, wrapper = speculative.split_options(name, options_left)  # validates the wrapper's
+        if wrapper is not None and exchange[0] != "allgather":
+            raise ValueError(f"--compare {item}: speculative training needs exchange=allgather, got "
+                             f"exchange={options['exchange']}")
         get_compressor(name, **compressor_options)  # validates values and ranges
+        check_exchange(name, compressor_options, exchange)
         runs.append(RunSpec(name, options, variant))
     unused = sorted(set(given) - used)
     if unused:
@@ -246,6 +258,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.target_metric, args.target_value = target.metric, target.value
     if args.link is not None:
         link.LinkSpec.parse(args.link)  # ValueError on a malformed rate
+    cluster.check_layout(args.nodes, args.nproc)
+    if args.nodes > 1 and args.link is None:
+        raise ValueError("--nodes needs --link RATE, each node's NIC rate (e.g. 1gbit; 'unlimited' for unshaped NICs)")
     if args.out is None:
         args.out = os.path.join("runs", args.workload)
     return args
@@ -265,7 +280,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "checkpoint; leave powersgd out of a checkpointed run")
     except (ValueError, WorkloadError) as err:
         parser.error(str(err))
-    if args.link:
+    in_cluster = cluster.CLUSTER_ENV in os.environ
+    if args.nodes > 1 and under_torchrun() and not in_cluster:
+        parser.error("--nodes starts its own torchrun per emulated node; under torchrun, leave out --nodes")
+    if args.link and not in_cluster:
         spec = link.LinkSpec.parse(args.link)
         if not link.inside():
             if under_torchrun():
@@ -276,6 +294,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except link.LinkError as err:
                 parser.error(str(err))
             return link.run_inside(argv, prefix)
+        if args.nodes > 1:
+            print(f"{PROG}: cluster: {args.nodes} nodes of {args.nproc} ranks, each node's NIC {spec.describe_nic()} "
+                  f"(tbf on both veth ends, bridge; torchrun per node, c10d rendezvous)", flush=True)
+            try:
+                ranks_argv = cluster.without_options(argv, ("--nodes", "--nproc", "--link"))
+                return cluster.run_cluster(args.nodes, args.nproc, spec, ["-m", "gradsieve.train", *ranks_argv], PROG)
+            except link.LinkError as err:
+                parser.error(str(err))
         try:
             link.configure(spec)
         except link.LinkError as err:

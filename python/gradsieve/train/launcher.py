@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List
 import torch
 import torch.distributed as dist
 
-from gradsieve.train import link
+from gradsieve.train import cluster, link
 from gradsieve.train.run import RunSpec, train_one
 from gradsieve.train.workloads import WorkloadError, make_workload
 
@@ -145,6 +145,8 @@ def launch(args: argparse.Namespace, runs: List[RunSpec], reporter: Reporter, pr
     """Runs every spec of ``runs`` on the ranks torchrun gives, or on ``args.nproc`` local worker
     processes. Returns the exit status."""
     if under_torchrun():
+        if cluster.CLUSTER_ENV in os.environ:
+            link.die_with_parent()  # an emulated node's worker goes with its torchrun
         run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
                  args, runs, reporter)
         return 0

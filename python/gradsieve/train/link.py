@@ -99,18 +99,28 @@ class LinkSpec:
         rate = _format_rate(self.rate_bits)
         return f"{rate} shared loopback" + (f", {self.delay_s * 1e3:g} ms delay" if self.delay_s else "")
 
-    def tc_commands(self) -> List[List[str]]:
-        """The ``ip``/``tc`` commands that shape the namespace's loopback."""
-        cmds = [["ip", "link", "set", "lo", "mtu", str(MTU), "up"]]
+    def describe_nic(self) -> str:
+        """The rate as a node's NIC has it (``--nodes``): each direction, unshared."""
         if self.rate_bits is None:
-            return cmds
+            return "unlimited"
+        return f"{_format_rate(self.rate_bits)} each way"
+
+    def tbf_command(self, device: str) -> List[str]:
+        """The ``tc`` command that limits what ``device`` sends to the rate."""
         rate = self.rate_bits / 8
         # A burst of at least a few packets (smaller ones drop every MTU-sized packet and TCP
         # stalls) and about 1 ms of traffic; a queue deep enough for every socket's TCP window.
         burst = max(32 * 1024, int(rate * 1e-3))
         limit = max(8 << 20, int(rate * 0.5))
-        cmds.append(["tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "tbf",
-                     "rate", f"{self.rate_bits}bit", "burst", str(burst), "limit", str(limit)])
+        return ["tc", "qdisc", "add", "dev", device, "root", "handle", "1:", "tbf",
+                "rate", f"{self.rate_bits}bit", "burst", str(burst), "limit", str(limit)]
+
+    def tc_commands(self) -> List[List[str]]:
+        """The ``ip``/``tc`` commands that shape the namespace's loopback."""
+        cmds = [["ip", "link", "set", "lo", "mtu", str(MTU), "up"]]
+        if self.rate_bits is None:
+            return cmds
+        cmds.append(self.tbf_command("lo"))
         if self.delay_s:
             cmds.append(["tc", "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "netem",
                          "delay", f"{self.delay_s * 1e6:.0f}us", "limit", "100000"])
@@ -186,14 +196,14 @@ def configure(spec: LinkSpec) -> None:
             raise LinkError(f"--link: the token bucket is not on lo after setting it up: {shown.strip()}")
 
 
-def run_inside(argv: Sequence[str], prefix: Sequence[str]) -> int:
-    """Runs ``python -m gradsieve.train argv`` in a new private namespace and waits for it. Ctrl-C
+def run_inside(argv: Sequence[str], prefix: Sequence[str], module: str = "gradsieve.train") -> int:
+    """Runs ``python -m module argv`` in a new private namespace and waits for it. Ctrl-C
     reaches the child too (same process group); the child's workers die with it."""
     env = dict(os.environ, **{INSIDE_ENV: str(_netns_inode())})
     # The namespace has no name server: c10d's reverse lookup of 127.0.0.1 fails and warns once
     # per connection. Quiet c10d's C++ warnings unless the user asked for a log level.
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    cmd = [*prefix, sys.executable, "-m", "gradsieve.train", *argv]
+    cmd = [*prefix, sys.executable, "-m", module, *argv]
     # The re-run process dies with this one (and its workers with it), even on SIGKILL.
     proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
     try:

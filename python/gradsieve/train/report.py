@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from gradsieve.train import link
+from gradsieve.train.cluster import CLUSTER_ENV
 from gradsieve.train.run import human_bytes
 
 __all__ = ["Target", "time_to_target", "add_speedups", "format_table", "write_outputs", "write_plots",
@@ -95,11 +96,15 @@ def _metric_cell(r: Dict[str, Any], has_accuracy: bool) -> str:
 
 
 def format_table(results: List[Dict[str, Any]], has_accuracy: bool, link: bool = False,
-                 target: Optional[Target] = None) -> str:
-    """The comparison as a text table, one row per run."""
+                 target: Optional[Target] = None, cross_node: bool = False) -> str:
+    """The comparison as a text table, one row per run. ``bytes/step`` is what this rank handed to
+    the collectives; ``link/step`` what crossed the shared emulated link; ``x-node/step`` what every
+    emulated node's NIC sent, summed, per step after the warm-up."""
     header = ["compressor", "density", "train loss", "eval loss", "accuracy", "bytes/step", "vs fp32"]
     if link:
         header.append("link/step")
+    if cross_node:
+        header.append("x-node/step")
     header += ["ms/step", "speed-up"]
     if target is not None:
         header += ["to target", "speed-up "]
@@ -117,6 +122,9 @@ def format_table(results: List[Dict[str, Any]], has_accuracy: bool, link: bool =
         if link:
             lb = r.get("link_bytes_per_step")
             row.append("-" if lb is None else human_bytes(lb))
+        if cross_node:
+            xb = r.get("cross_node_bytes_per_step")
+            row.append("-" if xb is None else human_bytes(xb))
         row += [
             f"{1000 * r['time_per_step_s']:.1f}",
             "-" if r.get("step_speedup") is None else f"{r['step_speedup']:.2f}x",
@@ -228,9 +236,23 @@ def write_outputs(out: str, config: Dict[str, Any], results: List[Dict[str, Any]
 def workload_title(args, world: int) -> str:
     name = args.workload + (f" {args.model_size}" if args.model_size else "")
     title = f"{name}, {world} workers" + (", heterogeneous" if args.heterogeneous else "")
-    if args.link:
+    topology = cluster_topology()
+    if topology is not None:
+        nodes, local, rate = topology
+        title = (f"{name}, {nodes} nodes x {local} ranks" + (", heterogeneous" if args.heterogeneous else "")
+                 + f", NIC {link.LinkSpec.parse(rate).describe_nic()}")
+    elif args.link:
         title += f", {link.LinkSpec.parse(args.link).describe()}"
     return title
+
+
+def cluster_topology() -> Optional[tuple]:
+    """(nodes, ranks per node, rate) in an emulated cluster's worker, else None."""
+    text = os.environ.get(CLUSTER_ENV)
+    if not text:
+        return None
+    nodes, local, rate = text.split(",", 2)
+    return int(nodes), int(local), rate
 
 
 def report_comparison(args, results: List[Dict[str, Any]], world: int, workload, backend: str) -> None:
@@ -245,6 +267,8 @@ def report_comparison(args, results: List[Dict[str, Any]], world: int, workload,
         "seed": args.seed, "heterogeneous": args.heterogeneous, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "momentum": args.momentum, "warmup_steps": args.warmup_steps,
         "eval_every": args.eval_every, "link": args.link,
+        "cluster": None if cluster_topology() is None else dict(zip(("nodes", "nproc_per_node", "nic"),
+                                                                     cluster_topology())),
         "target": None if target is None else dataclasses.asdict(target),
         "torch": torch.__version__, "cpu_count": os.cpu_count(),
     }
@@ -254,5 +278,10 @@ def report_comparison(args, results: List[Dict[str, Any]], world: int, workload,
     print()
     print(f"{title}, {results[0]['steps']} steps, seed {args.seed}, {backend}"
           + ("" if target is None else f"; target: {target.describe()}"))
-    print(format_table(results, workload.has_accuracy, link=bool(args.link), target=target))
+    cross = any(r.get("cross_node_bytes_per_step") is not None for r in results)
+    print(format_table(results, workload.has_accuracy, link=bool(args.link) and not cross, target=target,
+                       cross_node=cross))
+    if cross:
+        print("x-node/step: bytes every node's NIC sent, summed, per step after the warm-up (headers included); "
+              "bytes/step: what each rank handed to the collectives, warm-up included")
     print(f"wrote {os.path.join(args.out, 'metrics.json')}, metrics.csv, " + ", ".join(os.path.basename(p) for p in plots))

@@ -25,7 +25,8 @@ from gradsieve.registry import compressor_class
 from gradsieve.signals import Loss
 from gradsieve.speculative import SpeculativeOptimizer, split_options
 from gradsieve.state import CompressionState
-from gradsieve.train import link
+from gradsieve.exchange import get_exchange
+from gradsieve.train import cluster, link
 from gradsieve.train.baselines import is_baseline, register_baseline
 from gradsieve.train.checkpoint import RunCheckpoints, fault_point
 from gradsieve.train.progress import Progress
@@ -60,6 +61,38 @@ class RunSpec:
     @property
     def from_torch(self) -> bool:
         return is_baseline(self.compressor)
+
+
+# Run options that choose the exchange (``--compare topk:exchange=hierarchical``), not the compressor.
+EXCHANGE_OPTIONS = ("exchange", "select")
+EXCHANGES = ("allgather", "hierarchical", "allreduce", "hierarchical+allreduce")
+
+
+def split_exchange(options: Dict[str, Any]) -> tuple:
+    """(the options without the exchange's, (exchange name, its options)); ValueError naming a
+    value that is not allowed."""
+    rest = {k: v for k, v in options.items() if k not in EXCHANGE_OPTIONS}
+    name = options.get("exchange", "allgather")
+    if name not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {name!r}")
+    mine: Dict[str, Any] = {}
+    if "select" in options:
+        if "allreduce" not in name:
+            raise ValueError(f"select= chooses the allreduce exchange's index set; exchange {name!r} has none")
+        mine["select"] = options["select"]
+    if name == "hierarchical+allreduce":
+        return rest, ("hierarchical", {"cross": "allreduce", "cross_options": mine})
+    return rest, (name, mine)
+
+
+def check_exchange(compressor: str, options: Dict[str, Any], exchange) -> None:
+    """Validates the exchange's options and that it can move ``compressor`` (no process group
+    needed)."""
+    name, mine = exchange
+    built = get_exchange(name, simulated_world=1, **({"local": 1} if name == "hierarchical" else {}), **mine)
+    from gradsieve.registry import get_compressor
+
+    built.accepts(get_compressor(compressor, **options))
 
 
 def _per_step(total: Optional[int], steps: int) -> Optional[float]:
@@ -146,12 +179,14 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     if spec.from_torch:
         state, after_step = register_baseline(spec.compressor, ddp, spec.options, steps)
     else:
-        options, wrapper = split_options(spec.compressor, dict(spec.options))
+        options, (exchange, exchange_options) = split_exchange(dict(spec.options))
+        options, wrapper = split_options(spec.compressor, options)
         if "horizon" in compressor_class(spec.compressor).OPTIONS and "horizon" not in options:
             # A compressor that declares a horizon (granular's progress signal) gets the run's
             # length in compressed steps.
             options["horizon"] = max(0, steps - args.warmup_steps)
-        state = CompressionState(spec.compressor, warmup_steps=args.warmup_steps, **options)
+        state = CompressionState(spec.compressor, warmup_steps=args.warmup_steps,
+                                 exchange=get_exchange(exchange, **exchange_options), **options)
         ddp.register_comm_hook(state, compression_hook)
         after_step = None
     traits = Traits() if spec.from_torch else state.compressor.traits
@@ -254,8 +289,18 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
     if 0 in evaluate_at and start == 0:
         evaluate(0)
     # Bytes through the shaped loopback (all ranks, headers included), read by rank 0 every step.
-    link_before = link.tx_bytes() - (link_cum[-1] if link_cum else 0) if args.link and rank == 0 else None
+    in_cluster = cluster.NIC_ENV in os.environ
+    link_before = (link.tx_bytes() - (link_cum[-1] if link_cum else 0) if args.link and rank == 0 and not in_cluster
+                   else None)
+    # On an emulated cluster: the bytes this node's NIC sends, read by its local rank 0.
+    nic_before = cluster.nic_tx_bytes() if in_cluster and os.environ.get("LOCAL_RANK") == "0" else None
+    steady = min(max(args.warmup_steps, start), steps)  # cross-node bytes are counted from here
     for step in range(start, steps):
+        if in_cluster and step == steady:
+            # After the warm-up's dense steps, once every rank has sent all it had to.
+            dist.barrier()
+            if nic_before is not None:
+                nic_before = cluster.nic_tx_bytes()
         if fault is not None and fault == (rank, step):
             sys.stdout.flush()
             sys.stderr.flush()
@@ -300,13 +345,20 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         if every and (step + 1) % every == 0 and step + 1 < steps:
             save_checkpoint(step + 1)
     link_bytes: Optional[float] = None
-    if args.link:
+    if args.link or in_cluster:
         # A rank's send returns once its bytes are in the socket buffer: the last step's may still
         # be queued when rank 0 reads the counter. After a barrier every rank has received all it
         # was sent, so the run's total is complete (the barrier adds a few bytes).
         dist.barrier()
         if link_before is not None:
             link_bytes = (link.tx_bytes() - link_before) / steps
+    cross_node_bytes: Optional[float] = None
+    if in_cluster:
+        # Every node's NIC, summed: the bytes that crossed the switch per step after the warm-up.
+        sent = torch.tensor([0.0 if nic_before is None else float(cluster.nic_tx_bytes() - nic_before)],
+                            dtype=torch.float64, device=device)
+        dist.all_reduce(sent)
+        cross_node_bytes = float(sent.item()) / max(1, steps - steady)
     eval_loss, accuracy = evals[-1]["loss"], evals[-1]["accuracy"]
     if progress is not None:
         progress.close(loss=f"{losses[-1]:.4f}", eval=f"{eval_loss:.4f}",
@@ -339,6 +391,8 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
         "dense_bytes_per_step": stats["dense_bytes"] / steps,
         "compression_ratio": stats["compression_ratio"],
         "link_bytes_per_step": link_bytes,
+        "cross_node_bytes_per_step": cross_node_bytes,
+        "node_bytes_per_step": None if spec.from_torch else stats.get("node_bytes", 0) / steps,
         "time_per_step_s": statistics.median(timed),
         "train_seconds": clock,
         "compress_s_per_step": None if stats["compress_s"] is None else stats["compress_s"] / steps,
