@@ -994,7 +994,7 @@ CLUSTER_REPORT_FIELDS: Dict[str, Tuple] = {
     "decode_ms": (("decode_s_per_step", 1e3), ("decode_ms_per_step", 1.0)),
     "nodes": (("nodes", 1),),
     "local": (("nproc", 1), ("local", 1), ("nproc_per_node", 1)),
-    "link": (("link_bits", 1.0), ("rate_bits", 1.0), ("link", None), ("rate", None)),
+    "link": (("link_bits", 1.0), ("rate_bits", 1.0), ("link", None), ("rate", None), ("nic", None)),
     "exchange": (("exchange", None),),
     "cross": (("cross", None),),
     "compressor": (("compressor", None),),
@@ -1011,7 +1011,8 @@ CROSS_NODE_BYTES_ON_LINK = True
 
 
 def _field(record: Dict, report: Dict, key: str, fields: Dict = CLUSTER_REPORT_FIELDS):
-    places = [record, record.get("topology") or {}, record.get("options") or {}, report.get("config") or {},
+    config = report.get("config") or {}
+    places = [record, record.get("topology") or {}, record.get("options") or {}, config, config.get("cluster") or {},
               report.get("topology") or {}, report.get("machine") or {}]
     for name, scale in fields[key]:
         for place in places:
