@@ -7,7 +7,8 @@ import torch
 
 import gradsieve
 from gradsieve.compressor import BucketLayout
-from gradsieve.exchanges.hierarchical import piece_key, shard_layout, shard_sizes
+from gradsieve.compressor import piece_key, piece_of
+from gradsieve.exchanges.hierarchical import shard_layout, shard_sizes
 
 
 def grads_for(world, numel, seed=0, steps=4):
@@ -33,6 +34,8 @@ def test_a_shard_layout_holds_the_pieces_of_the_parameters_in_it():
     # A piece's key never equals a parameter's key, nor another piece's.
     keys = {piece_key(k, s) for k in range(50) for s in range(50)}
     assert len(keys) == 2500 and all(k < 0 for k in keys)
+    assert all(piece_of(piece_key(k, s)) == (k, s) for k in (0, 1, 5 << 20, 2**40) for s in (0, 1, 2**31))
+    assert piece_of(12) == (12, 0)
     assert shard_layout(layout, 0, 10, 1).param_keys == (7, 8, 9)
 
 
@@ -290,3 +293,14 @@ def test_hierarchical_with_an_allreduce_across_nodes():
     sim = gradsieve.Simulator("topk", nodes=nodes, local=local, exchange="hierarchical",
                               exchange_options={"cross": "allreduce"}, density=0.03)
     check_hierarchical_account(sim, nodes, local, numel, steps=5)
+
+
+def test_a_piece_reads_its_part_of_the_parameters_curvature():
+    """granular scores with the measured Hessian diagonal of each parameter; a shard holding a
+    piece of a parameter reads that piece's part of it."""
+    compressor = gradsieve.get_compressor("granular", density=0.1)
+    whole = BucketLayout(10, (4, 6), (2, 2), 1, 0, (3, 4))
+    shard = shard_layout(whole, 2, 7, 1)  # entries 2-3 of parameter 3, 0-2 of parameter 4
+    params = {3: {"hessian": torch.arange(4.0)}, 4: {"hessian": torch.arange(10.0, 16.0)}}
+    memory = gradsieve.memory.BucketMemory(shard.keys, shard.param_numels, {}, params=params)
+    assert compressor._hessian(memory, shard, torch.device("cpu")).tolist() == [2.0, 3.0, 10.0, 11.0, 12.0]

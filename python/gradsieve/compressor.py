@@ -114,6 +114,22 @@ class BucketLayout:
         return BucketLayout(numel, sizes, tuple(2 for _ in sizes), world_size)
 
 
+def piece_key(key: int, start: int) -> int:
+    """The key of the piece of parameter ``key`` that begins at its entry ``start`` (a bucket
+    layout may hold part of a parameter: the hierarchical exchange's shards). Negative, so that it
+    never equals a parameter's own key, which is >= 0; :func:`piece_of` inverts it."""
+    return -1 - ((key << 32) | start)
+
+
+def piece_of(key: int) -> Tuple[int, int]:
+    """(parameter key, first entry) of a layout key: the parameter itself (entry 0) for a
+    parameter's own key, or what :func:`piece_key` made the piece's key from."""
+    if key >= 0:
+        return key, 0
+    packed = -1 - key
+    return packed >> 32, packed & 0xFFFFFFFF
+
+
 def entries_for(fraction: float, numel: int) -> int:
     """``ceil(fraction * numel)`` of the decimal number the user wrote, capped at ``numel``.
 

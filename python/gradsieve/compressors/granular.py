@@ -67,7 +67,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from gradsieve import ops
-from gradsieve.compressor import SPARSE_OPTIONS, Aggregated, Compressed, Compressor, ProbePlan, Traits, entries_for
+from gradsieve.compressor import (SPARSE_OPTIONS, Aggregated, Compressed, Compressor, ProbePlan, Traits, entries_for,
+                                  piece_of)
 from gradsieve.options import Option
 from gradsieve.signals import CommShare, Loss, ObservationLag
 from gradsieve.registry import register_compressor
@@ -329,10 +330,16 @@ class GranularCompressor(Compressor):
 
     # ------------------------------------------------------------------------------ steps
     def _hessian(self, memory, layout, device) -> Optional[torch.Tensor]:
-        found = [memory.params.get(key, {}).get("hessian") for key in layout.keys]
+        # A piece of a parameter (the hierarchical exchange's shards) reads its part of the
+        # parameter's measured diagonal.
+        found = []
+        for key, numel in zip(layout.keys, layout.param_numels):
+            parent, start = piece_of(key)
+            diagonal = memory.params.get(parent, {}).get("hessian")
+            found.append(None if diagonal is None else diagonal.reshape(-1)[start:start + numel])
         if all(h is None for h in found) or len(layout.keys) != len(layout.param_numels):
             return None
-        parts = [torch.zeros(n, device=device) if h is None else h.reshape(-1).to(device, torch.float32)
+        parts = [torch.zeros(n, device=device) if h is None else h.to(device, torch.float32)
                  for h, n in zip(found, layout.param_numels)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -23,8 +23,10 @@ a rank's compressor memory covers n / L entries.
 
 What a compressor sees: a bucket of the shard's entries whose parameters are the pieces of the
 bucket's parameters that fall in the shard (a parameter cut by a shard boundary is two pieces,
-each with a key of its own: ``scope="layer"`` selects per piece), ``world_size`` N. Its counters
-and statistics count this rank's shard.
+each with a key of its own, :func:`gradsieve.compressor.piece_key`: ``scope="layer"`` selects per
+piece), ``world_size`` N. Its counters and statistics count this rank's shard. Memory kept per
+parameter is kept per piece (predictive's predictors), except what is measured per parameter
+(granular's curvature), which a piece reads from its parameter.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from gradsieve.compressor import Aggregated, BucketLayout, Compressed, Compressor
+from gradsieve.compressor import Aggregated, BucketLayout, Compressed, Compressor, piece_key
 from gradsieve.exchange import (Collective, Exchange, Phase, Round, Topology, get_exchange, register_exchange)
 from gradsieve.memory import BucketMemory
 
-__all__ = ["HierarchicalExchange", "shard_sizes", "shard_layout", "piece_key"]
+__all__ = ["HierarchicalExchange", "shard_sizes", "shard_layout"]
 
 
 def shard_sizes(numel: int, parts: int) -> Tuple[int, ...]:
@@ -46,12 +48,6 @@ def shard_sizes(numel: int, parts: int) -> Tuple[int, ...]:
     one entry longer than the rest."""
     base, extra = divmod(numel, parts)
     return tuple(base + (1 if j < extra else 0) for j in range(parts))
-
-
-def piece_key(key: int, start: int) -> int:
-    """The key of the piece of parameter ``key`` that begins at its entry ``start`` > 0 (negative,
-    so that it never equals a parameter's own key, which is >= 0)."""
-    return -1 - ((key << 32) | start)
 
 
 def shard_layout(layout: BucketLayout, lo: int, hi: int, world_size: int) -> BucketLayout:
