@@ -266,7 +266,9 @@ def test_allreduce_bytes_are_the_values_and_the_broadcast_set():
     world, numel, k = 4, 1000, 10
     sim = gradsieve.Simulator("topk", world, exchange="allreduce", density=k / numel, values="bf16")
     sim.step(grads_for(world, numel, steps=1)[0])
-    assert sim.wire_bytes == world * (k + 1) * 2  # values and the finiteness entry, in bf16
+    # Values and the finiteness entry in bf16, and the leader's int32 index set (as every rank
+    # counts the broadcast it took part in).
+    assert sim.wire_bytes == world * ((k + 1) * 2 + k * 4)
 
 
 def test_allreduce_refuses_what_it_cannot_sum():

@@ -140,7 +140,9 @@ class Simulator:
                                    for r, (grad, part), m in zip(rounds, parts, memories)])
         self.last_compressed = compressed
         received = run_together([_exchanged(r.send(c)) for r, c in zip(rounds, compressed)])
-        self.wire_bytes += sum(c.payload.numel() * c.payload.element_size() for c in compressed)
+        # Every worker's payload, and the index sets an exchange broadcast (as the hook counts them).
+        self.wire_bytes += sum(c.payload.numel() * c.payload.element_size() + r.index_bytes
+                               for c, r in zip(compressed, rounds))
         # Every member of a payload group decodes the same payloads: once per group.
         aggregated = {}
         for r, got, (_, part) in zip(rounds, received, parts):
