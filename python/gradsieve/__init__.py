@@ -12,6 +12,7 @@
 """
 
 from gradsieve import compressors as _compressors  # noqa: F401  (fills the registry)
+from gradsieve import exchanges as _exchanges  # noqa: F401  (fills the exchange registry)
 from gradsieve import ops
 from gradsieve import signals
 from gradsieve.compressor import Aggregated, BucketLayout, Compressed, Compressor, SparseCompressor, Traits

@@ -56,7 +56,6 @@ def register_exchange(name: str) -> Callable[[type], type]:
 
 def available_exchanges() -> List[str]:
     """Registered exchange names, sorted."""
-    _load()
     return _EXCHANGES.names()
 
 
@@ -66,12 +65,7 @@ def get_exchange(name: str, process_group: Optional[dist.ProcessGroup] = None, *
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    _load()
     return _EXCHANGES.lookup(name)(process_group=process_group, **options)
-
-
-def _load() -> None:
-    from gradsieve import exchanges  # noqa: F401  (fills the registry)
 
 
 class Collective(NamedTuple):
