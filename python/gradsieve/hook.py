@@ -42,6 +42,11 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         if not compressor.traits.dense:
             state.layout_of(bucket, world)
         return _dense(state, bucket, world, count=False)
+    if bucket.index() not in state._verified:
+        # A bucket's first call, warm-up included: ranks configured differently (warm-up, exchange,
+        # compressor) fail here, before any of them starts a collective the others do not.
+        verify_config(state, bucket.index(), bucket.buffer().numel(), world, bucket.buffer().device)
+        state._verified[bucket.index()] = ("first",)
     at = state.step
     if bucket.is_last():
         state.step += 1
@@ -84,7 +89,7 @@ def _compress(state: CompressionState, bucket: dist.GradBucket, at: int, world: 
         state.inflight.before_compress(state, at, bucket_layout, early)
     verified = (bucket_layout.numel, compressor.runtime(), state.speculative, bool(state.overlap_compress))
     if state._verified.get(bucket_layout.index) != verified:
-        verify_config(state, bucket_layout, world, buffer.device)
+        verify_config(state, bucket_layout.index, bucket_layout.numel, world, buffer.device)
         state._verified[bucket_layout.index] = verified
     exchange = state.exchange
     round_ = exchange.round(buffer, bucket_layout, exchange.rank)
@@ -203,7 +208,7 @@ def _dense(state: CompressionState, bucket: dist.GradBucket, world: int, count: 
         # A dense compressor's ranks check their configuration at a bucket's first step too.
         verified = ("dense", tensor.numel(), str(dtype))
         if state._verified.get(bucket.index()) != verified:
-            verify_config(state, state.layout_of(bucket, world), world, tensor.device)
+            verify_config(state, bucket.index(), tensor.numel(), world, tensor.device)
             state._verified[bucket.index()] = verified
     if count:
         state.wire_bytes += tensor.numel() * tensor.element_size()
