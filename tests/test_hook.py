@@ -130,9 +130,8 @@ def worker_rebuild(rank, world, compressor="topk", resume=False):
     state = gradsieve.CompressionState(compressor, density=0.1, warmup_steps=1)
     result = train_recorded(rank, model, state, 8)
     if resume:
-        # A resumed run: DDP starts again from its first layout (one bucket), compresses in it
-        # (the warm-up is over) and rebuilds after that step, so the memory restored per parameter
-        # is assembled into the first layout and then moved into the rebuilt buckets.
+        # A resumed run: DDP starts again from its first layout (one bucket) and rebuilds after that
+        # step; the hook compresses that step in the saved (rebuilt) layout.
         saved, weights = state.state_dict(), model.state_dict()
         del model, state
         gc.collect()
@@ -227,6 +226,29 @@ def worker_state_mismatch(rank, world, compressor, setting, values):
             return str(err), step
         opt.step()
     return None, None
+
+
+def worker_ratio(rank, world, dtype, compressor):
+    options = {"density": 0.25, "values": "bf16"} if compressor == "topk" else {}
+    state = gradsieve.CompressionState(compressor, **options)
+    train(rank, small_model(dtype=dtype), state, 3, dtype=dtype)
+    return state.stats()
+
+
+@pytest.mark.parametrize("dtype,compressor,ratio", [
+    (torch.bfloat16, "none", 1.0),  # DDP's all-reduce of a bf16 bucket sends 2 bytes an entry, as this does
+    (torch.bfloat16, "bf16", 1.0),
+    (torch.float32, "bf16", 2.0),
+    (torch.bfloat16, "topk", None),
+])
+def test_compression_ratio_is_against_the_buckets_dtype(tmp_path, dtype, compressor, ratio):
+    stats = run_workers(worker_ratio, 2, tmp_path, dtype, compressor)[0]
+    entries = sum(p.numel() for p in small_model().parameters())
+    assert stats["dense_bytes"] == 3 * entries * torch.tensor([], dtype=dtype).element_size()
+    if ratio is not None:
+        assert stats["compression_ratio"] == ratio
+    else:  # the first step dense, then a quarter of the entries as bf16 values and int32 indices
+        assert 1.1 < stats["compression_ratio"] < 1.3
 
 
 def worker_no_pickle(rank, world, mismatch):
@@ -410,8 +432,8 @@ def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     if compressor != "topk":
         return
     # Error feedback in plain torch, each parameter's residual kept by parameter, whatever bucket
-    # it is in: through the rebuild, and through a resumed run whose first step runs in DDP's first
-    # layout (one bucket) before its memory moves into the rebuilt buckets.
+    # it is in: through the rebuild, and through a resumed run whose first step DDP runs in its first
+    # layout (one bucket).
     ef = reference.ErrorFeedbackTopK(world, 0.1)
 
     def replay(calls, steps, layout):
@@ -433,7 +455,20 @@ def test_bucket_rebuild_after_first_iteration(tmp_path, compressor):
     resumed_calls = [{(c["step"], c["index"]): c for c in r["calls"]} for r in resumed]
     resumed_layout = bucket_layouts(resumed[0]["calls"])
     assert resumed_layout[8] == layout[0] and all(resumed_layout[s] == layout[1] for s in range(9, 12))
-    replay(resumed_calls, range(8, 12), resumed_layout)
+    # DDP hands the resumed run's first step over in its first layout; the hook compresses it in
+    # the saved (rebuilt) layout: read each parameter's input and output out of the first layout's
+    # buckets and replay the step in the rebuilt one.
+    for r in range(world):
+        by_param = {}
+        for index, params in layout[0]:
+            call, offset = resumed_calls[r][8, index], 0
+            for p in params:
+                by_param[p] = (call["input"][offset:offset + sizes[p]], call["output"][offset:offset + sizes[p]])
+                offset += sizes[p]
+        for index, params in layout[1]:
+            resumed_calls[r][8, index] = {"input": torch.cat([by_param[p][0] for p in params]),
+                                          "output": torch.cat([by_param[p][1] for p in params])}
+    replay(resumed_calls, range(8, 12), {**resumed_layout, 8: layout[1]})
     residuals_match([r["memory"] for r in resumed])
     for r in resumed:
         assert r["finite"] and r["stats"]["compressed_steps"] == 11

@@ -4,14 +4,17 @@
 What is saved: the compressor's configuration (a checkpoint loads only into a state configured
 alike), the warm-up, the hook's step, the compressor memory per parameter (so that it is placed
 right whatever bucket layout the new process starts from), the compressor's run-time state and the
-statistics. Not saved: the process group and the exchange's collectives, the parameter keys (the
-hook learns them again from DDP's first layout), and anything in flight (saving refuses while
-speculative exchanges are in flight).
+statistics, and the parameter keys of each bucket of DDP's current layout (the restored hook runs
+DDP's first iteration in that layout, :mod:`gradsieve.resume`). Not saved: the process group and
+the exchange's collectives, which parameter each key names (the hook learns that again from DDP's
+first layout), and anything in flight (saving refuses while speculative exchanges are in flight).
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict
+
+from gradsieve.resume import FirstIteration
 
 __all__ = ["STATS", "state_dict", "load_state_dict"]
 
@@ -34,6 +37,8 @@ def state_dict(state: Any) -> Dict[str, Any]:
         "compressor_state": state.compressor.state_dict(),
         "exchange": state.exchange.config(),
         "exchange_state": state.exchange.state_dict(),
+        # The bucket layout the run is in: a restored hook runs DDP's first iteration in it.
+        "layouts": state.bucket_layouts(),
         "stats": {key: getattr(state, key) for key in STATS},
     }
 
@@ -54,6 +59,8 @@ def load_state_dict(state: Any, saved: Dict[str, Any]) -> None:
     state.memory.load_state_dict(saved["memory"])
     state.compressor.load_state_dict(saved.get("compressor_state", {}))
     state.exchange.load_state_dict(saved.get("exchange_state", {}))
+    layouts = saved.get("layouts")
+    state.first_iteration = FirstIteration(layouts) if layouts else None
     for key, value in saved.get("stats", {}).items():
         if key not in STATS:
             raise ValueError(f"CompressionState.load_state_dict: unknown statistic {key!r} in the checkpoint")

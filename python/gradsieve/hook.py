@@ -13,6 +13,10 @@ world's payloads into the bucket (:mod:`gradsieve.compressor` describes the step
 ``warmup_steps`` steps are summed densely, as DDP rebuilds its buckets after the first iteration.
 Under speculative training (:mod:`gradsieve.inflight`) the exchange is left in flight and DDP gets
 this rank's own update. The returned future does not block the backward pass.
+
+A bucket's first call checks that every rank is configured alike (:mod:`gradsieve.config_check`).
+After :meth:`CompressionState.load_state_dict`, DDP's first iteration is run in the saved run's
+bucket layout (:mod:`gradsieve.resume`), so a restored run continues as the saved one would have.
 """
 
 # No "from __future__ import annotations": DDP checks the hook's annotations as objects.
@@ -38,21 +42,22 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     """
     world = state.exchange.world_size
     compressor = state.compressor
-    if state.observing:  # learn the layout, change and count nothing
-        if not compressor.traits.dense:
-            state.layout_of(bucket, world)
-        return _dense(state, bucket, world, count=False)
+    state.layout_of(bucket, world)  # learns parameter keys from DDP's first layout
     if bucket.index() not in state._verified:
         # A bucket's first call, warm-up included: ranks configured differently (warm-up, exchange,
         # compressor) fail here, before any of them starts a collective the others do not.
         verify_config(state, bucket.index(), bucket.buffer().numel(), world, bucket.buffer().device)
         state._verified[bucket.index()] = ("first",)
+    first = state.first_iteration
+    if first is not None:
+        # DDP's first iteration after a restore: compressed in the saved run's bucket layout.
+        if bucket.is_last():
+            state.first_iteration = None
+        return first.hold(state, bucket, compression_hook)
     at = state.step
     if bucket.is_last():
         state.step += 1
     if compressor.traits.dense or at < state.warmup_steps:
-        if not compressor.traits.dense:
-            state.layout_of(bucket, world)  # learn parameter keys from DDP's first layout
         return _dense(state, bucket, world, at=at)
     speculative = state.speculative is not None
     early = speculative and bool(state.overlap_compress)
@@ -103,7 +108,7 @@ def _compress(state: CompressionState, bucket: dist.GradBucket, at: int, world: 
         raise ValueError("gradsieve: speculative training needs DDP buckets made of whole parameters")
     state.wire_bytes += payload.numel() * payload.element_size() + round_.index_bytes
     state.node_bytes += round_.node_bytes
-    state.dense_bytes += bucket_layout.numel * 4
+    state.dense_bytes += bucket_layout.numel * buffer.element_size()  # DDP's all-reduce of the bucket
     state.compress_s += time.perf_counter() - started
     launched = time.perf_counter()
     period = None
@@ -198,22 +203,14 @@ def _land_second(state: CompressionState, job: BucketJob, buffer: torch.Tensor, 
         out.set_exception(err)
 
 
-def _dense(state: CompressionState, bucket: dist.GradBucket, world: int, count: bool = True,
-           at: int = 0) -> torch.futures.Future:
+def _dense(state: CompressionState, bucket: dist.GradBucket, world: int, at: int = 0) -> torch.futures.Future:
     """The bucket summed densely (in the compressor's all-reduce dtype) and averaged."""
     buffer = bucket.buffer()
     dtype = state.compressor.traits.allreduce_dtype or buffer.dtype
     tensor = buffer.to(dtype) if dtype != buffer.dtype else buffer
-    if count and state.compressor.traits.dense:
-        # A dense compressor's ranks check their configuration at a bucket's first step too.
-        verified = ("dense", tensor.numel(), str(dtype))
-        if state._verified.get(bucket.index()) != verified:
-            verify_config(state, bucket.index(), tensor.numel(), world, tensor.device)
-            state._verified[bucket.index()] = verified
-    if count:
-        state.wire_bytes += tensor.numel() * tensor.element_size()
-        state.dense_bytes += buffer.numel() * 4
-    keep = count and state.speculative is not None
+    state.wire_bytes += tensor.numel() * tensor.element_size()
+    state.dense_bytes += buffer.numel() * buffer.element_size()
+    keep = state.speculative is not None
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         buffer.copy_(fut.value().div_(world))

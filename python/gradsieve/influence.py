@@ -116,7 +116,7 @@ def probe(state: Any, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module
     whether it probed. A DDP wrapper is unwrapped: the probe must not run DDP's reduction."""
     compressor = state.compressor
     plan = compressor.probe_plan() if compressor.traits.probes else None
-    if plan is None or state.observing:
+    if plan is None:
         return False
     if state._last_probe is not None and state.step - state._last_probe < plan.every:
         return False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,7 @@ from gradsieve.inflight import SpeculativeExchanges
 from gradsieve.ledger import InOrder, StepLedger
 from gradsieve.memory import MemoryBank
 from gradsieve.registry import compressor_class, get_compressor
+from gradsieve.resume import FirstIteration
 from gradsieve.signals import Loss, Metric, OptimizerSet, Signal
 
 __all__ = ["CompressionState"]
@@ -59,7 +60,8 @@ class CompressionState:
         "step",
         "_param_keys",
         "_verified",
-        "observing",
+        "_layouts",
+        "first_iteration",
         "ledger",
         "in_order",
         # speculative training (gradsieve.speculative): the revert threshold while an optimizer
@@ -118,9 +120,11 @@ class CompressionState:
         self.step = 0
         self._param_keys: Dict[int, int] = {}
         self._verified: Dict[int, Any] = {}
-        # While True the hook only learns bucket layouts and all-reduces densely, counting and
-        # changing nothing (a resumed run replays DDP's first iteration this way).
-        self.observing = False
+        # The parameter keys of each bucket of DDP's current layout (None: a bucket whose buffer
+        # is not its parameters' gradients), saved in checkpoints.
+        self._layouts: Dict[int, Optional[Tuple[int, ...]]] = {}
+        # After load_state_dict: DDP's first iteration, run in the saved layout (gradsieve.resume).
+        self.first_iteration: Optional[FirstIteration] = None
         self.ledger = StepLedger()
         self.in_order = InOrder()
         self.speculative: Optional[float] = None
@@ -146,7 +150,8 @@ class CompressionState:
     def stats(self) -> Dict[str, Any]:
         """Totals since construction: ``wire_bytes`` (bytes this rank put on the wire, measured
         from the payload buffers; under the hierarchical exchange, what crossed nodes),
-        ``node_bytes`` (what the exchange's collectives inside the node carried), ``dense_bytes`` (what fp32 all-reduce would have sent),
+        ``node_bytes`` (what the exchange's collectives inside the node carried), ``dense_bytes`` (what DDP's own all-reduce of the
+        buckets, in their dtype, would have sent),
         ``compression_ratio`` (their ratio), ``compress_s``/``decode_s`` (host time; on CUDA the
         kernels run asynchronously, so these time the launches), ``steps``, ``compressed_steps``,
         ``skipped_steps`` (non-finite steps or malformed payloads), ``wait_s`` (speculative
@@ -247,6 +252,18 @@ class CompressionState:
         return probe(self, model, loss_fn, batch)
 
     # ------------------------------------------------------------------------------ layouts
+    def param_key(self, param: torch.Tensor) -> int:
+        """The key the hook knows ``param`` by (learned from the first layout it was seen in)."""
+        return self._param_keys[id(param)]
+
+    def bucket_layouts(self) -> Optional[List[Tuple[int, ...]]]:
+        """The parameter keys of every bucket of DDP's latest layout, in bucket order; None when
+        it is not known whole."""
+        layouts = [self._layouts.get(index) for index in range(len(self._layouts))]
+        if not layouts or any(keys is None for keys in layouts):
+            return None
+        return layouts
+
     def layout_of(self, bucket: dist.GradBucket, world_size: int) -> BucketLayout:
         """The bucket's layout; learns the parameters' keys from the first layout each is seen in
         (DDP's initial layout, which a fresh process rebuilds identically)."""
@@ -254,10 +271,14 @@ class CompressionState:
         numels = tuple(p.numel() for p in params)
         for position, p in enumerate(params):
             self._param_keys.setdefault(id(p), (bucket.index() << 20) | position)
+        if bucket.index() == 0:
+            self._layouts = {}
         if sum(numels) != bucket.buffer().numel():
+            self._layouts[bucket.index()] = None
             # Unknown layout: the bucket is one segment with a key of its own.
             return BucketLayout(bucket.buffer().numel(), (bucket.buffer().numel(),), (2,), world_size,
                                 bucket.index(), ((bucket.index() << 20) | 0xFFFFF,))
         keys = tuple(self._param_keys[id(p)] for p in params)
+        self._layouts[bucket.index()] = keys
         ndims = tuple(p.dim() for p in params)
         return BucketLayout(bucket.buffer().numel(), numels, ndims, world_size, bucket.index(), keys)

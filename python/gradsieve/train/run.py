@@ -144,20 +144,14 @@ def _check_signature(saved: Dict[str, Any], now: Dict[str, Any], path: str) -> N
                              "--checkpoint-dir")
 
 
-def _replay_first_iteration(ddp, model, state, spec: RunSpec, workload, args, device, saved) -> None:
-    """A resumed process replays DDP's first iteration (forward and backward of a throw-away batch,
-    no optimizer step): DDP then rebuilds its buckets in the order the uninterrupted run used, and
-    the hook learns the parameter keys from DDP's initial layout, as it did. The hook only observes
-    (dense all-reduce, no memory or counter changes); the model's buffers (batch-norm statistics)
-    are reloaded afterwards."""
-    if not spec.from_torch:
-        state.observing = True
-    try:
-        x, y = workload.batch(torch.Generator().manual_seed(0), args.batch_size)
-        workload.loss(ddp(x.to(device)), y.to(device)).backward()
-    finally:
-        if not spec.from_torch:
-            state.observing = False
+def _replay_first_iteration(ddp, model, workload, args, device, saved) -> None:
+    """A resumed process running one of PyTorch's own hooks replays DDP's first iteration (forward
+    and backward of a throw-away batch, no optimizer step): DDP then rebuilds its buckets in the
+    order the uninterrupted run used. The model's buffers (batch-norm statistics) are reloaded
+    afterwards. gradsieve's hook needs no replay: after ``load_state_dict`` it runs DDP's first
+    iteration in the saved bucket layout by itself."""
+    x, y = workload.batch(torch.Generator().manual_seed(0), args.batch_size)
+    workload.loss(ddp(x.to(device)), y.to(device)).backward()
     ddp.zero_grad(set_to_none=True)
     model.load_state_dict(saved["model"])
 
@@ -223,9 +217,9 @@ def train_one(args, spec: RunSpec, workload, rank: int, world: int, device: torc
                 if spec.from_torch:
                     for key, value in saved["state"].items():
                         setattr(state, key, value)
+                    _replay_first_iteration(ddp, model, workload, args, device, saved)
                 else:
                     state.load_state_dict(saved["state"])
-                _replay_first_iteration(ddp, model, state, spec, workload, args, device, saved)
                 generator.set_state(saved["generator"])
                 torch.set_rng_state(saved["torch_rng"])
                 if device.type == "cuda" and saved.get("cuda_rng") is not None:
