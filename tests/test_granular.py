@@ -4,6 +4,7 @@ and the probe through the hook's state."""
 
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ NUMEL = sum(SIZES)
 
 
 def sim_for(world=3, **options):
+    # The Simulator takes no probes by itself (store_probe does): probe_every is 0 unless a test
+    # asks, so that granular does not warn of the missing probe.
+    options.setdefault("probe_every", 0)
     return gradsieve.Simulator("granular", world_size=world, param_sizes=SIZES, param_ndims=NDIMS, **options)
 
 
@@ -197,7 +201,7 @@ def test_memory_is_eight_bytes_per_entry_plus_the_probed_diagonal():
 # ------------------------------------------------------------------------------------------ policy
 def test_rules_follow_progress_confidence_and_resources():
     compressor = gradsieve.get_compressor("granular", granularity="auto", horizon=30, window=5,
-                                          steady=0.01, comm_bound=0.5)
+                                          steady=0.01, comm_bound=0.5, probe_every=0)
     sim = gradsieve.Simulator(compressor, world_size=2, param_sizes=SIZES, param_ndims=NDIMS)
     levels = []
     for step in range(30):
@@ -246,7 +250,8 @@ def test_bandit_converges_to_the_best_arm_on_a_synthetic_stream():
 
 def test_bandit_plays_the_level_whose_loss_falls_most_per_byte():
     # A scripted world: the loss falls by 0.01 after a weight step, 0.002 after the others.
-    compressor = gradsieve.get_compressor("granular", granularity="auto", policy="bandit", ucb_c=0.3)
+    compressor = gradsieve.get_compressor("granular", granularity="auto", policy="bandit", ucb_c=0.3,
+                                          probe_every=0)
     sim = gradsieve.Simulator(compressor, world_size=2, param_sizes=SIZES, param_ndims=NDIMS)
     loss = 5.0
     played = []
@@ -264,9 +269,10 @@ def test_bandit_plays_the_level_whose_loss_falls_most_per_byte():
 def test_bandit_without_losses_learns_nothing_and_stays_deterministic():
     a = sim_for(world=2, granularity="auto", policy="bandit")
     b = sim_for(world=2, granularity="auto", policy="bandit")
-    for step in range(8):
-        a.step(grads(2, step))
-        b.step(grads(2, step))
+    with pytest.warns(UserWarning, match="received no training loss"):
+        for step in range(8):
+            a.step(grads(2, step))
+            b.step(grads(2, step))
     assert a.compressor.stats() == b.compressor.stats()
     assert a.compressor.bandit.counts == [0.0, 0.0, 0.0]
 
@@ -366,3 +372,92 @@ def test_a_payload_of_another_level_is_malformed():
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         gradsieve.get_compressor("granular", **options)
+
+
+# ------------------------------------------------------------------------------ the per-step calls
+def steps_of(sim, count, report_loss=False, probe=False):
+    for step in range(count):
+        if report_loss:
+            sim.report_loss(2.0 - 0.01 * step)
+        sim.step(grads(sim.world_size, step))
+        if probe:
+            for worker in range(sim.world_size):
+                sim.compressor.store_probe(sim.banks[worker].params, 0, torch.ones(SIZES[0]))
+
+
+@pytest.mark.parametrize("policy", ["bandit", "rules"])
+def test_auto_without_report_loss_warns_once_naming_the_call(policy):
+    sim = sim_for(world=2, granularity="auto", policy=policy, probe_every=0)
+    with pytest.warns(UserWarning, match=r"granularity='auto'.*received no training loss: "
+                                         r"call state\.report_loss\(loss\)") as caught:
+        steps_of(sim, 6)
+    assert len([w for w in caught if "granular" in str(w.message)]) == 1  # once
+    assert "probe" not in str(caught[0].message)  # probe_every=0: no probe is needed
+
+
+def test_probe_every_without_a_probe_warns_once_naming_the_call():
+    sim = sim_for(world=2, granularity="weight", probe_every=25)  # granular's default
+    with pytest.warns(UserWarning, match=r"probe_every=25 but no curvature probe has arrived: "
+                                         r"call state\.probe\(model, loss_fn, batch\)") as caught:
+        steps_of(sim, 6)
+    assert len([w for w in caught if "granular" in str(w.message)]) == 1
+    assert "report_loss" not in str(caught[0].message)  # weight does not use the loss
+
+
+@pytest.mark.parametrize("options,report_loss,probe", [
+    ({"granularity": "auto", "policy": "bandit", "probe_every": 25}, True, True),
+    ({"granularity": "auto", "policy": "rules", "probe_every": 0}, True, False),
+    ({"granularity": "hybrid", "probe_every": 25}, False, True),  # a fixed level needs no loss
+    ({"granularity": "layer", "probe_every": 0}, False, False),  # nothing needed
+])
+def test_no_warning_when_what_the_options_need_arrives(options, report_loss, probe):
+    sim = sim_for(world=2, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps_of(sim, 6, report_loss=report_loss, probe=probe)
+
+
+def _train_through_the_hook(make_calls, steps=6):
+    """A one-rank gloo group in this process: granular (auto, bandit, probes every 2 steps) through
+    the DDP hook, the loop making the per-step calls or not."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 4))
+        ddp = DDP(model)
+        state = gradsieve.CompressionState("granular", density=0.1, granularity="auto", policy="bandit",
+                                           probe_every=2)
+        ddp.register_comm_hook(state, gradsieve.compression_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+
+        def loss_fn(module, data):
+            return torch.nn.functional.cross_entropy(module(data[0]), data[1])
+
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x, y = torch.randn(16, 20, generator=g), torch.randint(0, 4, (16,), generator=g)
+            opt.zero_grad()
+            loss = loss_fn(ddp, (x, y))
+            if make_calls:
+                state.report_loss(loss.detach())
+            loss.backward()
+            opt.step()
+            if make_calls:
+                state.probe(ddp, loss_fn, (x, y))
+        return state
+    finally:
+        dist.destroy_process_group()
+
+
+def test_through_the_hook_a_loop_without_the_calls_is_warned_and_one_with_them_is_not():
+    with pytest.warns(UserWarning, match=r"report_loss.*state\.probe") as caught:
+        _train_through_the_hook(make_calls=False)
+    assert len([w for w in caught if "granular" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = _train_through_the_hook(make_calls=True)
+    assert state.stats()["probes"] == 3

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from gradsieve.train.progress import Progress
+from gradsieve.train import report
 from gradsieve.train.report import Target, add_speedups, format_table, time_to_target
 
 
@@ -109,3 +110,50 @@ def test_progress_off_a_terminal_prints_lines_not_frames():
     assert 10 <= len(lines) <= 12
     assert lines[0].startswith("topk: step 10/100") and "loss" in lines[0]
     assert "acc 0.990" in lines[-1]
+
+
+def test_the_table_says_what_train_loss_is():
+    results = [run("none", 200.0, [(0, 0.0, 2.0, 0.1), (100, 20.0, 0.3, 0.95)])]
+    add_speedups(results, None)
+    lines = format_table(results, has_accuracy=True).splitlines()
+    assert "train loss" in lines[0]
+    note = [line for line in lines if line.startswith("train loss:")]
+    assert note == [report.TRAIN_LOSS_NOTE]
+    assert "averaged over all ranks" in note[0] and "last 10% of the steps" in note[0]
+
+
+@pytest.mark.parametrize("count", [3, 6, 12])
+@pytest.mark.parametrize("kind", ["step", "bytes"])
+def test_loss_plot_tells_coinciding_runs_apart_and_labels_its_log_axis(count, kind):
+    """Runs with the very same loss curve (dense and fp16 often are): every line has a
+    (line style, marker) of its own, its markers sparse, the y axis (log, under a decade) at
+    least 3 labelled ticks in plain numbers."""
+    import matplotlib.pyplot as plt
+
+    steps = 120
+    loss = [2.3 * math.exp(-s / 40) + 0.3 for s in range(steps)]
+    results = [{"label": f"run{i}", "compressor": f"run{i}",
+                "history": {"loss": list(loss), "cum_bytes": [(s + 1) * 1000.0 for s in range(steps)]}}
+               for i in range(count)]
+    fig = report.loss_figure(results, kind, "title")
+    try:
+        ax = fig.axes[0]
+        lines = ax.get_lines()
+        assert len(lines) == count
+        styles = [(line.get_linestyle(), line.get_marker()) for line in lines]
+        assert len(set(styles)) == count, styles
+        assert all(line.get_linestyle() != "None" and line.get_marker() not in (None, "None", "") for line in lines)
+        if count <= 10:
+            assert len({line.get_color() for line in lines}) == count
+        for line in lines:  # sparse markers: an offset and a stride, about 8 per line
+            offset, every = line.get_markevery()
+            assert every >= steps // 10
+        assert ax.get_yscale() == "log"
+        fig.canvas.draw()
+        low, high = ax.get_ylim()
+        labelled = [(loc, label.get_text()) for loc, label in zip(ax.yaxis.get_majorticklocs(), ax.get_yticklabels())
+                    if low <= loc <= high and label.get_text()]
+        assert len(labelled) >= 3, labelled
+        assert all("$" not in text and "^" not in text for _, text in labelled), labelled  # no 10^x
+    finally:
+        plt.close(fig)

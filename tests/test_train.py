@@ -7,8 +7,10 @@ import csv
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from gradsieve.train import cli as train_cli
+from gradsieve.train import launcher
 from gradsieve.train import run as training
 from gradsieve.train import workloads
 from launching import stop_a_worker
@@ -316,3 +319,104 @@ def test_the_clock_counts_training_steps_and_not_evaluations(monkeypatch, one_ra
     assert [(e["step"], e["seconds"]) for e in record["history"]["eval"]] == [(0, 0.0), (2, 2.0), (4, 4.0), (6, 6.0)]
     assert record["train_seconds"] == 6.0 and record["time_per_step_s"] == 1.0
     assert now[0] == 6 + 4 * 1000.0  # every step drew one batch, every evaluation ran
+
+
+# ------------------------------------------------------------------------ arguments across nodes
+def start_node(rank, world, port, folder, *argv):
+    """``python -m gradsieve.train`` as torchrun starts one rank of a node of one rank (the
+    environment torchrun gives, no agent)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "GRADSIEVE_"))}
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return subprocess.Popen([PYTHON, "-m", "gradsieve.train", "--workload", "digits", "--compare", "topk",
+                             "--no-progress", "--out", os.path.join(folder, f"out{rank}"), *argv],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option,values", [("--steps", ("20", "30")), ("--warmup-steps", ("1", "3"))])
+def test_nodes_started_with_different_arguments_fail_at_once_naming_them(tmp_path, option, values):
+    """Two nodes of one rank each, started (as torchrun would) with different ``option``: both
+    fail before training, exit 2, and say which option differs and its value on each rank; no
+    traceback, no broken connection, no wait for --timeout (600 s here; the hang guard is 240 s).
+    Each node may give its own --out and --timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    began = time.monotonic()
+    nodes = [start_node(rank, 2, port, str(tmp_path), option, value, "--timeout", str(600 + rank))
+             for rank, value in enumerate(values)]
+    try:
+        done = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.communicate()
+    seconds = time.monotonic() - began
+    for node, (_, err) in zip(nodes, done):
+        assert node.returncode == 2, err[-3000:]
+        lines = err.strip().splitlines()
+        assert lines[0] == "gradsieve-train: error: the nodes were started with different arguments:", err
+        assert lines[1] == f"  {option}: rank 0: {values[0]}; rank 1: {values[1]}", err
+        assert len(lines) == 3 and "start every node with the same arguments" in lines[2], err
+        assert "--out" in lines[2] and "--timeout" in lines[2]
+        assert "Traceback" not in err and "peer" not in err and "Connection" not in err
+    assert seconds < 240, seconds
+
+
+def test_the_compared_arguments_leave_out_only_what_a_node_may_choose():
+    args = train_cli.resolve_args(train_cli.build_parser().parse_args(
+        ["--compare", "none,topk:values=int8,dgc", "--opt", "momentum=0.5", "--steps", "20", "--out", "/x",
+         "--timeout", "9", "--checkpoint-dir", "/ck", "--checkpoint-every", "5"]))
+    mine = launcher.agreed_arguments(args, train_cli.plan_runs(args))
+    assert mine["--steps"] == 20 and mine["--warmup-steps"] == 1 and mine["--checkpoint-every"] == 5
+    assert mine["--compare"] == ["none", "topk:values=int8", "dgc"] and mine["--opt"] == {"momentum": "0.5"}
+    assert mine["--target"] == "accuracy=0.97" and mine["--workload"] == "digits"
+    for per_node in ("--out", "--timeout", "--checkpoint-dir", "--data-dir", "--no-progress", "--nproc"):
+        assert per_node not in mine
+    # Every other option of the command is compared (a new option is too, unless listed per node).
+    options = {a.option_strings[0] for a in train_cli.build_parser()._actions if a.option_strings}
+    assert options - set(mine) == {"-h", "--compressor", "--out", "--timeout", "--checkpoint-dir", "--data-dir",
+                                   "--no-progress", "--nproc", "--nodes", "--link"}
+    # --compressor and --compare naming the same run agree.
+    single = train_cli.resolve_args(train_cli.build_parser().parse_args(["--compressor", "topk"]))
+    listed = train_cli.resolve_args(train_cli.build_parser().parse_args(["--compare", "topk"]))
+    assert (launcher.agreed_arguments(single, train_cli.plan_runs(single))
+            == launcher.agreed_arguments(listed, train_cli.plan_runs(listed)))
+
+
+def test_the_failure_line_of_a_node_is_gradsieve_trains_own_report():
+    """An emulated node's output: the worker's report, then torchrun's; the launcher's failure line
+    is the report with its indented lines, not torchrun's ChildFailedError."""
+    output = "\n".join([
+        "gradsieve-train: error: the nodes were started with different arguments:",
+        "  --steps: ranks 0,1: 20; ranks 2,3: 30",
+        "  start every node with the same arguments (only --out may differ)",
+        "[2026-01-01 00:00:00] torch.distributed.elastic.multiprocessing.api: [ERROR] failed (exitcode: 2)",
+        "Traceback (most recent call last):",
+        '  File "run.py", line 1, in <module>',
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "  time      : 2026-01-01_00:00:00",
+    ])
+    assert launcher._error_line(output) == "\n".join([
+        "the nodes were started with different arguments:", "  --steps: ranks 0,1: 20; ranks 2,3: 30",
+        "  start every node with the same arguments (only --out may differ)"])
+    # Without a report of its own: the last error line of the traceback, as before.
+    assert launcher._error_line("Traceback:\n  File x\nValueError: bad\n") == "ValueError: bad"
+
+
+def test_torch_baselines_are_accepted_by_compare_and_listed_in_help(capsys):
+    args = train_cli.resolve_args(train_cli.build_parser().parse_args(
+        ["--compare", "none,torch-fp16,torch-bf16,powersgd,topk"]))
+    runs = train_cli.plan_runs(args)
+    assert [(r.name, r.from_torch) for r in runs] == [
+        ("none", True), ("torch-fp16", True), ("torch-bf16", True), ("powersgd r1", True), ("topk", False)]
+    assert runs[2].options == {}
+    with pytest.raises(SystemExit):
+        train_cli.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--compare COMPARE comma")  # the option's help, not the usage line
+    compare = text[start:text.index("--density", start)]
+    for name in ("none", "torch-fp16", "torch-bf16", "powersgd"):
+        assert name in compare, compare

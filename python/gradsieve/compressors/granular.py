@@ -62,6 +62,7 @@ Memory per entry: ``residual`` and ``score`` (4 bytes each) and the Hessian diag
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -76,6 +77,10 @@ from gradsieve.wire import LayerFormat, PayloadFormat
 
 LEVELS = ("layer", "hybrid", "weight")  # coarse to fine; a level's code is its position
 SIDE_BYTES = 16
+# Compressed steps after this instance's first one at which a missing training loss (auto) or
+# curvature probe (probe_every > 0) is warned about: by then a loop that makes the calls has made
+# them (report_loss before each backward, probe after each optimizer step).
+CALLS_DUE_AFTER = 2
 
 
 class DiscountedUCB:
@@ -204,6 +209,12 @@ class GranularCompressor(Compressor):
         self._loss_local: Any = float("nan")  # this rank's loss of the step (report_loss)
         self._comm_local = float("nan")       # this rank's share of the last step spent waiting
         self._cache: Dict[Tuple[Any, ...], Any] = {}
+        # Whether the per-step calls reached this instance (report_loss, a probe), the first step
+        # it compressed, and whether their absence was checked (once).
+        self._loss_seen = False
+        self._probe_seen = False
+        self._first_step: Optional[int] = None
+        self._calls_checked = False
 
     def _reset_policy(self) -> None:
         self.bandit = DiscountedUCB(len(LEVELS), self.ucb_c, self.ucb_gamma)
@@ -225,6 +236,7 @@ class GranularCompressor(Compressor):
             # without waiting for it).
             loss = signal.loss
             self._loss_local = loss.detach().reshape(()).float() if isinstance(loss, torch.Tensor) else float(loss)
+            self._loss_seen = True
         elif isinstance(signal, CommShare):
             self._comm_local = float(signal.share)
         elif isinstance(signal, ObservationLag):
@@ -343,10 +355,37 @@ class GranularCompressor(Compressor):
                  for h, n in zip(found, layout.param_numels)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def _check_calls(self, step: int, hessian: Optional[torch.Tensor]) -> None:
+        """Warns once when, CALLS_DUE_AFTER compressed steps after the first one, what the options
+        need has not arrived: the training loss for ``auto`` (CompressionState.report_loss), a
+        curvature probe when ``probe_every > 0`` (CompressionState.probe). A resumed run has its
+        probed diagonal back from the checkpoint (``hessian``)."""
+        if self._first_step is None:
+            self._first_step = step
+        if self._calls_checked or step - self._first_step < CALLS_DUE_AFTER:
+            return
+        self._calls_checked = True
+        missing = []
+        if self.granularity == "auto" and not self._loss_seen:
+            without = ("the bandit gets no reward and plays its first level, layer, every step"
+                       if self.policy == "bandit" else
+                       "the rules never see a steady loss and follow progress and wait share only")
+            missing.append(f"granularity='auto' (policy {self.policy!r}) has received no training loss: call "
+                           f"state.report_loss(loss) every step before loss.backward(); without it {without}")
+        if self.probe_every and not self._probe_seen and hessian is None:
+            missing.append(f"probe_every={self.probe_every} but no curvature probe has arrived: call "
+                           "state.probe(model, loss_fn, batch) every step after optimizer.step() (in a "
+                           "Simulator: compressor.store_probe), or set probe_every=0; without it the "
+                           "influence score is |a| alone")
+        if missing:
+            warnings.warn(f"granular: after {step - self._first_step + 1} compressed steps, "
+                          + "; and ".join(missing), UserWarning, stacklevel=2)
+
     def compress(self, grad, memory, layout, step) -> Compressed:
         level = self.bucket_level(self.level_at(step), layout)
         entries = memory.entries
         hessian = self._hessian(memory, layout, grad.device)
+        self._check_calls(step, hessian)
         acc, score = ops.influence_update(grad, entries["residual"], entries["score"], hessian,
                                           self.eps, self.rho)
         finite = torch.isfinite(grad).all()
@@ -455,6 +494,7 @@ class GranularCompressor(Compressor):
     def store_probe(self, params_memory: Dict[int, Dict[str, torch.Tensor]], key: int,
                     diagonal: torch.Tensor) -> None:
         params_memory.setdefault(key, {})["hessian"] = diagonal.detach().reshape(-1).float().clone()
+        self._probe_seen = True
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ") or one of PyTorch's own hooks (" + ", ".join(BASELINES) + "; 'none' is DDP's default "
                         "all-reduce, no hook)")
     p.add_argument("--compare", default=None,
-                   help="comma-separated compressors and torch baselines trained in turn from the same "
+                   help="comma-separated compressors and torch baselines (" + ", ".join(BASELINES)
+                        + ") trained in turn from the same "
                         "seed (replaces --compressor); 'none' is DDP's default all-reduce; a variant "
                         "takes options of its own as name:key=value, density included (e.g. "
                         "topk:density=0.02:values=int8 for a same-bytes comparison)")

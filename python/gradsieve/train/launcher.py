@@ -15,11 +15,65 @@ from typing import Any, Callable, Dict, List
 import torch
 import torch.distributed as dist
 
+from gradsieve.config_check import check_agreement
 from gradsieve.train import cluster, link
 from gradsieve.train.run import RunSpec, train_one
 from gradsieve.train.workloads import WorkloadError, make_workload
 
-__all__ = ["under_torchrun", "launch", "run_rank"]
+__all__ = ["under_torchrun", "launch", "run_rank", "agreed_arguments", "ArgumentsDiffer"]
+
+# How gradsieve-train's own error reports start (argparse's and the launcher's).
+ERROR_PREFIX = "gradsieve-train: error: "
+
+# The arguments each node may give a value of its own (by argparse dest): where it reads and writes
+# (paths on its own disks), how long it waits for a peer, whether it shows progress, and the local
+# layout, which torchrun or the emulated cluster set per node (--nproc is ignored under torchrun).
+PER_NODE = ("out", "data_dir", "checkpoint_dir", "timeout", "no_progress", "nproc", "nodes", "link")
+# Namespace fields compared in another form below: the planned runs stand for --compressor and
+# --compare, the resolved goal for --target.
+_COMPARED_AS = ("compressor", "compare", "opt", "target", "target_metric", "target_value")
+
+
+class ArgumentsDiffer(ValueError):
+    """The ranks were started with different gradsieve-train arguments; raised on every rank, the
+    message names each differing option and its value on every rank."""
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def agreed_arguments(args: argparse.Namespace, runs: List[RunSpec]) -> Dict[str, Any]:
+    """What every rank must have been started with alike, keyed by the option as typed
+    (``--steps``), with the values resolved (a workload's default steps, the target): every
+    argument except those of :data:`PER_NODE`. The runs stand for ``--compare``/``--compressor``
+    (each run's name with its variant); ``--opt`` is its KEY=VALUE pairs (the last of a key wins,
+    as for the runs)."""
+    mine: Dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest not in PER_NODE and dest not in _COMPARED_AS:
+            mine[_option(dest)] = value
+    mine["--compare"] = [spec.name for spec in runs]
+    pairs: Dict[str, str] = {}
+    for item in getattr(args, "opt", None) or ():
+        key, _, value = str(item).partition("=")
+        pairs[key.strip()] = value.strip()
+    mine["--opt"] = pairs
+    metric, value = getattr(args, "target_metric", None), getattr(args, "target_value", None)
+    mine["--target"] = None if metric is None else f"{metric}={value:g}"
+    return mine
+
+
+def check_arguments(args: argparse.Namespace, runs: List[RunSpec], device: torch.device) -> None:
+    """Compares :func:`agreed_arguments` across the ranks (three small collectives when they
+    differ, one when they agree). Raises :class:`ArgumentsDiffer` on every rank when they differ."""
+    try:
+        check_agreement(agreed_arguments(args, runs), group=None, device=device,
+                        what="gradsieve-train: the nodes were started with different arguments")
+    except ValueError as err:
+        may_differ = ", ".join(_option(dest) for dest in PER_NODE if dest not in ("nodes", "link"))
+        raise ArgumentsDiffer(f"{err}\n  start every node with the same arguments (only {may_differ} "
+                              "may differ)") from None
 
 Reporter = Callable[[argparse.Namespace, List[Dict[str, Any]], int, Any, str], None]
 
@@ -56,7 +110,12 @@ def run_rank(rank: int, world: int, local_rank: int, args: argparse.Namespace, r
                                f"({_first_line(err)})") from None
         raise
     try:
+        # Before any training collective: ranks started with different arguments (--steps, say)
+        # would otherwise fail mid-run with a broken connection, or train on wrong numbers.
+        check_arguments(args, runs, device)
         _run_all(rank, world, args, runs, reporter, device, backend)
+    except ArgumentsDiffer:
+        raise
     except Exception as err:
         if _timed_out(err):
             raise RuntimeError(f"rank {rank}: a peer stopped answering: no reply within --timeout {timeout:g} s "
@@ -128,9 +187,20 @@ def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace, r
 
 
 def _error_line(text: str) -> str:
-    """The line of a worker's traceback that says what went wrong: the last "SomeError: ..." line
-    (torch appends the frames of a failed future's callback after the message itself)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    """What a worker's (or a node's) output says went wrong: gradsieve-train's own last error
+    report when there is one ("gradsieve-train: error: ..." and the indented lines under it,
+    without the prefix), else the last "SomeError: ..." line of the traceback (torch appends the
+    frames of a failed future's callback after the message itself)."""
+    raw = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    own = [i for i, line in enumerate(raw) if line.startswith(ERROR_PREFIX)]
+    if own:
+        said = [raw[own[-1]][len(ERROR_PREFIX):]]
+        for line in raw[own[-1] + 1:]:
+            if not line.startswith("  "):
+                break
+            said.append(line)
+        return "\n".join(said)
+    lines = [line.strip() for line in raw]
     said = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:?", line)]
     return (said or lines or [text])[-1]
 
@@ -147,8 +217,19 @@ def launch(args: argparse.Namespace, runs: List[RunSpec], reporter: Reporter, pr
     if under_torchrun():
         if cluster.CLUSTER_ENV in os.environ:
             link.die_with_parent()  # an emulated node's worker goes with its torchrun
-        run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
-                 args, runs, reporter)
+        try:
+            run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
+                     args, runs, reporter)
+        except ArgumentsDiffer as err:
+            # Every rank fails alike; each node's local rank 0 says why, without a traceback
+            # (torchrun then reports the failed workers). An emulated node's line reaches the
+            # launcher's failure line through _error_line.
+            if os.environ.get("LOCAL_RANK") == "0":
+                message = str(err)
+                if message.startswith(f"{prog}: "):
+                    message = message[len(prog) + 2:]
+                print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+            return 2
         return 0
     import logging
 

@@ -22,9 +22,14 @@ from gradsieve.train.cluster import CLUSTER_ENV
 from gradsieve.train.run import human_bytes
 
 __all__ = ["Target", "time_to_target", "add_speedups", "format_table", "write_outputs", "write_plots",
-           "report_comparison"]
+           "loss_figure", "report_comparison"]
 
 METRICS = ("accuracy", "loss")
+
+# What the table's "train loss" is (train_one's record["train_loss"]), printed under the table.
+TRAIN_LOSS_NOTE = ("train loss: the training-batch loss averaged over all ranks at each step, then over "
+                   "the last 10% of the steps (at least the last step); eval loss: the held-out loss "
+                   "after the last step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +145,7 @@ def format_table(results: List[Dict[str, Any]], has_accuracy: bool, link: bool =
     out = [line, "-" * len(line)]
     for row in rows:
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    out.append(TRAIN_LOSS_NOTE)
     if not any(r["compressor"] == "none" for r in results):
         out.append("(no dense run: add 'none' to --compare for the baseline and the speed-ups)")
     return "\n".join(out)
@@ -157,6 +163,87 @@ def _smooth(values: List[float], window: int) -> List[float]:
     return out
 
 
+# Each run's line: a line style and a marker of its own (4 x 10 combinations before one repeats),
+# so that runs whose curves coincide (dense and fp16, sparse compressors at one density) stay
+# apart; the markers sit every few points, at an offset of their own per run.
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+MARKS_PER_LINE = 8
+
+
+def _line_style(index: int, count: int, points: int) -> Dict[str, Any]:
+    """Keyword arguments of ``Axes.plot`` for run ``index`` of ``count`` with ``points`` points."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10" if count <= 10 else "tab20"].colors
+    every = max(1, points // MARKS_PER_LINE)
+    return {"color": colours[index % len(colours)], "linestyle": LINE_STYLES[index % len(LINE_STYLES)],
+            "marker": MARKERS[index % len(MARKERS)], "markevery": (index * every // max(1, count), every),
+            "markersize": 5, "linewidth": 1.4, "markerfacecolor": "none"}
+
+
+def _readable_log_axis(ax, axis: str = "y") -> None:
+    """Plain-number ticks on a log axis spanning less than three decades: evenly spaced round
+    numbers under one decade (1.5, 2, 2.5, ...), 1-2-5 steps under three; powers of ten beyond.
+    Minor ticks unlabelled."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if not 0 < low < high:
+        return
+    if high / low < 10:
+        ticks = [v for v in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high)
+                 if low <= v <= high]
+        locator = FixedLocator(ticks)
+    elif high / low < 1000:
+        locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    else:
+        return
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(locator)
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(NullFormatter())
+    if axis == "y":
+        ax.set_ylim(low, high)
+    else:
+        ax.set_xlim(low, high)
+
+
+def loss_figure(results: List[Dict[str, Any]], kind: str, title: str):
+    """The training loss (moving average) of every run against ``kind``: ``"step"`` or
+    ``"bytes"`` (cumulative MiB sent per rank). Returns the matplotlib Figure (the caller closes
+    it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for index, r in enumerate(results):
+        loss = r["history"]["loss"]
+        y = _smooth(loss, max(1, len(loss) // 30))
+        style = _line_style(index, len(results), len(y))
+        if kind == "step":
+            ax.plot(range(1, len(y) + 1), y, label=r["label"], **style)
+        else:
+            x = [max(b, 1) / 2**20 for b in r["history"]["cum_bytes"]]
+            ax.plot(x, y, label=r["label"], **style)
+    if kind == "step":
+        ax.set_xlabel("step")
+    else:
+        ax.set_xlabel("cumulative MiB sent per rank")
+        ax.set_xscale("log")
+    ax.set_ylabel("training loss (moving average)")
+    if all(v > 0 for r in results for v in r["history"]["loss"]):
+        ax.set_yscale("log")
+        _readable_log_axis(ax)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(out: str, results: List[Dict[str, Any]], title: str, has_accuracy: bool,
                 target: Optional[Target] = None) -> List[str]:
     """``loss_vs_step.png``, ``loss_vs_bytes.png`` (training loss) and ``metric_vs_time.png`` (the
@@ -168,27 +255,7 @@ def write_plots(out: str, results: List[Dict[str, Any]], title: str, has_accurac
 
     paths = []
     for kind in ("step", "bytes"):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        for r in results:
-            loss = r["history"]["loss"]
-            y = _smooth(loss, max(1, len(loss) // 30))
-            if kind == "step":
-                ax.plot(range(1, len(y) + 1), y, label=r["label"])
-            else:
-                x = [max(b, 1) / 2**20 for b in r["history"]["cum_bytes"]]
-                ax.plot(x, y, label=r["label"])
-        if kind == "step":
-            ax.set_xlabel("step")
-        else:
-            ax.set_xlabel("cumulative MiB sent per rank")
-            ax.set_xscale("log")
-        ax.set_ylabel("training loss (moving average)")
-        if all(v > 0 for r in results for v in r["history"]["loss"]):
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+        fig = loss_figure(results, kind, title)
         path = os.path.join(out, f"loss_vs_{kind}.png")
         fig.savefig(path)
         plt.close(fig)
@@ -196,11 +263,13 @@ def write_plots(out: str, results: List[Dict[str, Any]], title: str, has_accurac
 
     use_accuracy = has_accuracy and (target is None or target.metric == "accuracy")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for r in results:
+    for index, r in enumerate(results):
         evals = r["history"]["eval"]
         xs = [e["seconds"] for e in evals]
         ys = [100 * e["accuracy"] if use_accuracy else e["loss"] for e in evals]
-        ax.plot(xs, ys, marker=".", label=r["label"])
+        style = _line_style(index, len(results), len(xs))
+        style["markevery"] = 1  # one point per evaluation: every one marked
+        ax.plot(xs, ys, label=r["label"], **style)
     if target is not None and target.metric == ("accuracy" if use_accuracy else "loss"):
         ax.axhline(100 * target.value if use_accuracy else target.value, color="grey", ls="--", lw=1,
                    label="target")
@@ -208,6 +277,7 @@ def write_plots(out: str, results: List[Dict[str, Any]], title: str, has_accurac
     ax.set_ylabel("held-out accuracy (%)" if use_accuracy else "held-out loss")
     if not use_accuracy and all(e["loss"] > 0 for r in results for e in r["history"]["eval"]):
         ax.set_yscale("log")
+        _readable_log_axis(ax)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
