@@ -27,13 +27,13 @@ def loss_of(model, batch):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
-def user_script(rank, world, name, bucket_cap_mb, path, resume):
+def user_script(rank, world, name, bucket_cap_mb, path, resume, ddp_options=None):
     """What a user writes: a DDP loop with the hook; at SAVE_AT it saves everything (this rank's
     hook state included) to ``path``; with ``resume`` a fresh process loads it and goes on. Returns
     the parameters at the end and each step's loss."""
     state = gradsieve.CompressionState(name, density=0.05, **OPTIONS.get(name, {}))
     model = model_of(seed=7 if resume else 0)  # a resumed model starts elsewhere: loading must fix it
-    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
+    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, **(ddp_options or {}))
     ddp.register_comm_hook(state, gradsieve.compression_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9 if name != "dgc" else 0.0)
     data = torch.Generator().manual_seed(100 + rank)
@@ -71,3 +71,32 @@ def test_resume_in_a_user_script_is_bit_for_bit(tmp_path, name, bucket_cap_mb):
         assert losses2 == losses[SAVE_AT:]
         assert torch.equal(params, params2), (params - params2).abs().max()
         assert stats2["compressed_steps"] == stats["compressed_steps"]
+
+
+@pytest.mark.parametrize("ddp_options", [{"gradient_as_bucket_view": True}, {"static_graph": True},
+                                         {"find_unused_parameters": True}],
+                         ids=["bucket-view", "static-graph", "unused-parameters"])
+def test_resume_with_ddp_options(tmp_path, ddp_options):
+    straight = run_workers(user_script, 2, tmp_path, "topk", 0.004, str(tmp_path), False, ddp_options)
+    resumed = run_workers(user_script, 2, tmp_path, "topk", 0.004, str(tmp_path), True, ddp_options)
+    for (params, losses, _), (params2, losses2, _) in zip(straight, resumed):
+        assert losses2 == losses[SAVE_AT:]
+        assert torch.equal(params, params2), (params - params2).abs().max()
+
+
+def resumed_elsewhere(rank, world, path):
+    """Resumes a checkpoint of a several-bucket run with one big bucket: DDP never reaches the
+    saved layout."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params, _, stats = user_script(rank, world, "topk", 25, path, True)
+    return [str(w.message) for w in caught if "bucket layout" in str(w.message)], bool(params.isfinite().all()), stats
+
+
+def test_resume_in_another_bucket_layout_warns_and_goes_on(tmp_path):
+    run_workers(user_script, 2, tmp_path, "topk", 0.004, str(tmp_path), False)
+    for messages, finite, stats in run_workers(resumed_elsewhere, 2, tmp_path, str(tmp_path)):
+        assert len(messages) == 1 and "not bit for bit" in messages[0], messages
+        assert finite and stats["compressed_steps"] == STEPS - 1

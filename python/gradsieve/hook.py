@@ -41,19 +41,23 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     Register with ``ddp_model.register_comm_hook(state, gradsieve.compression_hook)``.
     """
     world = state.exchange.world_size
-    compressor = state.compressor
     state.layout_of(bucket, world)  # learns parameter keys from DDP's first layout
     if bucket.index() not in state._verified:
         # A bucket's first call, warm-up included: ranks configured differently (warm-up, exchange,
         # compressor) fail here, before any of them starts a collective the others do not.
         verify_config(state, bucket.index(), bucket.buffer().numel(), world, bucket.buffer().device)
         state._verified[bucket.index()] = ("first",)
-    first = state.first_iteration
-    if first is not None:
-        # DDP's first iteration after a restore: compressed in the saved run's bucket layout.
-        if bucket.is_last():
-            state.first_iteration = None
-        return first.hold(state, bucket, compression_hook)
+    if state.first_iteration is not None:
+        # DDP's first iterations after a restore: compressed in the saved run's bucket layout.
+        return state.first_iteration.take(state, bucket, _exchange)
+    return _exchange(state, bucket)
+
+
+def _exchange(state: CompressionState, bucket) -> torch.futures.Future:
+    """The bucket's step: dense in the warm-up and for dense compressors, else compressed and
+    handed to the exchange."""
+    world = state.exchange.world_size
+    compressor = state.compressor
     at = state.step
     if bucket.is_last():
         state.step += 1

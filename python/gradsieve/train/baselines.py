@@ -2,7 +2,8 @@
 
 These are what a user would pick instead of gradsieve, run with torch's code, not ours:
 
-* ``none``: DDP's default: no hook, DDP's built-in all-reduce of every bucket in fp32.
+* ``none``: DDP's default: no hook, DDP's built-in all-reduce of every bucket in the gradients'
+  dtype (fp32 for the workloads here).
 * ``torch-fp16``, ``torch-bf16``: ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks``'s
   ``fp16_compress_hook`` and ``bf16_compress_hook`` (cast, all-reduce, cast back).
 * ``powersgd``: ``PowerSGDState`` + ``powerSGD_hook`` (Vogels et al. 2019, arXiv 1905.13727) with
@@ -11,7 +12,7 @@ These are what a user would pick instead of gradsieve, run with torch's code, no
 
 Each registration returns a :class:`ByteCount` that the training loop reads like a gradsieve
 ``CompressionState``: ``wire_bytes`` (bytes this rank put into collectives) and ``dense_bytes``
-(what fp32 all-reduce moves).
+(what DDP's own all-reduce of the buckets, in their dtype, moves).
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ class ByteCount:
 
 
 def _none(ddp, options, steps, counter: ByteCount) -> Callable[[], None]:
-    # No hook: DDP all-reduces every parameter's fp32 gradient each step.
+    # No hook: DDP all-reduces every parameter's gradient, in its dtype, each step.
     per_step = sum(p.numel() * p.element_size() for p in ddp.parameters() if p.requires_grad)
-    dense = sum(p.numel() * 4 for p in ddp.parameters() if p.requires_grad)
+    dense = per_step
 
     def after_step() -> None:
         counter.wire_bytes += per_step
@@ -69,7 +70,7 @@ def _torch_cast(hook_name: str):
 
         def hook(process_group, bucket):  # no annotations: DDP checks them against the real types
             counter.wire_bytes += bucket.buffer().numel() * 2
-            counter.dense_bytes += bucket.buffer().numel() * 4
+            counter.dense_bytes += bucket.buffer().numel() * bucket.buffer().element_size()
             counter.step += int(bucket.is_last())
             return torch_hook(process_group, bucket)
 
@@ -102,7 +103,7 @@ def _powersgd(ddp, options, steps, counter: ByteCount) -> Callable[[], None]:
         # Before start_iter PowerSGD runs a plain all-reduce of the bucket (and counts nothing).
         elements = sent if sent else bucket.buffer().numel()
         counter.wire_bytes += elements * bucket.buffer().element_size()
-        counter.dense_bytes += bucket.buffer().numel() * 4
+        counter.dense_bytes += bucket.buffer().numel() * bucket.buffer().element_size()
         counter.step += int(bucket.is_last())
         return future
 
@@ -123,7 +124,7 @@ def _positive_int_or_none(v: Any) -> bool:
 
 
 BASELINES: Dict[str, Baseline] = {
-    "none": Baseline("none", "DDP's default: fp32 all-reduce, no hook", {}, _none),
+    "none": Baseline("none", "DDP's default: dense all-reduce, no hook", {}, _none),
     "torch-fp16": Baseline("torch-fp16", "torch's fp16_compress_hook", {}, _torch_cast("fp16_compress_hook")),
     "torch-bf16": Baseline("torch-bf16", "torch's bf16_compress_hook", {}, _torch_cast("bf16_compress_hook")),
     "powersgd": Baseline("powersgd", "torch's PowerSGD hook (error feedback, warm start)", {
