@@ -234,14 +234,19 @@ def loss_figure(results: List[Dict[str, Any]], kind: str, title: str):
         ax.set_xlabel("cumulative MiB sent per rank")
         ax.set_xscale("log")
     ax.set_ylabel("training loss (moving average)")
-    if all(v > 0 for r in results for v in r["history"]["loss"]):
+    _finish(fig, ax, title, all(v > 0 for r in results for v in r["history"]["loss"]))
+    return fig
+
+
+def _finish(fig, ax, title: str, log_y: bool) -> None:
+    """A log y axis with readable ticks when ``log_y``; the title, grid, legend and layout."""
+    if log_y:
         ax.set_yscale("log")
         _readable_log_axis(ax)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return fig
 
 
 def write_plots(out: str, results: List[Dict[str, Any]], title: str, has_accuracy: bool,
@@ -275,13 +280,7 @@ def write_plots(out: str, results: List[Dict[str, Any]], title: str, has_accurac
                    label="target")
     ax.set_xlabel("training wall-clock seconds (evaluations excluded)")
     ax.set_ylabel("held-out accuracy (%)" if use_accuracy else "held-out loss")
-    if not use_accuracy and all(e["loss"] > 0 for r in results for e in r["history"]["eval"]):
-        ax.set_yscale("log")
-        _readable_log_axis(ax)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    _finish(fig, ax, title, not use_accuracy and all(e["loss"] > 0 for r in results for e in r["history"]["eval"]))
     path = os.path.join(out, "metric_vs_time.png")
     fig.savefig(path)
     plt.close(fig)
