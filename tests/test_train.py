@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from gradsieve.train import cli as train_cli
 from gradsieve.train import launcher
+from gradsieve.train import failures
 from gradsieve.train import run as training
 from gradsieve.train import workloads
 from launching import stop_a_worker
@@ -399,11 +400,11 @@ def test_the_failure_line_of_a_node_is_gradsieve_trains_own_report():
         "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
         "  time      : 2026-01-01_00:00:00",
     ])
-    assert launcher._error_line(output) == "\n".join([
+    assert failures.error_line(output) == "\n".join([
         "the nodes were started with different arguments:", "  --steps: ranks 0,1: 20; ranks 2,3: 30",
         "  start every node with the same arguments (only --out may differ)"])
     # Without a report of its own: the last error line of the traceback, as before.
-    assert launcher._error_line("Traceback:\n  File x\nValueError: bad\n") == "ValueError: bad"
+    assert failures.error_line("Traceback:\n  File x\nValueError: bad\n") == "ValueError: bad"
 
 
 def test_torch_baselines_are_accepted_by_compare_and_listed_in_help(capsys):

@@ -35,6 +35,7 @@ import time
 from typing import List, Optional, Sequence
 
 from gradsieve.train import link
+from gradsieve.train.failures import error_line
 
 __all__ = ["NIC", "NIC_ENV", "CLUSTER_ENV", "node_address", "run_cluster", "nic_tx_bytes"]
 
@@ -149,9 +150,7 @@ def _tail(log) -> str:
     log.flush()
     log.seek(0)
     text = log.read()
-    from gradsieve.train.launcher import _error_line
-
-    return _error_line(text) if text.strip() else "no output"
+    return error_line(text) if text.strip() else "no output"
 
 
 def _wait(procs: List[subprocess.Popen], logs, prog: str) -> int:

@@ -17,13 +17,11 @@ import torch.distributed as dist
 
 from gradsieve.config_check import check_agreement
 from gradsieve.train import cluster, link
+from gradsieve.train.failures import error_line
 from gradsieve.train.run import RunSpec, train_one
 from gradsieve.train.workloads import WorkloadError, make_workload
 
 __all__ = ["under_torchrun", "launch", "run_rank", "agreed_arguments", "ArgumentsDiffer"]
-
-# How gradsieve-train's own error reports start (argparse's and the launcher's).
-ERROR_PREFIX = "gradsieve-train: error: "
 
 # The arguments each node may give a value of its own (by argparse dest): where it reads and writes
 # (paths on its own disks), how long it waits for a peer, whether it shows progress, and the local
@@ -186,25 +184,6 @@ def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace, r
     os._exit(0)
 
 
-def _error_line(text: str) -> str:
-    """What a worker's (or a node's) output says went wrong: gradsieve-train's own last error
-    report when there is one ("gradsieve-train: error: ..." and the indented lines under it,
-    without the prefix), else the last "SomeError: ..." line of the traceback (torch appends the
-    frames of a failed future's callback after the message itself)."""
-    raw = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
-    own = [i for i, line in enumerate(raw) if line.startswith(ERROR_PREFIX)]
-    if own:
-        said = [raw[own[-1]][len(ERROR_PREFIX):]]
-        for line in raw[own[-1] + 1:]:
-            if not line.startswith("  "):
-                break
-            said.append(line)
-        return "\n".join(said)
-    lines = [line.strip() for line in raw]
-    said = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:?", line)]
-    return (said or lines or [text])[-1]
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,7 +202,7 @@ def launch(args: argparse.Namespace, runs: List[RunSpec], reporter: Reporter, pr
         except ArgumentsDiffer as err:
             # Every rank fails alike; each node's local rank 0 says why, without a traceback
             # (torchrun then reports the failed workers). An emulated node's line reaches the
-            # launcher's failure line through _error_line.
+            # launcher's failure line through error_line.
             if os.environ.get("LOCAL_RANK") == "0":
                 message = str(err)
                 if message.startswith(f"{prog}: "):
@@ -246,7 +225,7 @@ def launch(args: argparse.Namespace, runs: List[RunSpec], reporter: Reporter, pr
         while not ctx.join(grace_period=2.0):
             pass
     except mp.ProcessRaisedException as err:
-        print(f"{prog}: error: a worker failed: {_error_line(str(err))}", file=sys.stderr)
+        print(f"{prog}: error: a worker failed: {error_line(str(err))}", file=sys.stderr)
         return 1
     except mp.ProcessExitedException as err:
         print(f"{prog}: error: a worker exited: {err}", file=sys.stderr)
