@@ -253,6 +253,7 @@ def worker_conformance(rank, world, name, options, other_name, other, exchange="
     torch.nn.functional.cross_entropy(ddp(x), y).backward()
     if handle is not None:
         handle.remove()
+    state.flush()  # the step's flags are read (and its commits undone) here, not per bucket
     out["skip_outputs_finite"] = {r["index"]: bool(torch.isfinite(r["output"]).all()) for r in record}
     out["skip_memory_same"] = {
         index: all(torch.equal(t, getattr(state.memory.buckets[index], part)[k])

@@ -251,10 +251,11 @@ def test_regtopk_select_opcheck_with_flags(device):
 
 
 # ----------------------------------------------------------------------------- the compressor
-def test_regtopk_memory_with_outside_positions_warns_and_heals():
+def test_regtopk_memory_with_outside_positions_is_counted_and_heals():
     """A corrupted memory (positions outside the bucket, as a damaged checkpoint would hold) is not
-    an error in the middle of training: those entries are scored as not sent, a RuntimeWarning
-    says so, and the step's commit replaces the memory with valid positions."""
+    an error in the middle of training: those entries are scored as not sent, the counter
+    ``prev_outside`` (in stats()) counts the step, and the step's commit replaces the memory with
+    valid positions."""
     sim = gradsieve.Simulator("regtopk", world_size=2, density=0.1)
     g = torch.Generator().manual_seed(0)
     grads = lambda: [torch.randn(500, generator=g) for _ in range(2)]  # noqa: E731
@@ -262,6 +263,7 @@ def test_regtopk_memory_with_outside_positions_warns_and_heals():
     memory = sim.banks[0].buckets[0]
     memory.extra["prev_indices"] = memory.extra["prev_indices"].clone()
     memory.extra["prev_indices"][3] = 10_000
-    with pytest.warns(RuntimeWarning, match="regtopk: the memory of the previous step held positions"):
-        sim.step(grads())
+    assert int(memory.counters["prev_outside"]) == 0
+    sim.step(grads())
+    assert int(memory.counters["prev_outside"]) == 1
     assert bool(((memory.extra["prev_indices"] >= 0) & (memory.extra["prev_indices"] < 500)).all())

@@ -186,9 +186,10 @@ def worker_overflow(rank, world, compressor):
         if step == 3 and rank == 1:
             x[0, 0] = float("inf")  # this rank's gradient overflows
         opt.zero_grad()
-        scaler.scale(torch.nn.functional.cross_entropy(ddp(x), y)).backward()
         names = gradsieve.get_compressor(compressor).memory_names
         before = {n: state.memory.total(n).clone() for n in names} if state.memory.buckets else None
+        scaler.scale(torch.nn.functional.cross_entropy(ddp(x), y)).backward()
+        state.flush()  # the step's flags are read (and a skipped step's commits undone) here
         grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
         params_before = flat_params(model)
         scaler.step(opt)

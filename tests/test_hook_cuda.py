@@ -66,6 +66,7 @@ def worker(compressor, options):
         if step != BAD_STEP:  # the skipped step's average is NaN: not applied
             opt.step()
         torch.cuda.synchronize()
+        state.flush()  # the skipped step's memory is undone when its flags are read
         memory.append({name: state.memory.total(name).cpu() for name in names}
                       if state.memory.buckets else None)
     return {
@@ -133,3 +134,48 @@ def test_dense_hook_on_cuda(tmp_path, name, wire):
     numel = inputs[0].numel()
     assert r["stats"]["wire_bytes"] == STEPS * numel * torch.empty((), dtype=wire).element_size()
     assert math.isclose(r["stats"]["compression_ratio"], 4 / torch.empty((), dtype=wire).element_size())
+
+
+def sync_free_worker(cases):
+    """Trains each case for a few steps; steps after the first compressed one (whose buckets run
+    the configuration check, a collective read on the host) run under
+    ``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation in the hook raises."""
+    device = torch.device("cuda", 0)
+    out = {}
+    for compressor, options, exchange, exchange_options in cases:
+        model = small_model().to(device)
+        state = gradsieve.CompressionState(compressor, warmup_steps=1, density=0.1,
+                                           exchange=gradsieve.get_exchange(exchange, **exchange_options), **options)
+        ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.001)
+        ddp.register_comm_hook(state, gradsieve.compression_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        error = None
+        for step in range(6):
+            x, y = batch(0, step)
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            checked = step >= 3
+            try:
+                if checked:
+                    torch.cuda.set_sync_debug_mode("error")
+                torch.nn.functional.cross_entropy(ddp(x), y).backward()
+                opt.step()
+            except RuntimeError as err:
+                error = f"step {step}: {err}"
+                break
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        out[f"{compressor} {options} {exchange} {exchange_options}"] = (error, state.stats()["skipped_steps"])
+    return out
+
+
+def test_backward_with_the_hook_does_not_synchronise(tmp_path):
+    cases = [("topk", {}, "allgather", {}), ("topk", {"values": "int8", "index": "csr16"}, "allgather", {}),
+             ("dgc", {}, "allgather", {}), ("ef21", {}, "allgather", {}), ("regtopk", {}, "allgather", {}),
+             ("topk", {}, "allreduce", {"select": "mix"}), ("ef21", {}, "allreduce", {}),
+             ("topk", {}, "hierarchical", {"local": 1})]
+    results = run_on_gpu(sync_free_worker, tmp_path, cases)
+    failures = {case: error for case, (error, _) in results.items() if error}
+    assert not failures, failures
+    assert all(skipped == 0 for _, skipped in results.values()), results

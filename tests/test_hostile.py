@@ -162,6 +162,7 @@ def worker_corrupted(rank, world, bad_steps, max_bad_steps, steps, exchange="all
         torch.nn.functional.cross_entropy(ddp(x), y).backward()
         if all(torch.isfinite(p.grad).all() for p in model.parameters()):
             opt.step()
+        state.flush()  # the step's flags are read, and a skipped step's commits undone, here
         residuals.append(state.memory.total("residual").clone() if state.memory.buckets else None)
     return flat_params(model), state.stats(), residuals
 
@@ -285,6 +286,7 @@ def worker_one_bad_bucket(rank, world, compressor, bad_step, which, speculative)
         torch.nn.functional.cross_entropy(ddp(x), y).backward()
         if speculative is not None or all(torch.isfinite(p.grad).all() for p in model.parameters()):
             opt.step()
+        state.flush()
         memories.append(bucket_memory(state))
     if speculative is not None:
         opt.synchronize()

@@ -183,11 +183,14 @@ class Round:
         """The average of the group's parts and each member's flags (pure)."""
         return compressor.aggregate(received, layout, step)
 
-    def finish(self, result: torch.Tensor, usable: bool, malformed: Tuple[int, ...] = ()) -> Phase:
+    def finish(self, result: torch.Tensor, usable: Any, malformed: Any = ()) -> Phase:
         """Returns (the bucket's float32 result, whether every rank's part was usable, the ranks
         whose malformed payloads other ranks decoded). ``result``: what the compressor gave for
-        this rank's part (NaN where it is not usable); ``malformed``: the rows of what :meth:`send`
-        received whose payloads were malformed."""
+        this rank's part (NaN where it is not usable); ``usable``: a bool, or a bool tensor on the
+        device; ``malformed``: the rows of what :meth:`send` received whose payloads were
+        malformed, as a tuple of rows or a bool tensor of rows. A round that gathers back returns
+        its flags as device tensors (usable: bool[]; the ranks: bool[world] by sending rank); the
+        flat round returns ``usable`` as given and no ranks."""
         return finished((result, usable, ()))
 
     @property

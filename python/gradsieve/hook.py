@@ -22,6 +22,7 @@ bucket layout (:mod:`gradsieve.resume`), so a restored run continues as the save
 # No "from __future__ import annotations": DDP checks the hook's annotations as objects.
 import functools
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,11 @@ def _exchange(state: CompressionState, bucket) -> torch.futures.Future:
     world = state.exchange.world_size
     compressor = state.compressor
     at = state.step
+    if state.ledger.ended:
+        # The first bucket of a new step: the flags of the steps that ended on the device, read
+        # from their host copies (a step's memory is undone here when it was skipped).
+        with state.ledger.lock:
+            state.ledger.resolve(state)
     if bucket.is_last():
         state.step += 1
     if compressor.traits.dense or at < state.warmup_steps:
@@ -125,10 +131,45 @@ def _compress(state: CompressionState, bucket: dist.GradBucket, at: int, world: 
                      launched, period, round=round_)
 
 
+def on_device(state: CompressionState) -> bool:
+    """Whether the hook decides a step's fate on the device (no host read per bucket): commits
+    are optimistic and undone when the flags, read once per step, say the step was skipped. A
+    compressor whose commit cannot be undone (``traits.rollback_safe`` False) reads each bucket's
+    flags on the host instead."""
+    return state.compressor.traits.rollback_safe
+
+
+def _nan_where_skipped(ok: torch.Tensor, result: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``result``, or NaN everywhere when ``ok`` (a bool tensor) is False; written into ``out``
+    when given (one pass either way)."""
+    nan = _NAN.get((result.dtype, result.device))
+    if nan is None:  # a 0-d tensor made on the device (a fill, not a copy from the host)
+        nan = _NAN.setdefault((result.dtype, result.device),
+                              torch.full((), float("nan"), dtype=result.dtype, device=result.device))
+    if out is None:
+        return torch.where(ok, result, nan)
+    if out.dtype == result.dtype and out.shape == result.shape and out.data_ptr() != result.data_ptr():
+        return torch.where(ok, result, nan, out=out)
+    return out.copy_(torch.where(ok, result, nan))
+
+
+_NAN: dict = {}
+
+
 def _land(state: CompressionState, job: BucketJob, buffer: torch.Tensor, fut: torch.futures.Future) -> torch.Tensor:
     """A synchronous bucket's exchange has landed: decode, commit or skip, end the step when it is
     the last of its buckets. Exchanges can land out of order, on gloo's threads: one at a time."""
     ledger = state.ledger
+    if on_device(state):
+        with ledger.lock:
+            begun = time.perf_counter()
+            result, ok, _ = ledger.settle_on_device(state, job, fut.value())
+            _comm_share(state, job, begun)
+            result, _, _ = run_now(state.exchange, job.round.finish(result, ok))
+            _nan_where_skipped(ok, result, out=buffer)
+            ledger.landed(state, job.at, on_device=True)
+            state.decode_s += time.perf_counter() - begun
+        return buffer
     with ledger.lock:
         begun = time.perf_counter()
         result, _ = _settle(state, job, fut.value(), begun)
@@ -150,11 +191,15 @@ def _settle(state: CompressionState, job: BucketJob, received: torch.Tensor, beg
         # and the buckets of the step that committed already are undone.
         result = torch.full_like(aggregated.average, float("nan"))
         ledger.skip(job.at)
+    _comm_share(state, job, begun)
+    return result, aggregated
+
+
+def _comm_share(state: CompressionState, job: BucketJob, begun: float) -> None:
     if job.last and job.period:
         # The share of the step this rank waited for its last exchange: the signal of a
         # communication-bound step (granular's auto policy).
         state.signal(CommShare(min(1.0, (begun - job.launched) / job.period)))
-    return result, aggregated
 
 
 def _land_first(state: CompressionState, job: BucketJob, buffer: torch.Tensor, out: torch.futures.Future,
@@ -164,9 +209,15 @@ def _land_first(state: CompressionState, job: BucketJob, buffer: torch.Tensor, o
     try:
         with state.ledger.lock:
             begun = time.perf_counter()
-            result, aggregated = _settle(state, job, fut.value(), begun)
-            usable = state.ledger.bad_step != job.at
-            malformed = () if usable else tuple((~aggregated.well_formed).nonzero().flatten().tolist())
+            if on_device(state):
+                result, usable, aggregated = state.ledger.settle_on_device(state, job, fut.value())
+                _comm_share(state, job, begun)
+                result = _nan_where_skipped(usable, result)
+                malformed = ~aggregated.well_formed
+            else:
+                result, aggregated = _settle(state, job, fut.value(), begun)
+                usable = state.ledger.bad_step != job.at
+                malformed = () if usable else tuple((~aggregated.well_formed).nonzero().flatten().tolist())
             phase = job.round.finish(result, usable, malformed)
             collective = next(phase)
             state.decode_s += time.perf_counter() - begun
@@ -194,7 +245,17 @@ def _land_second(state: CompressionState, job: BucketJob, buffer: torch.Tensor, 
         ledger = state.ledger
         with ledger.lock:
             begun = time.perf_counter()
-            ledger.count_senders(state, elsewhere)
+            if on_device(state):
+                # every: a bool tensor; elsewhere: bool[world], by sending rank.
+                ledger.note_elsewhere(job.at, elsewhere)
+                ledger.step_ok(job.at, every)
+                _nan_where_skipped(every, bucket, out=buffer)
+                ledger.landed(state, job.at, on_device=True)
+                state.decode_s += time.perf_counter() - begun
+                out.set_result(buffer)
+                return
+            every = bool(every)
+            ledger.count_senders(state, elsewhere.nonzero().flatten().tolist())
             if not every:
                 ledger.skip(job.at)
                 bucket = torch.full_like(bucket, float("nan"))

@@ -58,6 +58,15 @@ class StepLedger:
         self.lock = threading.Lock()  # one synchronous decode at a time
         self.bad_streak = 0
         self.bad_this_step = False
+        # The device path (settle_on_device): per hook step still landing, its flag (a bool
+        # tensor: every bucket so far usable) and its malformed payloads by sending rank
+        # (int32[world]); the rounds to tell whether it was kept; and the steps that ended, with
+        # their flags on the way to the host, oldest first.
+        self.ok: Dict[int, torch.Tensor] = {}
+        self.bad: Dict[int, torch.Tensor] = {}
+        self.rounds: Dict[int, List[Any]] = {}
+        self.ended: List[Tuple[int, torch.Tensor, Any]] = []
+        self._ranks: Dict[Any, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------ landing
     def launched(self, at: int, last: bool) -> None:
@@ -67,14 +76,17 @@ class StepLedger:
             counts[0] += 1
             counts[2] = counts[2] or last
 
-    def landed(self, state: Any, at: int) -> None:
+    def landed(self, state: Any, at: int, on_device: bool = False) -> None:
         """A synchronous bucket of hook step ``at`` has landed (under :attr:`lock`); ends the step
-        when it was the last of its buckets to land."""
+        when it was the last of its buckets to land (``on_device``: its flags go to the host)."""
         counts = self.landing[at]
         counts[1] += 1
         if counts[2] and counts[1] == counts[0]:
             del self.landing[at]
-            self.step_done(state, at)
+            if on_device:
+                self.end_on_device(state, at)
+            else:
+                self.step_done(state, at)
 
     def settle(self, state: Any, job: BucketJob, gathered: torch.Tensor) -> Tuple[Optional[torch.Tensor], Aggregated]:
         """Decodes a bucket's exchange and commits its memory (or records the early commit): the
@@ -92,6 +104,91 @@ class StepLedger:
         if not usable:
             self.count_malformed(state, aggregated, job.round.sender)
         return None, aggregated
+
+    # ------------------------------------------------------------------------------ on the device
+    def settle_on_device(self, state: Any, job: BucketJob, gathered: torch.Tensor
+                         ) -> Tuple[torch.Tensor, torch.Tensor, Aggregated]:
+        """:meth:`settle` without reading the device: decodes a bucket's exchange and commits its
+        memory optimistically (the commit is kept so that :meth:`resolve` can undo it). Returns
+        the compressor's result, the step's flag so far (a bool tensor on the device: every
+        bucket of the step that has landed, this one included, was usable on every rank) and the
+        :class:`Aggregated`. Needs a compressor whose commit can be undone (``rollback_safe``)."""
+        compressor = state.compressor
+        aggregated = job.round.aggregate(compressor, gathered, job.layout, job.step)
+        ok = self.step_ok(job.at, aggregated.usable.all())
+        self.note_senders(job.at, ~aggregated.well_formed, job.round, state.exchange.world_size)
+        self.keep(compressor, job.at, job.memory)
+        result = compressor.commit(job.memory, job.compressed, aggregated.average, job.layout)
+        self.rounds.setdefault(job.at, []).append(job.round)
+        return result, ok, aggregated
+
+    def step_ok(self, at: int, usable: torch.Tensor) -> torch.Tensor:
+        """ANDs ``usable`` (a bool tensor) into hook step ``at``'s device flag; the flag."""
+        before = self.ok.get(at)
+        ok = usable if before is None else before & usable
+        self.ok[at] = ok
+        return ok
+
+    def note_senders(self, at: int, malformed: torch.Tensor, round_: Any, world: int) -> None:
+        """Counts, on the device, one malformed payload per True row of ``malformed`` (rows as
+        ``round_`` received them) for its sending rank (of ``world`` ranks)."""
+        key = (round_.members, world, malformed.numel(), str(malformed.device))
+        ranks = self._ranks.get(key)
+        if ranks is None:  # once per group of senders: a small copy to the device
+            ranks = torch.tensor([round_.sender(row) for row in range(malformed.numel())],
+                                 dtype=torch.int64).to(malformed.device)
+            self._ranks[key] = ranks
+        counts = self.bad.get(at)
+        if counts is None:
+            counts = torch.zeros(world, dtype=torch.int32, device=malformed.device)
+        self.bad[at] = counts.index_add(0, ranks, malformed.to(torch.int32))
+
+    def note_elsewhere(self, at: int, malformed_by_rank: torch.Tensor) -> None:
+        """Counts, on the device, one malformed payload for each True entry of
+        ``malformed_by_rank`` (bool[world], by sending rank): those other ranks decoded."""
+        counts = self.bad.get(at)
+        add = malformed_by_rank.to(torch.int32)
+        self.bad[at] = add if counts is None else counts + add
+
+    def end_on_device(self, state: Any, at: int) -> None:
+        """The last bucket of hook step ``at`` has landed (device path): its flags start on
+        their way to the host (a non-blocking copy), to be read by :meth:`resolve`."""
+        ok = self.ok.pop(at)
+        bad = self.bad.pop(at, None)
+        if bad is None:
+            bad = torch.zeros(state.exchange.world_size, dtype=torch.int32, device=ok.device)
+        flags = torch.cat([ok.to(torch.int32).reshape(1), bad])
+        event = None
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flags = host
+        self.ended.append((at, flags, event))
+
+    def resolve(self, state: Any) -> None:
+        """Reads the flags of the steps that ended on the device (once per step, from a host copy
+        made when the step ended) and applies them: a skipped step's commits are undone, newest
+        first, and it is counted with its malformed payloads; a kept step's commits stand. Each
+        step's rounds hear whether it was kept. Raises after ``max_bad_steps`` steps in a row with
+        malformed payloads."""
+        while self.ended:
+            at, flags, event = self.ended.pop(0)
+            if event is not None and not event.query():
+                event.synchronize()  # in practice done long ago: queued when the step ended
+            read = flags.tolist()
+            kept, counts = read[0] == 1, read[1:]
+            if not kept:
+                for step, memory, snapshot in reversed(self.commits):
+                    if step == at:
+                        memory.restore(snapshot)
+                state.skipped_steps += 1
+            self.commits = [c for c in self.commits if c[0] != at]
+            for round_ in self.rounds.pop(at, []):
+                round_.settled(kept)
+            self.count_senders(state, [rank for rank, n in enumerate(counts) for _ in range(n)])
+            self._end_of_step(state)
 
     # ------------------------------------------------------------------------------ undo
     def keep(self, compressor: Any, at: int, memory: BucketMemory) -> None:

@@ -164,6 +164,7 @@ class CompressionState:
         and its own ``stats()``; ``memory_bytes``: the bytes of compressor memory this rank holds
         now (residuals, momenta, histories, predictors; measured from the tensors, see
         ``MemoryBank.nbytes`` for the split by name)."""
+        self.flush()
         counters: Dict[str, int] = {}
         for memory in self.memory.buckets.values():
             for key, value in memory.counters.items():
@@ -191,6 +192,17 @@ class CompressionState:
             "rollback_bytes": self.inflight.held_bytes(self.memory),
         }
 
+    def flush(self) -> None:
+        """Applies the outcome of the steps whose flags are still on their way from the device:
+        the hook reads them once per step, at the next step's first bucket; :meth:`stats` and
+        :meth:`state_dict` call this first, and so may a script that reads the compressor's
+        memory between steps. Until then a skipped step's memory is not yet undone and its skip
+        not yet counted. Raises as the hook would after ``max_bad_steps`` steps in a row with
+        malformed payloads."""
+        if self.ledger.ended:
+            with self.ledger.lock:
+                self.ledger.resolve(self)
+
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
         """This rank's state (not the process group): step, config, memory per parameter,
@@ -198,6 +210,7 @@ class CompressionState:
 
         Under speculative training, save the optimizer wrapper's state first
         (:meth:`gradsieve.SpeculativeOptimizer.state_dict` ends the exchanges in flight)."""
+        self.flush()
         return checkpointing.state_dict(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

@@ -19,8 +19,8 @@ parameter; when the parameters differ the step falls back to plain top-k.
 
 import dataclasses
 import math
-import warnings
-from typing import List, Tuple
+import weakref
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -50,7 +50,7 @@ class RegTopKCompressor(TopKCompressor):
     """
 
     # The distortion of the next step compares with the average.
-    traits = dataclasses.replace(TopKCompressor.traits, commit_needs_average=True)
+    traits = dataclasses.replace(TopKCompressor.traits, commit_needs_average=True, counters=("prev_outside",))
 
     OPTIONS = {
         **SPARSE_OPTIONS,
@@ -80,11 +80,11 @@ class RegTopKCompressor(TopKCompressor):
 
     def commit(self, memory, compressed, average, layout):
         scratch = compressed.scratch
-        # Read after the exchange has landed (the hook has synchronised for its skip decision).
-        if bool(scratch["prev_outside"]):
-            warnings.warn("regtopk: the memory of the previous step held positions outside the "
-                          "bucket (a corrupted checkpoint?); they were scored as not sent, and this "
-                          "step's memory replaces them", RuntimeWarning, stacklevel=2)
+        # Counted on the device (stats()["prev_outside"]: steps whose stored positions lay outside
+        # the bucket, as only a corrupted checkpoint has), not read here: no host sync per bucket.
+        before = memory.counters.get("prev_outside")
+        outside = scratch["prev_outside"].reshape(()).to(torch.int64).clamp(max=1)
+        memory.counters["prev_outside"] = outside if before is None else before + outside
         indices = scratch["indices"]
         memory.entries["residual"] = compressed.pending["residual"]
         memory.extra["prev_indices"] = indices
@@ -104,8 +104,8 @@ class RegTopKCompressor(TopKCompressor):
         if "prev_indices" not in extra:
             return [nothing] * len(segments)
         prev_i, prev_s, prev_a = extra["prev_indices"], extra["prev_sent"], extra["prev_agg"]
-        stored = extra["prev_layout"].tolist()  # a CPU tensor (on the device only after a restore)
-        current = _signature(layout, segments).tolist()
+        stored = _listed(extra["prev_layout"])
+        current = _listed(_signature(layout, segments))
         if stored == current:  # the usual case: segment s owns the s-th run of k_s entries
             out, start = [], 0
             for seg in segments:
@@ -134,9 +134,31 @@ class RegTopKCompressor(TopKCompressor):
         return out
 
 
+# The Python list each live signature tensor was made from, by id (a tensor's == is elementwise,
+# so no weak-key mapping): comparing signatures reads no tensor.
+_LISTS: Dict[int, Tuple["weakref.ref[torch.Tensor]", List[int]]] = {}
+
+
+def _remember(signature: torch.Tensor, listed: List[int]) -> None:
+    key = id(signature)
+    _LISTS[key] = (weakref.ref(signature, lambda _: _LISTS.pop(key, None)), listed)
+
+
 def _signature(layout, segments: List[Segment]) -> torch.Tensor:
     """What the stored positions refer to, on the CPU: [P, the P parameter keys, their P sizes,
     the k of each segment]."""
     keys = list(layout.keys)
-    return torch.tensor([len(keys), *keys, *layout.param_numels, *(s.k for s in segments)],
-                        dtype=torch.int64)
+    listed = [len(keys), *keys, *layout.param_numels, *(s.k for s in segments)]
+    signature = torch.tensor(listed, dtype=torch.int64)
+    _remember(signature, listed)
+    return signature
+
+
+def _listed(signature: torch.Tensor) -> List[int]:
+    """A signature as a list: the one it was made from, or (restored from a checkpoint, once) read."""
+    found = _LISTS.get(id(signature))
+    if found is not None and found[0]() is signature:
+        return found[1]
+    listed = signature.tolist()
+    _remember(signature, listed)
+    return listed

@@ -80,9 +80,7 @@ class AllReduceRound(Round):
             if me == leader:
                 accumulated = compressor.accumulate(grad, memory, layout, step)
                 if kept.numel():  # the leader's top entries outside the kept ones
-                    outside = torch.ones(numel, dtype=torch.bool, device=grad.device)
-                    outside[kept] = False
-                    candidates = outside.nonzero().flatten()
+                    candidates = _outside(kept, numel)
                     chosen = candidates[ops.topk_abs(accumulated[candidates], wanted)[1]].to(torch.int32)
                 else:
                     chosen = ops.topk_abs(accumulated, wanted)[1].to(torch.int32)
@@ -120,6 +118,19 @@ class AllReduceRound(Round):
         if kept and self.next is not None and self.indices is not None:
             self.exchange.previous[self.key] = self.indices
             self.exchange.previous_values[self.key] = self.next[self.indices].abs()
+
+
+def _outside(kept: torch.Tensor, numel: int) -> torch.Tensor:
+    """The positions in ``[0, numel)`` that are not in ``kept`` (distinct, in range), ascending,
+    with no host synchronisation (their number, ``numel - kept.numel()``, is known)."""
+    outside = torch.ones(numel, dtype=torch.bool, device=kept.device)
+    outside[kept] = False
+    count = numel - kept.numel()
+    # Each outside position goes to its rank among them; the kept ones to a spare last slot.
+    slot = torch.where(outside, torch.cumsum(outside, 0) - 1, count)
+    found = torch.empty(count + 1, dtype=torch.int64, device=kept.device)
+    found.scatter_(0, slot, torch.arange(numel, device=kept.device))
+    return found[:count]
 
 
 def _top_of(indices: torch.Tensor, magnitudes: torch.Tensor, count: int) -> torch.Tensor:

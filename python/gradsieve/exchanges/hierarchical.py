@@ -112,29 +112,35 @@ class HierarchicalRound(Round):
                   step: int) -> Aggregated:
         return self.inner.aggregate(compressor, received, layout, step)
 
-    def finish(self, result: torch.Tensor, usable: bool, malformed: Tuple[int, ...] = ()) -> Phase:
+    def finish(self, result: torch.Tensor, usable: Any, malformed: Any = ()) -> Phase:
         result, usable, _ = yield from self.inner.finish(result, usable, malformed)
         if len(self.node) == 1:
             return result, usable, ()
         # Each local rank's shard, then its usable flag, then one flag per node: that node's
         # payload for this shard was malformed (so every rank counts every malformed sender).
         longest, nodes = max(self.sizes), len(self.members)
-        mine = torch.zeros(longest + 1 + nodes, dtype=torch.float32, device=result.device)
+        device = result.device
+        mine = torch.zeros(longest + 1 + nodes, dtype=torch.float32, device=device)
         mine[:result.numel()] = result
-        mine[longest] = 1.0 if usable else 0.0
-        for row in malformed:
-            mine[longest + 1 + row] = 1.0
+        if isinstance(usable, torch.Tensor):  # the flags stay on the device
+            mine[longest] = usable.to(torch.float32)
+        else:
+            mine[longest] = 1.0 if usable else 0.0
+        if isinstance(malformed, torch.Tensor):
+            mine[longest + 1:] = malformed.to(torch.float32)
+        else:
+            for row in malformed:
+                mine[longest + 1 + row] = 1.0
         shards = yield Collective("all_gather", self.node, mine, channel=1)
         self.node_bytes += mine.numel() * 4
-        every = bool((shards[:, longest] == 1.0).all())
+        every = (shards[:, longest] == 1.0).all()
         bucket = torch.cat([shards[i, :size] for i, size in enumerate(self.sizes)])
-        elsewhere = []
-        if not every:
-            local = len(self.node)
-            for i, row in (shards[:, longest + 1:] == 1.0).nonzero().tolist():
-                if i != self.j:
-                    elsewhere.append(row * local + i)
-        return bucket, every, tuple(sorted(elsewhere))
+        # The malformed payloads the other local ranks decoded (this rank counted its own), by
+        # sending rank: node ``row``'s local rank ``i`` is rank ``row * local + i``.
+        seen = shards[:, longest + 1:] == 1.0
+        seen[self.j] = False
+        elsewhere = seen.t().reshape(-1)
+        return bucket, every, elsewhere
 
     def settled(self, kept: bool) -> None:
         self.inner.settled(kept)
