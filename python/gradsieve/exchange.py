@@ -85,6 +85,10 @@ class Collective(NamedTuple):
     ``channel``: collectives of one group issued from different threads use different channels
     (each its own process group), so that each channel's collectives run in the same order on
     every rank.
+    ``key``: when given, an all-gather or all-to-all receives into a buffer the exchange keeps for
+    that key (and the result's size, dtype and device) from one step to the next, instead of a new
+    one; its result must then be consumed before the same key is issued again (one bucket's
+    collective per step: the hook's synchronous path).
     """
 
     op: str
@@ -93,6 +97,7 @@ class Collective(NamedTuple):
     splits: Tuple[int, ...] = ()
     src: int = 0
     channel: int = 0
+    key: Any = None
 
 
 def finished(value: Any) -> Phase:
@@ -227,6 +232,8 @@ class Exchange:
         # The constructor's options besides the group (a pickled state builds the exchange again).
         self.options: Dict[str, Any] = {}
         self._groups: Dict[Tuple[Tuple[int, ...], int], Optional[dist.ProcessGroup]] = {}
+        # Receive buffers kept per Collective.key (persistent per bucket).
+        self._buffers: Dict[Any, torch.Tensor] = {}
 
     @property
     def world_size(self) -> int:
@@ -307,13 +314,13 @@ class Exchange:
         group = self.group(members, collective.channel)
         size = len(members)
         if op == "all_gather":
-            out = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+            out = self._receive_buffer(collective, size * tensor.numel())
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             work = gather(out, tensor.contiguous(), group=group, async_op=True)
             shaped = out.view(size, tensor.numel())
         elif op == "all_to_all":
             me = members.index(self.rank)
-            out = torch.empty(size * collective.splits[me], dtype=tensor.dtype, device=tensor.device)
+            out = self._receive_buffer(collective, size * collective.splits[me])
             work = dist.all_to_all_single(out, tensor.contiguous(), [collective.splits[me]] * size,
                                           list(collective.splits), group=group, async_op=True)
             shaped = out.view(size, collective.splits[me])
@@ -334,6 +341,18 @@ class Exchange:
             return shaped
 
         return work.get_future().then(landed)
+
+    def _receive_buffer(self, collective: Collective, numel: int) -> torch.Tensor:
+        """Where a collective's result lands: the buffer kept for its key, or a new one."""
+        tensor = collective.tensor
+        if collective.key is None:
+            return torch.empty(numel, dtype=tensor.dtype, device=tensor.device)
+        key = (collective.key, collective.op, collective.group, collective.channel)
+        kept = self._buffers.get(key)
+        if kept is None or kept.numel() != numel or kept.dtype != tensor.dtype or kept.device != tensor.device:
+            kept = torch.empty(numel, dtype=tensor.dtype, device=tensor.device)
+            self._buffers[key] = kept
+        return kept
 
 
 def _alone(collective: Collective) -> torch.Tensor:

@@ -75,7 +75,9 @@ def _exchange(state: CompressionState, bucket) -> torch.futures.Future:
     if speculative:
         return state.inflight.launch(state, job, bucket.buffer(), early)
     state.ledger.launched(at, job.last)
-    received = state.exchange.issue(job.round.send(job.compressed))
+    # The payloads land in a buffer kept for this bucket: decoded before its next step's exchange.
+    collective = job.round.send(job.compressed)
+    received = state.exchange.issue(collective._replace(key=("payload", job.layout.index)))
     if not job.round.gathers_back:
         return received.then(functools.partial(_land, state, job, bucket.buffer()))
     # The round ends with a collective of its own (the hierarchical exchange's all-gather inside

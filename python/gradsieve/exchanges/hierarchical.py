@@ -87,7 +87,8 @@ class HierarchicalRound(Round):
         grad = self.buffer.float()
         size, local = self.sizes[self.j], len(self.node)
         if local > 1:
-            parts = yield Collective("all_to_all", self.node, grad, splits=self.sizes)
+            parts = yield Collective("all_to_all", self.node, grad, splits=self.sizes,
+                                     key=("node slices", self.layout.index))
             self.node_bytes += (grad.numel() - size) * 4
             shard = parts[0].clone()
             for part in parts[1:]:
@@ -131,7 +132,7 @@ class HierarchicalRound(Round):
         else:
             for row in malformed:
                 mine[longest + 1 + row] = 1.0
-        shards = yield Collective("all_gather", self.node, mine, channel=1)
+        shards = yield Collective("all_gather", self.node, mine, channel=1, key=("node shards", self.layout.index))
         self.node_bytes += mine.numel() * 4
         every = (shards[:, longest] == 1.0).all()
         bucket = torch.cat([shards[i, :size] for i, size in enumerate(self.sizes)])
