@@ -95,7 +95,6 @@ __global__ void __launch_bounds__(kThreads) decode_prepare_kernel(DecodeAverageA
   } tmp;
   __shared__ int32_t s_used, s_flag;
   __shared__ unsigned long long s_low;
-  __shared__ long long s_total;
   for (int64_t r = blockIdx.x; r < a.world; r += gridDim.x) {
     const uint8_t* p = a.gathered + r * a.nbytes;
     if (threadIdx.x == 0) {
