@@ -228,17 +228,18 @@ class Compressor:
 
     def aggregate(self, gathered: torch.Tensor, layout: BucketLayout, step: int) -> Aggregated:
         """The average of the world's payloads (float32[numel]) and each worker's flags."""
-        out = torch.zeros(layout.numel, dtype=torch.float32, device=gathered.device)
-        finite, well_formed = self.payload_format(layout, step).decode_sum(gathered, out)
-        return Aggregated(out.div_(gathered.shape[0]), finite, well_formed)
+        out = torch.empty(layout.numel, dtype=torch.float32, device=gathered.device)
+        finite, well_formed = self.payload_format(layout, step).decode_average(gathered, out, gathered.shape[0])
+        return Aggregated(out, finite, well_formed)
 
     def own_update(self, compressed: Compressed, layout: BucketLayout, step: int) -> Aggregated:
         """This worker's own contribution to the sum the average is taken of, dense
         (float32[numel]): its payload decoded alone, the values as they went on the wire, with its
         flags (bool[1], read from the payload's header, no pass over the values). Pure.
         Speculative training applies it to the working weights before the exchange ends."""
-        out = torch.zeros(layout.numel, dtype=torch.float32, device=compressed.payload.device)
-        finite, well_formed = self.payload_format(layout, step).decode_sum(compressed.payload.unsqueeze(0), out)
+        out = torch.empty(layout.numel, dtype=torch.float32, device=compressed.payload.device)
+        finite, well_formed = self.payload_format(layout, step).decode_average(
+            compressed.payload.unsqueeze(0), out, 1)
         return Aggregated(out, finite, well_formed)
 
     def commit(self, memory: BucketMemory, compressed: Compressed, average: torch.Tensor,

@@ -22,6 +22,7 @@ __all__ = [
     "adaptive_select",
     "csr16_indices",
     "cuda_kernels_built",
+    "decode_average_",
     "dequantize_int8",
     "ef_topk_",
     "influence_update",
@@ -532,3 +533,57 @@ def segment_mean(x: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
         [1.5, 0.0, 1.3333333730697632]
     """
     return torch.ops.gradsieve.segment_mean(x, [int(v) for v in numels])
+
+
+def decode_average_(
+    out: torch.Tensor,
+    gathered: torch.Tensor,
+    slots: int,
+    value_dtype: torch.dtype,
+    chunk: int,
+    index: str,
+    checksum: bool,
+    divisor: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decodes the world's gathered payloads into their average, in one op: ``out`` (the bucket)
+    becomes ``(sum over ranks of each payload's entries) / divisor``.
+
+    The payload layout is :class:`gradsieve.wire.PayloadFormat`'s (header, int32 or csr16 indices,
+    int8 scales, values); :meth:`~gradsieve.wire.PayloadFormat.decode_average` passes its fields.
+    ``out`` is overwritten (it need not be zeroed). Whatever the bytes, nothing is written outside
+    ``out`` and nothing raises: each payload's flags are those of
+    :meth:`~gradsieve.wire.PayloadFormat.decode_sum` (a count outside [0, K], a finite flag other
+    than 0 or 1, an index outside the bucket, malformed csr16 block counts, a non-finite scale or
+    value under a header that says finite, a wrong checksum: not well formed), and the entries it
+    adds are decode_sum's too. On CPU the result is bitwise ``out.zero_(); fmt.decode_sum(gathered,
+    out); out.div_(divisor)`` (ranks in order, then a true division). On CUDA the entries are added
+    with atomics, as by :func:`sparse_accumulate_`: the last bit of a sum of three or more entries
+    at one position depends on scheduling. No host synchronisation; cost: one pass over the
+    payloads (two with the checksum) and, on CUDA, three launches.
+
+    Args:
+        out: Tensor[numel] float32, contiguous: the bucket, overwritten.
+        gathered: Tensor[world, nbytes] uint8, on out's device: every rank's payload.
+        slots: K, the payload's capacity in entries (a multiple of ``chunk`` for int8 values).
+        value_dtype: torch.float32, torch.float16, torch.bfloat16 or torch.int8.
+        chunk: values per scale for int8 values (ignored otherwise).
+        index: ``"int32"`` or ``"csr16"`` (blocks of 65536 over ``out.numel()`` entries).
+        checksum: the header carries the payload's checksum (16 header bytes instead of 8).
+        divisor: what the sum is divided by (the world size for an average), finite and > 0.
+
+    Returns:
+        ``(finite, well_formed)``: Tensor[world] bool each, on out's device.
+
+    Example::
+
+        >>> fmt = gradsieve.wire.PayloadFormat(2, numel=4)
+        >>> a, _ = fmt.pack(torch.tensor(True), torch.tensor([0, 3]), torch.tensor([1.0, 2.0]))
+        >>> b, _ = fmt.pack(torch.tensor(True), torch.tensor([3, 1]), torch.tensor([4.0, 5.0]))
+        >>> out = torch.empty(4)
+        >>> finite, well_formed = gradsieve.decode_average_(
+        ...     out, torch.stack([a, b]), 2, torch.float32, 256, "int32", False, 2.0)
+        >>> out.tolist(), well_formed.tolist()
+        ([0.5, 2.5, 0.0, 3.0], [True, True])
+    """
+    return torch.ops.gradsieve.decode_average_(out, gathered, int(slots), value_dtype, int(chunk), index,
+                                               bool(checksum), float(divisor))

@@ -248,6 +248,32 @@ class PayloadFormat:
         well_formed &= outside == 0
         return flags, well_formed
 
+    def decode_average(self, gathered: torch.Tensor, out: torch.Tensor,
+                       divisor: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Writes the average of every rank's payload (``gathered``: uint8[world, nbytes]) into
+        ``out`` (float32[numel], contiguous, overwritten: it need not be zeroed), in one op
+        (:func:`gradsieve.ops.decode_average_`): ``out = decoded sum / divisor``.
+
+        The flags and the entries added are :meth:`decode_sum`'s, whatever the bytes; on CPU the
+        result is bitwise ``out.zero_(); self.decode_sum(gathered, out); out.div_(divisor)``. No
+        host synchronisation. With csr16 indices ``out`` must hold the format's ``numel``
+        entries; with int32 indices the bucket is ``out``.
+
+        Returns:
+            ``(finite, well_formed)``: bool tensors[world], as :meth:`decode_sum`'s.
+        """
+        if gathered.dim() != 2 or gathered.shape[1] != self.nbytes or gathered.dtype != torch.uint8:
+            raise ValueError(f"decode_average: expected uint8 payloads of {self.nbytes} bytes, got "
+                             f"{gathered.dtype} of shape {tuple(gathered.shape)}")
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.device != gathered.device:
+            raise ValueError(f"decode_average: out must be a contiguous float32 tensor on {gathered.device}, "
+                             f"got {out.dtype} on {out.device} (contiguous: {out.is_contiguous()})")
+        if self.index == "csr16" and out.numel() != self.numel:
+            raise ValueError(f"decode_average: out must have the bucket's {self.numel} entries, got "
+                             f"{out.numel()}")
+        return ops.decode_average_(out, gathered, self.slots, VALUE_DTYPES[self.values], self.chunk,
+                                   self.index, self.checksum, float(divisor))
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerFormat:

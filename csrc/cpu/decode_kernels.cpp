@@ -1,0 +1,213 @@
+// CPU kernel of decode_average_: the world's gathered payloads (uint8[world, nbytes], the layout of
+// python/gradsieve/wire.py's PayloadFormat) decoded into their average, out = (sum over ranks of
+// the decoded entries) / divisor, with each payload's finite and well-formed flags.
+//
+// Pass 1 (one task per rank): the header (finite flag 0 or 1, count in [0, K]), the checksum when
+// the format has one, csr16's block counts (none negative, adding up to the count), int8's scales
+// and every slot in use (its index inside the bucket; a finite value under a header that says
+// finite): one read of each payload. Pass 2 (the output split in ranges across threads): each
+// thread zeroes its range, applies the entries that land in it, rank 0 first and each rank's slots
+// in order, then divides its range by the divisor: one write of out plus one read of the payloads
+// per thread. Every entry is added exactly as PayloadFormat.decode_sum and sparse_accumulate_ add
+// it (padding slots included: index 0, value 0, times the chunk's scale for int8), so the result
+// is bitwise `out.zero_(); fmt.decode_sum(gathered, out); out.div_(divisor)`, malformed payloads
+// included. Nothing is written outside out and no byte pattern raises.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../ops/validation.h"
+#include "../ops/validation_decode.h"
+
+namespace gradsieve {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMinRange = int64_t(1) << 14;
+constexpr int64_t kChecksumModulus = 65521;
+
+// Payload fields may sit at any byte offset (world rows of an odd nbytes): read through memcpy.
+template <typename T>
+inline T load(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+inline float value_at(const uint8_t* values, int64_t j, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return static_cast<float>(load<at::Half>(values + 2 * j));
+    case at::kBFloat16: return static_cast<float>(load<at::BFloat16>(values + 2 * j));
+    case at::kChar: return static_cast<float>(load<int8_t>(values + j));
+    default: return load<float>(values + 4 * j);
+  }
+}
+
+// wire.checksum_of of a payload with its checksum word (bytes 8..11) read as zero: the sums wrap
+// modulo 2^64 as torch's int64 sums do, then Python's remainder (never negative).
+uint32_t checksum_of(const uint8_t* p, int64_t n) {
+  uint64_t low = 0, high = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t b = (i >= 8 && i < 12) ? 0u : p[i];
+    low += b;
+    high += b * static_cast<uint64_t>(n - i);
+  }
+  const auto mod = [](uint64_t x) {
+    const int64_t r = static_cast<int64_t>(x) % kChecksumModulus;
+    return r < 0 ? r + kChecksumModulus : r;
+  };
+  return static_cast<uint32_t>(mod(high) * 65536 + mod(low));
+}
+
+struct Format {
+  PayloadLayout layout;
+  at::ScalarType value_dtype;
+  int64_t chunk;
+  bool csr16;
+  bool checksum;
+  int64_t numel;
+};
+
+// Slot j's bucket position, for the slots of one payload in order: int32 indices as they are
+// (possibly outside the bucket); csr16 positions block * 65536 + offset, -1 beyond the blocks'
+// counts or the bucket. `ends` holds the running sums of max(count, 0), one per block.
+class SlotIndex {
+ public:
+  SlotIndex(const Format& f, const uint8_t* payload, const int64_t* ends)
+      : f_(f), p_(payload), ends_(ends) {}
+  int64_t operator()(int64_t j) {
+    if (!f_.csr16) return load<int32_t>(p_ + f_.layout.index_offset + 4 * j);
+    while (block_ < f_.layout.blocks && ends_[block_] <= j) ++block_;
+    if (block_ >= f_.layout.blocks) return -1;
+    const int64_t pos =
+        block_ * kCsr16Block + load<uint16_t>(p_ + f_.layout.offsets_offset + 2 * j);
+    return pos < f_.numel ? pos : -1;
+  }
+
+ private:
+  const Format& f_;
+  const uint8_t* p_;
+  const int64_t* ends_;
+  int64_t block_ = 0;
+};
+
+// Pass 1 for one payload: its flags and the number of slots in use; csr16's block ends.
+void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finite,
+                   bool* well_formed, int64_t* used_out) {
+  const PayloadLayout& l = f.layout;
+  const int32_t flag = load<int32_t>(p), count = load<int32_t>(p + 4);
+  *finite = flag != 0;
+  bool ok = count >= 0 && count <= l.slots && (flag == 0 || flag == 1);
+  const bool claims_finite = flag == 1;
+  const int64_t used = std::min<int64_t>(std::max<int32_t>(count, 0), l.slots);
+  *used_out = used;
+  if (f.checksum) ok &= checksum_of(p, l.nbytes) == load<uint32_t>(p + 8);
+  if (f.csr16) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < l.blocks; ++b) {
+      const int32_t c = load<int32_t>(p + l.index_offset + 4 * b);
+      ok &= c >= 0;
+      total += std::max<int32_t>(c, 0);
+      ends[b] = total;
+    }
+    ok &= total == used;
+  }
+  // Padding slots decode to index 0, outside an empty bucket.
+  if (f.numel == 0 && l.slots > 0) ok = false;
+  if (f.value_dtype == at::kChar) {
+    for (int64_t s = 0; s < l.num_scales && claims_finite; ++s) {
+      ok &= std::isfinite(load<float>(p + l.scales_offset + 4 * s));
+    }
+  }
+  SlotIndex index_of(f, p, ends);
+  const uint8_t* values = p + l.values_offset;
+  for (int64_t j = 0; j < used && ok; ++j) {
+    const int64_t i = index_of(j);
+    if (i < 0 || i >= f.numel) {
+      ok = false;
+    } else if (claims_finite && f.value_dtype != at::kChar) {
+      ok &= std::isfinite(value_at(values, j, f.value_dtype));
+    }
+  }
+  *well_formed = ok;
+}
+
+// Pass 2 for one payload, restricted to out[lo, hi): every slot in order, as decode_sum feeds it
+// to sparse_accumulate_ (a slot not in use, or a csr16 slot without a position, adds its zero
+// value, times its scale for int8, at index 0; an int32 index outside the bucket adds nothing).
+void apply_payload(const Format& f, const uint8_t* p, const int64_t* ends, int64_t used,
+                   float* out, int64_t lo, int64_t hi) {
+  const PayloadLayout& l = f.layout;
+  const uint8_t* values = p + l.values_offset;
+  const bool int8 = f.value_dtype == at::kChar;
+  SlotIndex index_of(f, p, ends);
+  for (int64_t j = 0; j < l.slots; ++j) {
+    int64_t i = j < used ? index_of(j) : -1;
+    float v;
+    if (j < used && (i >= 0 || !f.csr16)) {
+      v = value_at(values, j, f.value_dtype);
+    } else {
+      i = 0;
+      v = 0.0f;
+    }
+    if (i < lo || i >= hi) continue;
+    if (int8) v *= load<float>(p + l.scales_offset + 4 * (j / f.chunk));
+    out[i] = out[i] + v;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_average_cpu(at::Tensor& out,
+                                                      const at::Tensor& gathered_in,
+                                                      int64_t slots, at::ScalarType value_dtype,
+                                                      int64_t chunk, c10::string_view index,
+                                                      bool checksum, double divisor) {
+  const bool csr16 = check_decode_average(out, gathered_in, slots, value_dtype, chunk, index,
+                                          checksum, divisor);
+  const at::Tensor gathered = gathered_in.contiguous();
+  const int64_t world = gathered.size(0), numel = out.numel();
+  const Format f{payload_layout(slots, value_dtype, chunk, csr16, numel, checksum), value_dtype,
+                 chunk, csr16, checksum, numel};
+  const auto flag_options = gathered.options().dtype(at::kBool);
+  at::Tensor finite = at::empty({world}, flag_options);
+  at::Tensor well_formed = at::empty({world}, flag_options);
+  bool* fin = finite.data_ptr<bool>();
+  bool* wf = well_formed.data_ptr<bool>();
+  const uint8_t* base = world > 0 ? gathered.data_ptr<uint8_t>() : nullptr;
+  const int64_t nbytes = f.layout.nbytes, blocks = f.layout.blocks;
+  std::vector<int64_t> ends(static_cast<size_t>(std::max<int64_t>(world * blocks, 1)));
+  std::vector<int64_t> used(static_cast<size_t>(std::max<int64_t>(world, 1)));
+  at::parallel_for(0, world, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      check_payload(f, base + r * nbytes, ends.data() + r * blocks, fin + r, wf + r,
+                    used.data() + r);
+    }
+  });
+  float* o = out.data_ptr<float>();
+  const float d = static_cast<float>(divisor);
+  const int64_t grain =
+      std::max<int64_t>(kMinRange, (numel + at::get_num_threads() - 1) / at::get_num_threads());
+  at::parallel_for(0, numel, grain, [&](int64_t lo, int64_t hi) {
+    std::fill(o + lo, o + hi, 0.0f);
+    for (int64_t r = 0; r < world; ++r) {
+      apply_payload(f, base + r * nbytes, ends.data() + r * blocks, used[r], o, lo, hi);
+    }
+    // x / 1 is x, bit for bit (out holds no signalling NaN): the division is skipped.
+    if (d != 1.0f) {
+      for (int64_t i = lo; i < hi; ++i) o[i] = o[i] / d;
+    }
+  });
+  return {finite, well_formed};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace gradsieve
+
+TORCH_LIBRARY_IMPL(gradsieve, CPU, m) {
+  m.impl("decode_average_", &gradsieve::cpu::decode_average_cpu);
+}

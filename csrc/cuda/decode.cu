@@ -1,0 +1,276 @@
+// decode_average_ for the CUDA backend: the world's gathered payloads (python/gradsieve/wire.py's
+// PayloadFormat) decoded into their average, with each payload's finite and well-formed flags, in
+// three launches and no host synchronisation:
+//
+//   1. prepare: every block zeroes its share of out (grid-stride); block r (grid-stride over
+//      ranks) checks payload r's header (finite flag 0 or 1, count in [0, K]), its checksum (a
+//      block reduction over its bytes), csr16's block counts (a block scan into the running sums
+//      of max(count, 0), kept in the workspace: none negative, adding up to the count) and int8's
+//      scales (finite under a header that says finite), and writes the flags and the slots in use.
+//   2. scatter: one thread per (rank, slot): the slot's position (int32, or csr16's block found by
+//      binary search in the running sums), its value (dequantized for int8) and an atomic add into
+//      out. A position outside the bucket, or a non-finite value under a finite header, clears
+//      the payload's well_formed (a plain store of the same value by every thread that finds one).
+//   3. finish: out /= divisor (a true division, __fdiv_rn; skipped when the divisor is 1).
+//
+// Cost: out written 3 times (zero, atomics, division), each payload read once (twice with the
+// checksum). The same entries are added as on the CPU (padding slots add nothing, except int8's
+// 0 * scale when that scale is not finite, as in decode_sum), but the atomics make the summation
+// order, and so the last bit of an fp32 sum of three or more entries at one position, depend on
+// scheduling, as in sparse_accumulate_; the CPU kernel is sequential and bitwise the reference.
+// Payload rows may start at any byte (an odd nbytes): the kernels then read bytes and assemble.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "gradsieve/decode_kernels.h"
+#include "scalar_convert.cuh"
+
+namespace gradsieve {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kCsr16Block = int64_t(1) << 16;
+constexpr unsigned long long kChecksumModulus = 65521;
+
+size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
+
+// A little-endian value of up to 4 bytes at any address.
+template <typename T>
+__device__ __forceinline__ T load_bytes(const uint8_t* p) {
+  uint32_t bits = 0;
+#pragma unroll
+  for (int k = 0; k < static_cast<int>(sizeof(T)); ++k) bits |= uint32_t(p[k]) << (8 * k);
+  T v;
+  memcpy(&v, &bits, sizeof(T));
+  return v;
+}
+
+template <bool kAligned, typename T>
+__device__ __forceinline__ T load(const uint8_t* p) {
+  if constexpr (kAligned) {
+    return *reinterpret_cast<const T*>(p);
+  } else {
+    return load_bytes<T>(p);
+  }
+}
+
+struct Workspace {
+  long long* ends;  // world * blocks running sums of max(count, 0) (csr16)
+  int32_t* used;    // world: slots in use
+  int32_t* claims;  // world: the header says finite
+};
+
+Workspace carve(void* workspace, int64_t world, int64_t blocks) {
+  char* base = static_cast<char*>(workspace);
+  Workspace w;
+  w.ends = reinterpret_cast<long long*>(base);
+  base += align_up(sizeof(long long) * static_cast<size_t>(world * blocks));
+  w.used = reinterpret_cast<int32_t*>(base);
+  base += align_up(sizeof(int32_t) * static_cast<size_t>(world));
+  w.claims = reinterpret_cast<int32_t*>(base);
+  return w;
+}
+
+__device__ __forceinline__ long long python_mod(unsigned long long x) {
+  const long long r = static_cast<long long>(x) % static_cast<long long>(kChecksumModulus);
+  return r < 0 ? r + static_cast<long long>(kChecksumModulus) : r;
+}
+
+// ------------------------------------------------------------------------------ 1. prepare
+__global__ void __launch_bounds__(kThreads) decode_prepare_kernel(DecodeAverageArgs a,
+                                                                  Workspace w) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel; i += stride) {
+    a.out[i] = 0.0f;
+  }
+  using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
+  using Scan = cub::BlockScan<long long, kThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } tmp;
+  __shared__ int32_t s_used, s_flag;
+  __shared__ unsigned long long s_low;
+  for (int64_t r = blockIdx.x; r < a.world; r += gridDim.x) {
+    const uint8_t* p = a.gathered + r * a.nbytes;
+    if (threadIdx.x == 0) {
+      const int32_t flag = load_bytes<int32_t>(p), count = load_bytes<int32_t>(p + 4);
+      s_flag = flag;
+      s_used = count < 0 ? 0 : (count > a.slots ? static_cast<int32_t>(a.slots) : count);
+      bool ok = count >= 0 && count <= a.slots && (flag == 0 || flag == 1);
+      if (a.numel == 0 && a.slots > 0) ok = false;  // padding decodes to index 0, outside
+      a.finite[r] = flag != 0;
+      a.well_formed[r] = ok;
+      w.used[r] = s_used;
+      w.claims[r] = flag == 1;
+    }
+    __syncthreads();
+    bool bad = false;
+    if (a.checksum) {
+      // wire.checksum_of with bytes 8..11 read as zero; the sums wrap as torch's int64 sums do.
+      unsigned long long low = 0, high = 0;
+      for (int64_t i = threadIdx.x; i < a.nbytes; i += blockDim.x) {
+        const unsigned long long b = (i >= 8 && i < 12) ? 0ull : p[i];
+        low += b;
+        high += b * static_cast<unsigned long long>(a.nbytes - i);
+      }
+      low = Reduce(tmp.reduce).Sum(low);
+      if (threadIdx.x == 0) s_low = low;
+      __syncthreads();
+      high = Reduce(tmp.reduce).Sum(high);
+      if (threadIdx.x == 0) {
+        const unsigned long long value = python_mod(high) * 65536ull + python_mod(s_low);
+        bad |= static_cast<uint32_t>(value) != load_bytes<uint32_t>(p + 8);
+      }
+      __syncthreads();
+    }
+    if (a.csr16) {
+      long long carry = 0;
+      long long* e = w.ends + r * a.blocks;
+      for (int64_t base = 0; base < a.blocks; base += kThreads) {
+        const int64_t b = base + threadIdx.x;
+        const int32_t count = b < a.blocks ? load_bytes<int32_t>(p + a.index_offset + 4 * b) : 0;
+        bad |= count < 0;
+        long long inclusive, total;
+        Scan(tmp.scan).InclusiveSum(count > 0 ? static_cast<long long>(count) : 0ll, inclusive,
+                                    total);
+        if (b < a.blocks) e[b] = carry + inclusive;
+        carry += total;
+        __syncthreads();  // tmp is reused by the next tile
+      }
+      if (threadIdx.x == 0) bad |= carry != s_used;
+    }
+    if (a.values == WireValues::kInt8 && s_flag == 1) {
+      for (int64_t s = threadIdx.x; s < a.slots / a.chunk; s += blockDim.x) {
+        bad |= !isfinite(load_bytes<float>(p + a.scales_offset + 4 * s));
+      }
+    }
+    if (__syncthreads_or(bad) && threadIdx.x == 0) a.well_formed[r] = false;
+    __syncthreads();  // the shared values are rewritten for the next rank
+  }
+}
+
+// ------------------------------------------------------------------------------ 2. scatter
+template <typename V, bool kAligned>
+__global__ void __launch_bounds__(kThreads) decode_scatter_kernel(DecodeAverageArgs a,
+                                                                  Workspace w) {
+  constexpr bool kInt8 = std::is_same<V, int8_t>::value;
+  const int64_t total = a.world * a.slots;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
+    const int64_t r = t / a.slots, j = t - r * a.slots;
+    const uint8_t* p = a.gathered + r * a.nbytes;
+    const bool in_use = j < w.used[r];
+    int64_t i = -1;
+    if (in_use) {
+      if (a.csr16) {
+        // The first block whose running sum exceeds j.
+        const long long* e = w.ends + r * a.blocks;
+        int64_t lo = 0, hi = a.blocks;
+        while (lo < hi) {
+          const int64_t mid = (lo + hi) / 2;
+          if (e[mid] > j) hi = mid; else lo = mid + 1;
+        }
+        if (lo < a.blocks) {
+          const int64_t pos = lo * kCsr16Block + load<kAligned, uint16_t>(p + a.offsets_offset + 2 * j);
+          if (pos < a.numel) i = pos;
+        }
+        if (i < 0) a.well_formed[r] = false;  // then added as padding (index 0, value 0)
+      } else {
+        i = load<kAligned, int32_t>(p + a.index_offset + 4 * j);
+        if (i < 0 || i >= a.numel) {  // skipped
+          a.well_formed[r] = false;
+          continue;
+        }
+      }
+    }
+    float v = 0.0f;
+    if (i >= 0) {
+      v = to_float(load<kAligned, V>(p + a.values_offset + sizeof(V) * j));
+      if (!kInt8 && w.claims[r] && !isfinite(v)) a.well_formed[r] = false;
+    } else {
+      i = 0;  // padding: a zero value at index 0
+    }
+    if constexpr (kInt8) v = __fmul_rn(v, load<kAligned, float>(p + a.scales_offset + 4 * (j / a.chunk)));
+    // Adding +-0 leaves out unchanged (it starts at +0 and so never holds -0): skipped.
+    if (v != 0.0f && a.numel > 0) atomicAdd(a.out + i, v);
+  }
+}
+
+// ------------------------------------------------------------------------------ 3. finish
+__global__ void __launch_bounds__(kThreads) decode_finish_kernel(float* out, int64_t numel,
+                                                                 float divisor) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    out[i] = __fdiv_rn(out[i], divisor);
+  }
+}
+
+template <typename V>
+void launch_scatter(const DecodeAverageArgs& a, const Workspace& w, bool aligned, unsigned grid,
+                    cudaStream_t stream) {
+  if (aligned) {
+    decode_scatter_kernel<V, true><<<grid, kThreads, 0, stream>>>(a, w);
+  } else {
+    decode_scatter_kernel<V, false><<<grid, kThreads, 0, stream>>>(a, w);
+  }
+}
+
+unsigned grid_for(int64_t count, int64_t cap) {
+  const int64_t want = (count + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(want < 1 ? 1 : (want > cap ? cap : want));
+}
+
+}  // namespace
+
+size_t decode_average_workspace_bytes(int64_t world, int64_t blocks) {
+  return align_up(sizeof(long long) * static_cast<size_t>(world * blocks)) +
+         2 * align_up(sizeof(int32_t) * static_cast<size_t>(world > 0 ? world : 1));
+}
+
+cudaError_t decode_average(const DecodeAverageArgs& a, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream) {
+  if (workspace_bytes < decode_average_workspace_bytes(a.world, a.blocks)) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.values == WireValues::kInt8 && a.chunk <= 0) return cudaErrorInvalidValue;
+  if (a.world == 0 && a.numel == 0) return cudaSuccess;
+  const Workspace w = carve(workspace, a.world, a.blocks);
+  int device = 0, sms = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t cap = int64_t(sms) * 16;
+  // Enough blocks to zero out, and at least one per rank up to the cap (they loop beyond it).
+  const int64_t prepare = (a.numel + kThreads - 1) / kThreads;
+  const int64_t want = prepare > a.world ? prepare : a.world;
+  const unsigned prepare_grid = static_cast<unsigned>(want < 1 ? 1 : (want > cap ? cap : want));
+  decode_prepare_kernel<<<prepare_grid, kThreads, 0, stream>>>(a, w);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t entries = a.world * a.slots;
+  if (entries > 0 && a.numel > 0) {
+    // Every field starts at a multiple of 4 bytes from its payload's start.
+    const bool aligned = reinterpret_cast<uintptr_t>(a.gathered) % 4 == 0 && a.nbytes % 4 == 0;
+    const unsigned grid = grid_for(entries, cap);
+    switch (a.values) {
+      case WireValues::kFloat32: launch_scatter<float>(a, w, aligned, grid, stream); break;
+      case WireValues::kFloat16: launch_scatter<__half>(a, w, aligned, grid, stream); break;
+      case WireValues::kBFloat16: launch_scatter<__nv_bfloat16>(a, w, aligned, grid, stream); break;
+      case WireValues::kInt8: launch_scatter<int8_t>(a, w, aligned, grid, stream); break;
+    }
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (a.divisor != 1.0f && a.numel > 0) {
+    decode_finish_kernel<<<grid_for(a.numel, cap), kThreads, 0, stream>>>(a.out, a.numel,
+                                                                          a.divisor);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace gradsieve

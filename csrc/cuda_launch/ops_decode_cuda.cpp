@@ -1,0 +1,77 @@
+// CUDA launcher of decode_average_ (the kernels: csrc/cuda/decode.cu), in the manner of
+// ops_cuda.cpp: the shared checks, the payload layout, tensors to raw pointers, a workspace from
+// torch's caching allocator, CUDA errors to torch errors. No host synchronisation.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../ops/validation_decode.h"
+#include "gradsieve/decode_kernels.h"
+
+namespace gradsieve {
+namespace cuda_launch {
+namespace {
+
+cuda::WireValues to_wire_values(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::WireValues::kFloat32;
+    case at::kHalf: return cuda::WireValues::kFloat16;
+    case at::kBFloat16: return cuda::WireValues::kBFloat16;
+    case at::kChar: return cuda::WireValues::kInt8;
+    default: TORCH_CHECK(false, "gradsieve.decode_average_: unsupported value_dtype ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
+                                                       const at::Tensor& gathered_in,
+                                                       int64_t slots, at::ScalarType value_dtype,
+                                                       int64_t chunk, c10::string_view index,
+                                                       bool checksum, double divisor) {
+  const bool csr16 = check_decode_average(out, gathered_in, slots, value_dtype, chunk, index,
+                                          checksum, divisor);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor gathered = gathered_in.contiguous();
+  const int64_t world = gathered.size(0), numel = out.numel();
+  const auto flag_options = gathered.options().dtype(at::kBool);
+  at::Tensor finite = at::empty({world}, flag_options);
+  at::Tensor well_formed = at::empty({world}, flag_options);
+  if (world == 0 && numel == 0) return {finite, well_formed};
+  const PayloadLayout l = payload_layout(slots, value_dtype, chunk, csr16, numel, checksum);
+  cuda::DecodeAverageArgs args{};
+  args.out = out.data_ptr<float>();
+  args.numel = numel;
+  args.gathered = world > 0 ? gathered.data_ptr<uint8_t>() : nullptr;
+  args.world = world;
+  args.nbytes = l.nbytes;
+  args.slots = slots;
+  args.values = to_wire_values(value_dtype);
+  args.chunk = chunk;
+  args.csr16 = csr16;
+  args.checksum = checksum;
+  args.blocks = l.blocks;
+  args.index_offset = l.index_offset;
+  args.offsets_offset = l.offsets_offset;
+  args.scales_offset = l.scales_offset;
+  args.values_offset = l.values_offset;
+  args.divisor = static_cast<float>(divisor);
+  args.finite = world > 0 ? finite.data_ptr<bool>() : nullptr;
+  args.well_formed = world > 0 ? well_formed.data_ptr<bool>() : nullptr;
+  const size_t bytes = cuda::decode_average_workspace_bytes(world, l.blocks);
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, out.options().dtype(at::kByte));
+  const cudaError_t err =
+      cuda::decode_average(args, ws.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "gradsieve.decode_average_: CUDA error: ",
+              cudaGetErrorString(err));
+  return {finite, well_formed};
+}
+
+}  // namespace
+}  // namespace cuda_launch
+}  // namespace gradsieve
+
+TORCH_LIBRARY_IMPL(gradsieve, CUDA, m) {
+  m.impl("decode_average_", &gradsieve::cuda_launch::decode_average_cuda);
+}

@@ -1,0 +1,46 @@
+// The torch-free interface of decode_average_'s CUDA kernels (csrc/cuda/decode.cu): raw pointers,
+// sizes and a cudaStream_t, as in cuda_kernels.h. The launcher (csrc/cuda_launch/
+// ops_decode_cuda.cpp) computes the payload layout (csrc/ops/validation_decode.h) and allocates
+// the workspace through torch's caching allocator.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace gradsieve {
+namespace cuda {
+
+enum class WireValues : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3 };
+
+// out (numel float32) = (the sum of every payload's decoded entries) / divisor; finite[r] and
+// well_formed[r] (bool) the flags of payload r, as python/gradsieve/wire.py's
+// PayloadFormat.decode_sum computes them. Offsets are in bytes from a payload's start.
+struct DecodeAverageArgs {
+  float* out;
+  int64_t numel;
+  const uint8_t* gathered;  // world payloads of nbytes each, one after the other
+  int64_t world;
+  int64_t nbytes;
+  int64_t slots;            // K
+  WireValues values;
+  int64_t chunk;            // int8: values per scale
+  bool csr16;
+  bool checksum;            // the header holds a checksum of the payload (bytes 8..11)
+  int64_t blocks;           // csr16 blocks
+  int64_t index_offset;     // int32 indices, or csr16's int32 block counts
+  int64_t offsets_offset;   // csr16's int16 offsets
+  int64_t scales_offset;    // int8's float32 scales
+  int64_t values_offset;
+  float divisor;
+  bool* finite;             // world bools
+  bool* well_formed;        // world bools
+};
+
+size_t decode_average_workspace_bytes(int64_t world, int64_t blocks);
+cudaError_t decode_average(const DecodeAverageArgs& args, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace gradsieve
