@@ -92,6 +92,23 @@ def worker_cases(rank, world, cases, nan_at):
     return out
 
 
+def worker_decode_into_bucket(rank, world):
+    """Per compressed bucket: whether the flat round decoded the average into DDP's bucket."""
+    into = []
+    original = gradsieve.exchange.Round.aggregate
+
+    def aggregate(self, compressor, received, layout, step, out=None):
+        into.append(out is not None and out.data_ptr() == self.buffer.data_ptr())
+        return original(self, compressor, received, layout, step, out=out)
+
+    gradsieve.exchange.Round.aggregate = aggregate
+    try:
+        result = _run(rank, world, "topk", {}, "allgather", {})
+    finally:
+        gradsieve.exchange.Round.aggregate = original
+    return into, result["finite"]
+
+
 def _check(case, result):
     name = f"{case[0]} {case[1]} exchange={case[2]} {case[3]}"
     for step, (reads, buckets) in enumerate(result["steps"]):
@@ -127,3 +144,10 @@ def test_a_skipped_step_is_still_decided_on_the_device(tmp_path):
             _check(case, result)
             assert result["finite"][3] is False and all(result["finite"][:3]), case
             assert result["skipped"] == 1, case
+
+
+def test_the_average_is_decoded_into_the_bucket(tmp_path):
+    """A float32 bucket takes the average straight from the fused decode: no result tensor, no copy."""
+    for into, finite in run_workers(worker_decode_into_bucket, 2, tmp_path):
+        assert into and all(into), into
+        assert all(finite)

@@ -226,9 +226,13 @@ class Compressor:
     def compress(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int) -> Compressed:
         raise NotImplementedError
 
-    def aggregate(self, gathered: torch.Tensor, layout: BucketLayout, step: int) -> Aggregated:
-        """The average of the world's payloads (float32[numel]) and each worker's flags."""
-        out = torch.empty(layout.numel, dtype=torch.float32, device=gathered.device)
+    def aggregate(self, gathered: torch.Tensor, layout: BucketLayout, step: int,
+                  out: Optional[torch.Tensor] = None) -> Aggregated:
+        """The average of the world's payloads (float32[numel]) and each worker's flags. ``out``:
+        where to write the average (float32[numel], contiguous; e.g. the bucket itself, whose
+        gradient ``compress`` has read), or None for a new tensor."""
+        if out is None:
+            out = torch.empty(layout.numel, dtype=torch.float32, device=gathered.device)
         finite, well_formed = self.payload_format(layout, step).decode_average(gathered, out, gathered.shape[0])
         return Aggregated(out, finite, well_formed)
 

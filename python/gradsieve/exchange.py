@@ -184,9 +184,11 @@ class Round:
         return Collective("all_gather", self.members, compressed.payload)
 
     def aggregate(self, compressor: Compressor, received: torch.Tensor, layout: BucketLayout,
-                  step: int) -> Aggregated:
-        """The average of the group's parts and each member's flags (pure)."""
-        return compressor.aggregate(received, layout, step)
+                  step: int, out: Optional[torch.Tensor] = None) -> Aggregated:
+        """The average of the group's parts and each member's flags (pure). ``out``: where the
+        average may be written (this round's whole bucket, float32); a round whose part is not the
+        whole bucket ignores it."""
+        return compressor.aggregate(received, layout, step, out=out)
 
     def finish(self, result: torch.Tensor, usable: Any, malformed: Any = ()) -> Phase:
         """Returns (the bucket's float32 result, whether every rank's part was usable, the ranks

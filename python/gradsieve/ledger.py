@@ -106,15 +106,16 @@ class StepLedger:
         return None, aggregated
 
     # ------------------------------------------------------------------------------ on the device
-    def settle_on_device(self, state: Any, job: BucketJob, gathered: torch.Tensor
-                         ) -> Tuple[torch.Tensor, torch.Tensor, Aggregated]:
+    def settle_on_device(self, state: Any, job: BucketJob, gathered: torch.Tensor,
+                         out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Aggregated]:
         """:meth:`settle` without reading the device: decodes a bucket's exchange and commits its
         memory optimistically (the commit is kept so that :meth:`resolve` can undo it). Returns
         the compressor's result, the step's flag so far (a bool tensor on the device: every
         bucket of the step that has landed, this one included, was usable on every rank) and the
-        :class:`Aggregated`. Needs a compressor whose commit can be undone (``rollback_safe``)."""
+        :class:`Aggregated`. Needs a compressor whose commit can be undone (``rollback_safe``).
+        ``out``: where the round may decode the average (the bucket)."""
         compressor = state.compressor
-        aggregated = job.round.aggregate(compressor, gathered, job.layout, job.step)
+        aggregated = job.round.aggregate(compressor, gathered, job.layout, job.step, out=out)
         ok = self.step_ok(job.at, aggregated.usable.all())
         self.note_senders(job.at, ~aggregated.well_formed, job.round, state.exchange.world_size)
         self.keep(compressor, job.at, job.memory)

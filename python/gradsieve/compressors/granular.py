@@ -454,14 +454,15 @@ class GranularCompressor(Compressor):
         spans = [_span(layout, p) for p in sorted(chosen)]
         return torch.cat([torch.arange(s.start, s.stop, device=score.device) for s in spans])
 
-    def aggregate(self, gathered, layout, step):
+    def aggregate(self, gathered, layout, step, out=None):
         level = self.bucket_level(self.level_at(step), layout)
         world = gathered.shape[0]
         side = gathered[:, :SIDE_BYTES].reshape(-1).view(torch.int32).view(world, -1)
         floats = gathered[:, 4:12].reshape(-1).view(torch.float32).view(world, 2)
         body = gathered[:, SIDE_BYTES:]
         fmt = self.layer_format(layout) if level == "layer" else self.weight_format(layout)
-        out = torch.zeros(layout.numel, dtype=torch.float32, device=gathered.device)
+        out = torch.zeros(layout.numel, dtype=torch.float32, device=gathered.device) if out is None \
+            else out.zero_()
         if body.shape[1] != fmt.nbytes:
             raise ValueError(f"granular: expected payloads of {SIDE_BYTES + fmt.nbytes} bytes at level "
                              f"{level}, got {gathered.shape[1]}")

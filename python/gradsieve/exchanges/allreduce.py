@@ -103,7 +103,7 @@ class AllReduceRound(Round):
         return Collective("all_reduce", self.members, compressed.payload)
 
     def aggregate(self, compressor: Compressor, received: torch.Tensor, layout: BucketLayout,
-                  step: int) -> Aggregated:
+                  step: int, out: Optional[torch.Tensor] = None) -> Aggregated:
         world = len(self.members)
         total = received.float()
         values, flag = total[:-1], total[-1]

@@ -110,8 +110,8 @@ class HierarchicalRound(Round):
         return self.inner.send(compressed)
 
     def aggregate(self, compressor: Compressor, received: torch.Tensor, layout: BucketLayout,
-                  step: int) -> Aggregated:
-        return self.inner.aggregate(compressor, received, layout, step)
+                  step: int, out: Optional[torch.Tensor] = None) -> Aggregated:
+        return self.inner.aggregate(compressor, received, layout, step)  # a shard: not into ``out``
 
     def finish(self, result: torch.Tensor, usable: Any, malformed: Any = ()) -> Phase:
         result, usable, _ = yield from self.inner.finish(result, usable, malformed)
