@@ -6,6 +6,12 @@ same folders. CUDA kernels are built when the installed torch is a CUDA build an
 to skip CUDA, TORCH_CUDA_ARCH_LIST to choose the GPU targets (default "8.0;9.0"), MAX_JOBS for
 parallel compilation (default 2).
 
+The CPU ops split their work with at::parallel_for, which is inlined from torch's headers: compiled
+without OpenMP it runs every loop on one thread. The C++ sources are therefore compiled and linked
+with -fopenmp when torch's own parallel backend is OpenMP (the extension then needs libgomp.so.1,
+which the loader resolves to the copy torch has already loaded: one OpenMP runtime, one thread
+pool, one torch.set_num_threads). GRADSIEVE_NO_OPENMP=1 builds without it (single-threaded ops).
+
 A compiler that ships only the static libstdc++ (libstdc++.a, no libstdc++.so; the GPU machines'
 /opt/gcc is one) would copy the C++ runtime into the extension, and that private copy's locale
 facets then crash torch's own stream code (a segfault inside every TORCH_CHECK message that prints
@@ -69,11 +75,26 @@ def shared_libstdcxx():
                      "to a compiler with libstdc++.so")
 
 
+def openmp_flags():
+    """The compile and link flags that make at::parallel_for parallel ([] when it cannot be)."""
+    if os.environ.get("GRADSIEVE_NO_OPENMP", "0") == "1":
+        print("gradsieve: GRADSIEVE_NO_OPENMP=1: the CPU ops run on one thread")
+        return []
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        print("gradsieve: torch's parallel backend is not OpenMP; the CPU ops run on one thread")
+        return []
+    if not sys.platform.startswith("linux"):
+        print("gradsieve: OpenMP flags are only set up for Linux; the CPU ops run on one thread")
+        return []
+    return ["-fopenmp"]
+
+
 def make_extension():
     os.environ.setdefault("MAX_JOBS", "2")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-ffp-contract=off"]
-    link_args = []
+    openmp = openmp_flags()
+    cxx_flags = ["-O3", "-ffp-contract=off"] + openmp
+    link_args = list(openmp)
     libstdcxx = shared_libstdcxx()
     if libstdcxx is not None:
         print(f"gradsieve: the compiler has only a static libstdc++; linking {libstdcxx}")

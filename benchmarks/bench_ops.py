@@ -18,7 +18,10 @@ For each size n and density k/n it times, on CPU and (when present) CUDA:
                   bucket cut into 256 random segments (some of them empty)
   csr16_pack / csr16_decode: the wire format with index="csr16" vs index="int32" (k entries, int8
                   values; decode of 8 payloads), whole PayloadFormat.pack / decode_sum calls
-Timings are medians over repeats after warm-up (CUDA: device events). On CUDA each row also shows
+Timings are medians over repeats after warm-up (CUDA: device events). With --threads the CPU
+rows are measured at each of the given thread counts (default: torch's default count only),
+gradsieve and its baseline alike under torch.set_num_threads; the `thr` column says which, and a
+second table gives each CPU row's speedup over its 1-thread time. On CUDA each row also shows
 the memory-bandwidth floor: the bytes the op must move divided by the device-to-device copy
 bandwidth measured in the same run, and its ratio `x floor`. CUDA rows at n >= 2^26 are checked
 against the targets of TARGETS (columns `target` and `met`). Results are printed as a
@@ -27,6 +30,7 @@ table and written to JSON and CSV.
     python benchmarks/bench_ops.py --quick                       # a minute on a laptop CPU
     python benchmarks/bench_ops.py --device cuda                 # n = 2^20 .. 2^28 on the GPU
     python benchmarks/bench_ops.py --device cuda --sizes 26,28   # the sizes of the targets
+    python benchmarks/bench_ops.py --device cpu --threads 1,2    # CPU rows on 1 and 2 threads
     python benchmarks/bench_ops.py --table-from results/bench_ops.json   # print a saved run
 """
 
@@ -229,6 +233,7 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
         base_name, base_t = next(iter(baselines.items()))
         row = {
             "device": device, "op": op, "n": n, "density": density,
+            "threads": torch.get_num_threads(),
             "gradsieve_ms": ours * 1e3, "baseline": base_name, "baseline_ms": base_t * 1e3,
             "speedup": base_t / ours,
         }
@@ -357,6 +362,9 @@ def machine_description(devices: List[str]) -> Dict[str, object]:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "parallel_backend": next((line.split(":", 1)[1].strip()
+                                  for line in torch.__config__.parallel_info().splitlines()
+                                  if line.startswith("ATen parallel backend")), "unknown"),
     }
     if "cuda" in devices:
         info["gpu"] = torch.cuda.get_device_name()
@@ -365,7 +373,7 @@ def machine_description(devices: List[str]) -> Dict[str, object]:
 
 def print_table(rows):
     """The rows as a table; CUDA rows with targets end with `met`: yes, or no and what was missed."""
-    header = f"{'device':6} {'op':18} {'n':>11} {'k/n':>6} {'gradsieve ms':>13} {'baseline':>15} " \
+    header = f"{'device':6} {'op':18} {'thr':>3} {'n':>11} {'k/n':>6} {'gradsieve ms':>13} {'baseline':>15} " \
              f"{'baseline ms':>12} {'speedup':>8} {'floor ms':>9} {'x floor':>8}  met"
     print(header)
     print("-" * len(header))
@@ -373,18 +381,67 @@ def print_table(rows):
         density = "" if r["density"] != r["density"] else f"{r['density']:g}"
         floor = f"{r['floor_ms']:9.3f} {r['x_floor']:8.2f}" if "floor_ms" in r else f"{'-':>9} {'-':>8}"
         met = "-" if "met" not in r else ("yes" if r["met"] else "no: " + "; ".join(r["missed"]))
-        print(f"{r['device']:6} {r['op']:18} {r['n']:>11} {density:>6} {r['gradsieve_ms']:13.3f} "
+        threads = r.get("threads", "")
+        print(f"{r['device']:6} {r['op']:18} {threads:>3} {r['n']:>11} {density:>6} {r['gradsieve_ms']:13.3f} "
               f"{r['baseline']:>15} {r['baseline_ms']:12.3f} {r['speedup']:7.2f}x {floor}  {met}")
         if "bytes_per_entry" in r:
-            print(f"{'':6} {'':18} {'':>11} {'':>6} bytes/entry: csr16 {r['bytes_per_entry']:.2f}, "
+            print(f"{'':6} {'':18} {'':>3} {'':>11} {'':>6} bytes/entry: csr16 {r['bytes_per_entry']:.2f}, "
                   f"int32 {r['int32_bytes_per_entry']:.2f}")
         if "topk_unsorted_ms" in r:
-            print(f"{'':6} {'':18} {'':>11} {'':>6} {'':>13} {'sorted=False':>15} "
+            print(f"{'':6} {'':18} {'':>3} {'':>11} {'':>6} {'':>13} {'sorted=False':>15} "
                   f"{r['topk_unsorted_ms']:12.3f} {r['speedup_vs_topk_unsorted']:7.2f}x")
     checked = [r for r in rows if "met" in r]
     if checked:
         print(f"targets (CUDA, n >= 2^{TARGET_MIN_N.bit_length() - 1}): "
               f"{sum(r['met'] for r in checked)} of {len(checked)} rows met")
+    print_thread_scaling(rows)
+
+
+def print_thread_scaling(rows):
+    """For CPU rows measured at several thread counts: each count's time and its speedup over one
+    thread, for gradsieve and for the baseline."""
+    cpu = [r for r in rows if r["device"] == "cpu" and "threads" in r]
+    counts = sorted({r["threads"] for r in cpu})
+    if len(counts) < 2 or counts[0] != 1:
+        return
+    by_key = {}
+    for r in cpu:
+        by_key.setdefault((r["op"], r["n"], r["density"] if r["density"] == r["density"] else None),
+                          {})[r["threads"]] = r
+    more = counts[1:]
+    header = f"{'op':18} {'n':>11} {'k/n':>6} " + " ".join(
+        f"{f'ms @{t}':>9} {f'x @{t}':>6}" for t in counts[:1] + more) + "  " + " ".join(
+        f"{f'base x @{t}':>11}" for t in more) + "  " + " ".join(f"{f'speedup @{t}':>11}" for t in counts)
+    print()
+    print("CPU threads: gradsieve's time on each thread count and its speedup over 1 thread (x @t), "
+          "the baseline's speedup over its own 1-thread time, and gradsieve's speedup over the "
+          "baseline at each count")
+    print(header)
+    print("-" * len(header))
+    for (op, n, density), at in by_key.items():
+        if 1 not in at:
+            continue
+        one = at[1]
+        cells = [f"{one['gradsieve_ms']:9.3f} {1.0:5.2f}x"]
+        for t in more:
+            cells.append(f"{at[t]['gradsieve_ms']:9.3f} {one['gradsieve_ms'] / at[t]['gradsieve_ms']:5.2f}x"
+                         if t in at else f"{'-':>9} {'-':>6}")
+        base = [f"{one['baseline_ms'] / at[t]['baseline_ms']:10.2f}x" if t in at else f"{'-':>11}"
+                for t in more]
+        speed = [f"{at[t]['speedup']:10.2f}x" if t in at else f"{'-':>11}" for t in counts]
+        print(f"{op:18} {n:>11} {'' if density is None else f'{density:g}':>6} " + " ".join(cells)
+              + "  " + " ".join(base) + "  " + " ".join(speed))
+
+
+def parse_threads(text: str) -> List[int]:
+    """'1,2' -> [1, 2] (CPU thread counts)."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated thread counts, got {text!r}")
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"must be thread counts >= 1, got {text!r}")
+    return sorted(set(counts))
 
 
 def parse_sizes(text: str) -> List[int]:
@@ -409,6 +466,9 @@ def main(argv=None):
                         help="exact sizes as comma-separated powers of two, e.g. 26,28 (instead of "
                              "--min-log2/--max-log2)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=parse_threads, default=None,
+                        help="CPU thread counts to measure, comma-separated, e.g. 1,2 (default: "
+                             "torch's default count only); CUDA rows run once")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="folder for bench_ops.json and bench_ops.csv")
     parser.add_argument("--table-from", metavar="JSON", default=None,
@@ -429,6 +489,8 @@ def main(argv=None):
         print("bench_ops: no GPU or no CUDA build of gradsieve: CPU only")
 
     densities = [0.001, 0.01]
+    default_threads = torch.get_num_threads()
+    thread_counts = args.threads or [default_threads]
     rows = []
     measured_bandwidth = None
     for device in devices:
@@ -442,15 +504,20 @@ def main(argv=None):
         for log2 in args.sizes or range(lo, hi + 1, 2 if args.quick else 1):
             n = 1 << log2
             try:
-                rows.extend(bench_size(device, n, densities, repeats, bandwidth))
+                for threads in (thread_counts if device == "cpu" else [default_threads]):
+                    torch.set_num_threads(threads)
+                    rows.extend(bench_size(device, n, densities, repeats, bandwidth))
             except torch.OutOfMemoryError:
                 print(f"bench_ops: n = 2^{log2} does not fit on {device}; stopping there")
                 break
+            finally:
+                torch.set_num_threads(default_threads)
             print(f"bench_ops: {device} n = 2^{log2} done", file=sys.stderr)
     print_table(rows)
 
     os.makedirs(args.out, exist_ok=True)
     meta = machine_description(devices)
+    meta["cpu_thread_counts"] = thread_counts
     if measured_bandwidth:  # the bandwidth the floors of this run were computed from
         meta["copy_bandwidth_GBps"] = measured_bandwidth / 1e9
     meta["targets"] = {op: describe_target(op) for op in TARGETS}

@@ -167,6 +167,9 @@ void accumulate_payload(O* out, int64_t out_n, const I* idx, const V* vals, cons
   if (m < kSerialPayload) {
     apply(0, out_n);
   } else {
+    // One output range per thread, so the payload is scanned once per thread. The split depends
+    // on the thread count but the result does not: every output entry lies in exactly one range
+    // and receives its addends in payload order, as in the serial loop above.
     at::parallel_for(0, out_n, std::max<int64_t>(1, out_n / at::get_num_threads()), apply);
   }
 }
