@@ -296,7 +296,39 @@ def case_segment_mean():
     return (lambda: (gradsieve.segment_mean(x, numels),)), check
 
 
+def case_decode_average(values, index):
+    """4 payloads of 3 * 2^16 + 5 entries' bucket, 20000 entries each (the same positions chosen
+    often: the order of the sums matters), the last rank's count out of range (malformed)."""
+    from gradsieve.wire import PayloadFormat
+
+    numel, k, world = 3 * (1 << 16) + 5, 20_000, 4
+    fmt = PayloadFormat(k, values, 256, index, numel)
+    g = torch.Generator().manual_seed(21)
+    rows = []
+    for rank in range(world):
+        indices = torch.randperm(numel // 3, generator=g)[:k].sort().values * 3 + rank % 2
+        payload, _ = fmt.pack(torch.tensor(True), indices, make_input(k, seed=30 + rank) * 10, ordered=True)
+        rows.append(payload)
+    gathered = torch.stack(rows)
+    gathered[3, 4:8] = torch.tensor([255, 255, 255, 127], dtype=torch.uint8)  # count 2^31 - 1
+
+    def run():
+        out = torch.empty(numel)
+        return (out, *fmt.decode_average(gathered, out, world))
+
+    def check(out):
+        want = torch.zeros(numel)
+        flags = fmt.decode_sum(gathered, want)
+        want.div_(world)
+        assert_same_bits("out", out[0], want)
+        assert torch.equal(out[1], flags[0]) and torch.equal(out[2], flags[1])
+        assert out[2].tolist() == [True, True, True, False]
+    return run, check
+
+
 CASES = {
+    **{f"decode_average_-{v}-{i}": (case_decode_average, (v, i))
+       for v, i in [("fp32", "int32"), ("int8", "csr16"), ("bf16", "csr16")]},
     **{f"topk_abs-{k}-{str(d)[6:]}": (case_topk_abs, (k, d))
        for k, d in [("normal", torch.float32), ("ties", torch.float32), ("special", torch.float32),
                     ("normal", torch.bfloat16)]},
