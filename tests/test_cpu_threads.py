@@ -69,6 +69,26 @@ def case_topk_abs(kind, dtype):
     return (lambda: gradsieve.topk_abs(x, k)), (check if kind != "special" else None)
 
 
+def case_ef_topk_into(dtype):
+    grad = make_input(N, dtype, seed=5)
+    grad[N // 2] = float("inf")
+    residual = make_input(N, seed=6) * 0.25
+    k, scale = N // 50, 0.375
+
+    def run():
+        out = torch.empty(N)
+        values, indices, finite = gradsieve.ef_topk_into(out, residual, grad, k, scale)
+        return values, indices, out, finite
+
+    def check(out):
+        r = residual.clone()
+        values, indices = gradsieve.ef_topk_(r, grad, k, scale)
+        assert torch.equal(out[1], indices) and not bool(out[3])
+        assert_same_bits("values", out[0], values)
+        assert_same_bits("out", out[2], r)
+    return run, check
+
+
 def case_quantile_abs(kind, dtype):
     x = make_input(N, dtype, kind=kind, seed=2)
 
@@ -337,6 +357,8 @@ CASES = {
     "quantile_abs-half": (case_quantile_abs, ("normal", torch.float16)),
     "ef_topk_-float32": (case_ef_topk, (torch.float32,)),
     "ef_topk_-float16": (case_ef_topk, (torch.float16,)),
+    "ef_topk_into-float32": (case_ef_topk_into, (torch.float32,)),
+    "ef_topk_into-bfloat16": (case_ef_topk_into, (torch.bfloat16,)),
     "regtopk_select_-first": (case_regtopk, (False,)),
     "regtopk_select_-previous": (case_regtopk, (True,)),
     "threshold_select": (case_threshold_select, (False,)),

@@ -92,6 +92,43 @@ std::tuple<at::Tensor, at::Tensor> ef_topk_cpu(at::Tensor& residual, const at::T
   return {values, indices};
 }
 
+// ef_topk_ out of place: out = residual + scale * grad (residual is not written), the flag of an
+// all-finite grad from the same pass, then the same selection on out.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ef_topk_into_cpu(at::Tensor& out, const at::Tensor& residual_in,
+                                                                const at::Tensor& grad_in, int64_t k,
+                                                                double scale_in) {
+  check_ef_topk_into(out, residual_in, grad_in, k, scale_in);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor residual = residual_in.contiguous();
+  at::Tensor values = at::empty({k}, out.options());
+  at::Tensor indices = at::empty({k}, out.options().dtype(at::kLong));
+  at::Tensor finite = at::empty({}, out.options().dtype(at::kBool));
+  const int64_t n = grad.numel();
+  const float scale = static_cast<float>(scale_in);
+  const float* src = residual.data_ptr<float>();
+  float* r = out.data_ptr<float>();
+  bool all_finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ef_topk_into", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    // The roundings of ef_topk_ (residual + scale * grad, no fused multiply-add).
+    all_finite = at::parallel_reduce(
+        0, n, kChunk, true,
+        [&](int64_t begin, int64_t end, bool ok) {
+          for (int64_t i = begin; i < end; ++i) {
+            const float gi = static_cast<float>(g[i]);
+            const float scaled = scale * gi;
+            r[i] = src[i] + scaled;
+            ok = ok && std::isfinite(gi);
+          }
+          return ok;
+        },
+        [](bool a, bool b) { return a && b; });
+  });
+  *finite.data_ptr<bool>() = all_finite;
+  take_top_k(r, n, k, MagnitudeKeys<float>{r}, values.data_ptr<float>(), indices.data_ptr<int64_t>());
+  return {values, indices, finite};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_cpu(const at::Tensor& x_in,
                                                                     const at::Tensor& threshold,
                                                                     int64_t capacity) {
@@ -138,5 +175,6 @@ TORCH_LIBRARY_IMPL(gradsieve, CPU, m) {
   m.impl("topk_abs", &gradsieve::cpu::topk_abs_cpu);
   m.impl("quantile_abs", &gradsieve::cpu::quantile_abs_cpu);
   m.impl("ef_topk_", &gradsieve::cpu::ef_topk_cpu);
+  m.impl("ef_topk_into", &gradsieve::cpu::ef_topk_into_cpu);
   m.impl("threshold_select", &gradsieve::cpu::threshold_select_cpu);
 }

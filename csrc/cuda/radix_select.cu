@@ -117,19 +117,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// First pass of ef_topk_: residual += scale * grad (written back), histogram of the top digit.
+// First pass of ef_topk_: acc = residual + scale * grad written to out (residual itself for
+// ef_topk_, another buffer for ef_topk_into), histogram of the top digit, and (when nonfinite is
+// given) 1 stored there by any thread that reads a non-finite grad entry.
 // __fmul_rn/__fadd_rn keep the two roundings of the eager reference (no fused multiply-add).
 template <typename G>
 __global__ void __launch_bounds__(kThreads)
-    ef_accumulate_histogram_kernel(float* __restrict__ residual, const G* __restrict__ grad,
-                                   int64_t n, float scale, unsigned* __restrict__ hist) {
+    ef_accumulate_histogram_kernel(const float* residual, float* out, const G* __restrict__ grad,
+                                   int64_t n, float scale, unsigned* __restrict__ hist,
+                                   int* __restrict__ nonfinite) {
   __shared__ unsigned local[RadixDigits::kMaxBins];
   for (int b = threadIdx.x; b < RadixDigits::kMaxBins; b += blockDim.x) local[b] = 0;
   __syncthreads();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float acc = __fadd_rn(residual[i], __fmul_rn(scale, to_float(grad[i])));
-    residual[i] = acc;
+    const float g = to_float(grad[i]);
+    const float acc = __fadd_rn(residual[i], __fmul_rn(scale, g));
+    out[i] = acc;
+    if (nonfinite != nullptr && !isfinite(g)) *nonfinite = 1;
     atomicAdd(&local[RadixDigits::digit(AbsKeyTraits::from_float(acc), 0)], 1u);
   }
   __syncthreads();
@@ -365,20 +370,21 @@ cudaError_t quantile_abs_typed(const T* x, int64_t n, double q, void* out, const
   return cudaGetLastError();
 }
 
+// ef_topk_ (out == residual) and ef_topk_into (out another buffer, nonfinite its flag).
 template <typename G>
-cudaError_t ef_topk_typed(float* residual, const G* grad, int64_t n, int64_t k, float scale,
-                          float* values, int64_t* indices, const Workspace& w,
-                          cudaStream_t stream) {
+cudaError_t ef_topk_typed(const float* residual, float* out, const G* grad, int64_t n, int64_t k,
+                          float scale, float* values, int64_t* indices, int* nonfinite,
+                          const Workspace& w, cudaStream_t stream) {
   cudaMemsetAsync(w.hist, 0, sizeof(unsigned) * RadixDigits::kMaxBins, stream);
   init_state_kernel<<<1, 1, 0, stream>>>(w.state, static_cast<unsigned long long>(k), nullptr);
-  ef_accumulate_histogram_kernel<G><<<grid_for(n, 8), kThreads, 0, stream>>>(residual, grad, n,
-                                                                           scale, w.hist);
+  ef_accumulate_histogram_kernel<G><<<grid_for(n, 8), kThreads, 0, stream>>>(
+      residual, out, grad, n, scale, w.hist, nonfinite);
   if (k == 0) return cudaGetLastError();
   choose_digit_kernel<<<1, kScanThreads, 0, stream>>>(w.hist, 0, w.state);
-  cudaError_t err = find_kth<float>(residual, n, 1, w, stream);
+  cudaError_t err = find_kth<float>(out, n, 1, w, stream);
   if (err != cudaSuccess) return err;
   finalize_kernel<<<1, 1, 0, stream>>>(w.state, false, true, 0, nullptr);
-  return write_selection<float, float, true>(residual, n, w, values, indices, stream);
+  return write_selection<float, float, true>(out, n, w, values, indices, stream);
 }
 
 // The top k of a float score buffer; the values come from (and are cleared in) `source`.
@@ -492,24 +498,32 @@ cudaError_t quantile_abs(const void* x, DType dtype, int64_t n, double q, void* 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t ef_topk(float* residual, const void* grad, DType grad_dtype, int64_t n, int64_t k,
-                    float scale, float* values, int64_t* indices, void* workspace,
-                    size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t ef_topk_into(const float* residual, float* out, const void* grad, DType grad_dtype,
+                         int64_t n, int64_t k, float scale, float* values, int64_t* indices,
+                         int* nonfinite, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (workspace_bytes < workspace_bytes_for(n)) return cudaErrorInvalidValue;
   const Workspace w = carve(workspace, n);
   switch (grad_dtype) {
     case DType::kFloat32:
-      return ef_topk_typed(residual, static_cast<const float*>(grad), n, k, scale, values,
-                           indices, w, stream);
+      return ef_topk_typed(residual, out, static_cast<const float*>(grad), n, k, scale, values,
+                           indices, nonfinite, w, stream);
     case DType::kFloat16:
-      return ef_topk_typed(residual, static_cast<const __half*>(grad), n, k, scale, values,
-                           indices, w, stream);
+      return ef_topk_typed(residual, out, static_cast<const __half*>(grad), n, k, scale, values,
+                           indices, nonfinite, w, stream);
     case DType::kBFloat16:
-      return ef_topk_typed(residual, static_cast<const __nv_bfloat16*>(grad), n, k, scale,
-                           values, indices, w, stream);
+      return ef_topk_typed(residual, out, static_cast<const __nv_bfloat16*>(grad), n, k, scale,
+                           values, indices, nonfinite, w, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t ef_topk(float* residual, const void* grad, DType grad_dtype, int64_t n, int64_t k,
+                    float scale, float* values, int64_t* indices, void* workspace,
+                    size_t workspace_bytes, cudaStream_t stream) {
+  return ef_topk_into(residual, residual, grad, grad_dtype, n, k, scale, values, indices, nullptr,
+                      workspace, workspace_bytes, stream);
 }
 
 cudaError_t select_by_score(const float* score, float* source, int64_t n, int64_t k,

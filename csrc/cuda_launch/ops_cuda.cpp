@@ -106,6 +106,28 @@ std::tuple<at::Tensor, at::Tensor> ef_topk_cuda(at::Tensor& residual, const at::
   return {values, indices};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ef_topk_into_cuda(at::Tensor& out, const at::Tensor& residual_in,
+                                                                 const at::Tensor& grad_in, int64_t k,
+                                                                 double scale) {
+  check_ef_topk_into(out, residual_in, grad_in, k, scale);
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor residual = residual_in.contiguous();
+  at::Tensor values = at::empty({k}, out.options());
+  at::Tensor indices = at::empty({k}, out.options().dtype(at::kLong));
+  at::Tensor nonfinite = at::zeros({}, out.options().dtype(at::kInt));
+  const int64_t n = grad.numel();
+  const size_t bytes = cuda::ef_topk_workspace_bytes(n);
+  at::Tensor ws = workspace(bytes, grad);
+  check_cuda(cuda::ef_topk_into(residual.data_ptr<float>(), out.data_ptr<float>(), grad.data_ptr(),
+                                to_dtype(grad.scalar_type()), n, k, static_cast<float>(scale),
+                                values.data_ptr<float>(), indices.data_ptr<int64_t>(),
+                                nonfinite.data_ptr<int>(), ws.data_ptr(), bytes,
+                                c10::cuda::getCurrentCUDAStream()),
+             "ef_topk_into");
+  return {values, indices, nonfinite.eq(0)};
+}
+
 std::tuple<at::Tensor, at::Tensor> regtopk_select_cuda(at::Tensor& residual,
                                                        const at::Tensor& grad_in,
                                                        const at::Tensor& prev_indices_in,
@@ -252,6 +274,7 @@ TORCH_LIBRARY_IMPL(gradsieve, CUDA, m) {
   m.impl("topk_abs", &gradsieve::cuda_launch::topk_abs_cuda);
   m.impl("quantile_abs", &gradsieve::cuda_launch::quantile_abs_cuda);
   m.impl("ef_topk_", &gradsieve::cuda_launch::ef_topk_cuda);
+  m.impl("ef_topk_into", &gradsieve::cuda_launch::ef_topk_into_cuda);
   m.impl("regtopk_select_", &gradsieve::cuda_launch::regtopk_select_cuda);
   m.impl("threshold_select", &gradsieve::cuda_launch::threshold_select_cuda);
   m.impl("quantize_int8", &gradsieve::cuda_launch::quantize_int8_cuda);

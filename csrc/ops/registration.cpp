@@ -25,6 +25,14 @@ std::tuple<at::Tensor, at::Tensor> ef_topk_meta(at::Tensor& residual, const at::
   return {at::empty({k}, residual.options()), at::empty({k}, residual.options().dtype(at::kLong))};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ef_topk_into_meta(at::Tensor& out, const at::Tensor& residual,
+                                                                  const at::Tensor& grad, int64_t k,
+                                                                  double scale) {
+  check_ef_topk_into(out, residual, grad, k, scale);
+  return {at::empty({k}, out.options()), at::empty({k}, out.options().dtype(at::kLong)),
+          at::empty({}, out.options().dtype(at::kBool))};
+}
+
 std::tuple<at::Tensor, at::Tensor> regtopk_select_meta(at::Tensor& residual, const at::Tensor& grad,
                                                        const at::Tensor& prev_indices,
                                                        const at::Tensor& prev_sent,
@@ -114,6 +122,8 @@ TORCH_LIBRARY(gradsieve, m) {
   m.def("quantile_abs(Tensor x, float q) -> Tensor");
   m.def("ef_topk_(Tensor(a!) residual, Tensor grad, int k, float scale=1.0) -> "
         "(Tensor values, Tensor indices)");
+  m.def("ef_topk_into(Tensor(a!) out, Tensor residual, Tensor grad, int k, float scale=1.0) -> "
+        "(Tensor values, Tensor indices, Tensor finite)");
   m.def("regtopk_select_(Tensor(a!) residual, Tensor grad, Tensor prev_indices, Tensor prev_sent, "
         "Tensor prev_agg, float mu, int k, int world_size, float? q=None, Tensor(b!)? bad=None) -> "
         "(Tensor values, Tensor indices)");
@@ -141,6 +151,7 @@ TORCH_LIBRARY_IMPL(gradsieve, Meta, m) {
   m.impl("topk_abs", &gradsieve::topk_abs_meta);
   m.impl("quantile_abs", &gradsieve::quantile_abs_meta);
   m.impl("ef_topk_", &gradsieve::ef_topk_meta);
+  m.impl("ef_topk_into", &gradsieve::ef_topk_into_meta);
   m.impl("regtopk_select_", &gradsieve::regtopk_select_meta);
   m.impl("threshold_select", &gradsieve::threshold_select_meta);
   m.impl("quantize_int8", &gradsieve::quantize_int8_meta);

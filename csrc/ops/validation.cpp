@@ -62,6 +62,29 @@ void check_ef_topk(const at::Tensor& residual, const at::Tensor& grad, int64_t k
   TORCH_CHECK(std::isfinite(scale), "gradsieve.ef_topk_: scale must be finite, got ", scale);
 }
 
+void check_ef_topk_into(const at::Tensor& out, const at::Tensor& residual, const at::Tensor& grad,
+                        int64_t k, double scale) {
+  check_float_input("ef_topk_into", "grad", grad);
+  TORCH_CHECK(residual.defined() && residual.scalar_type() == at::kFloat,
+              "gradsieve.ef_topk_into: residual must be a float32 tensor, got ",
+              residual.defined() ? c10::toString(residual.scalar_type()) : "None");
+  TORCH_CHECK(out.defined() && out.scalar_type() == at::kFloat,
+              "gradsieve.ef_topk_into: out must be a float32 tensor, got ",
+              out.defined() ? c10::toString(out.scalar_type()) : "None");
+  TORCH_CHECK(residual.sym_numel() == grad.sym_numel(),
+              "gradsieve.ef_topk_into: residual must have as many elements as grad (", grad.sym_numel(),
+              "), got ", residual.sym_numel());
+  TORCH_CHECK(out.sym_numel() == grad.sym_numel(),
+              "gradsieve.ef_topk_into: out must have as many elements as grad (", grad.sym_numel(),
+              "), got ", out.sym_numel());
+  TORCH_CHECK(out.is_contiguous(), "gradsieve.ef_topk_into: out must be contiguous, got strides ",
+              out.strides());
+  check_same_device("ef_topk_into", "residual", residual, "grad", grad);
+  check_same_device("ef_topk_into", "out", out, "grad", grad);
+  check_count("ef_topk_into", "k", k, grad.sym_numel());
+  TORCH_CHECK(std::isfinite(scale), "gradsieve.ef_topk_into: scale must be finite, got ", scale);
+}
+
 void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
                           const at::Tensor& prev_indices, const at::Tensor& prev_sent,
                           const at::Tensor& prev_agg, double mu, int64_t k, int64_t world_size,

@@ -11,6 +11,8 @@ namespace gradsieve {
 void check_topk_abs(const at::Tensor& x, int64_t k);
 void check_quantile_abs(const at::Tensor& x, double q);
 void check_ef_topk(const at::Tensor& residual, const at::Tensor& grad, int64_t k, double scale);
+void check_ef_topk_into(const at::Tensor& out, const at::Tensor& residual, const at::Tensor& grad,
+                        int64_t k, double scale);
 void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
                           const at::Tensor& prev_indices, const at::Tensor& prev_sent,
                           const at::Tensor& prev_agg, double mu, int64_t k, int64_t world_size,

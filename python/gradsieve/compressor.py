@@ -368,7 +368,9 @@ class SparseCompressor(Compressor):
     def select(self, grad: torch.Tensor, memory: BucketMemory, segments: List[Segment], layout: BucketLayout,
                step: int) -> Selection:
         """The entries to send: indices (int64[K], bucket coordinates), values (float32[K]), the
-        pending memory, and scratch (``"valid"``: bool[K], the slots that carry an entry)."""
+        pending memory, and scratch (``"valid"``: bool[K], the slots that carry an entry;
+        ``"finite"``: optional, a bool tensor, every entry of ``grad`` finite, which saves
+        :meth:`compress` a pass)."""
         raise NotImplementedError
 
     def absorb_rounding(self, selection: Selection, error: torch.Tensor) -> None:
@@ -378,8 +380,11 @@ class SparseCompressor(Compressor):
     def compress(self, grad: torch.Tensor, memory: BucketMemory, layout: BucketLayout, step: int) -> Compressed:
         segments = self.segments(layout, step)
         fmt = self._format(sum(s.k for s in segments), layout.numel)
-        finite = torch.isfinite(grad).all()
         selection = self.select(grad, memory, segments, layout, step)
+        # A select that read every entry may give the flag (scratch "finite"); else one more pass.
+        finite = selection.scratch.get("finite")
+        if finite is None:
+            finite = torch.isfinite(grad).all()
         valid = selection.scratch.get("valid")
         ordered = self.traits.ascending and (len(segments) == 1 or valid is None)
         payload, sent = fmt.pack(finite, selection.indices, selection.values, valid, ordered)
@@ -522,6 +527,13 @@ def per_segment(segments: List[Segment],
     if len(parts_i) == 1:
         return parts_i[0], parts_v[0]
     return torch.cat(parts_i), torch.cat(parts_v)
+
+
+def all_of(flags: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The AND of bool tensors (True when there are none), on the device."""
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
 
 def ef_select(accumulator: torch.Tensor, grad: torch.Tensor, segments: List[Segment], ops_module,

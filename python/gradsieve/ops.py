@@ -25,6 +25,7 @@ __all__ = [
     "decode_average_",
     "dequantize_int8",
     "ef_topk_",
+    "ef_topk_into",
     "influence_update",
     "predictive_score",
     "quantile_abs",
@@ -110,6 +111,39 @@ def ef_topk_(
         ([1], [1.0, 0.0, 2.0, 0.5])
     """
     return torch.ops.gradsieve.ef_topk_(residual, grad, k, float(scale))
+
+
+def ef_topk_into(
+    out: torch.Tensor, residual: torch.Tensor, grad: torch.Tensor, k: int, scale: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ef_topk_` out of place, with the gradient's finite flag from the same pass.
+
+    ``out = residual + scale * grad`` (``residual`` is only read); the top ``k`` of ``|out|`` are
+    returned and set to zero in ``out``, exactly as :func:`ef_topk_` does to its residual (same
+    values, indices, ties and roundings), so the old residual can be kept for an undo without a
+    copy.
+
+    Args:
+        out: Tensor[...] float32, contiguous, overwritten (same numel as grad); may be ``residual``
+            itself (then it is :func:`ef_topk_`).
+        residual: Tensor[...] float32 (same numel as grad).
+        grad: Tensor[...] of float32/float16/bfloat16.
+        k: how many entries to send, ``0 <= k <= grad.numel()``.
+        scale: multiplier of grad, finite.
+
+    Returns:
+        ``(values, indices, finite)``: Tensor[k] float32, Tensor[k] int64 ascending, and a bool
+        Tensor[]: every entry of ``grad`` is finite (no host synchronisation).
+
+    Example::
+
+        >>> out = torch.empty(4)
+        >>> values, indices, finite = gradsieve.ef_topk_into(out, torch.zeros(4),
+        ...                                                  torch.tensor([1.0, -4.0, 2.0, 0.5]), 1)
+        >>> indices.tolist(), out.tolist(), bool(finite)
+        ([1], [1.0, 0.0, 2.0, 0.5], True)
+    """
+    return torch.ops.gradsieve.ef_topk_into(out, residual, grad, k, float(scale))
 
 
 def regtopk_select_(

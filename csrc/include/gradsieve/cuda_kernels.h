@@ -37,6 +37,12 @@ size_t ef_topk_workspace_bytes(int64_t n);
 cudaError_t ef_topk(float* residual, const void* grad, DType grad_dtype, int64_t n, int64_t k,
                     float scale, float* values, int64_t* indices, void* workspace,
                     size_t workspace_bytes, cudaStream_t stream);
+// The same with acc written to out (residual only read; out may be residual), and *nonfinite set
+// to 1 when a grad entry is not finite (nonfinite may be null). Workspace: ef_topk_workspace_bytes.
+cudaError_t ef_topk_into(const float* residual, float* out, const void* grad, DType grad_dtype,
+                         int64_t n, int64_t k, float scale, float* values, int64_t* indices,
+                         int* nonfinite, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream);
 
 // The selection of error feedback by a separate score: the k largest |score| (key order and NaN
 // policy of radix_key.h; scores are normally >= 0), ties to the lower index, ascending indices.

@@ -10,8 +10,10 @@ chosen for all ranks) the accumulator is the same, the values at the given indic
 the residual keeps everything else, so the error-feedback account holds as with ``compress``.
 """
 
+import torch
+
 from gradsieve import ops
-from gradsieve.compressor import Selection, SparseCompressor, ef_select
+from gradsieve.compressor import Selection, SparseCompressor, all_of, per_segment
 from gradsieve.registry import register_compressor
 
 
@@ -36,9 +38,19 @@ class TopKCompressor(SparseCompressor):
     agreed_indices = True
 
     def select(self, grad, memory, segments, layout, step):
-        residual = memory.entries["residual"].clone()
-        indices, values = ef_select(residual, grad, segments, ops)
-        return Selection(indices, values, {"residual": residual}, {})
+        # The pending residual is written out of place (the memory's stays, for an undo), and
+        # the gradient's finite flag comes from the same pass.
+        kept = memory.entries["residual"]
+        residual = torch.empty_like(kept)
+        finite = []
+
+        def pick(_, piece, k):
+            values, indices, ok = ops.ef_topk_into(residual[piece], kept[piece], grad[piece], k)
+            finite.append(ok)
+            return values, indices
+
+        indices, values = per_segment(segments, pick)
+        return Selection(indices, values, {"residual": residual}, {"finite": all_of(finite, grad.device)})
 
     def _accumulate(self, grad, memory, layout, step):
         return memory.entries["residual"] + grad
