@@ -195,6 +195,26 @@ def bf16_gloo_hook(state, bucket):
     return default_hooks.bf16_compress_hook(state, bucket)
 
 
+class SerialPowerSGD:
+    """powerSGD_hook with each bucket's hook first waiting for the previous bucket's exchange.
+    powerSGD launches its Q all-reduce from the P all-reduce's callback (a gloo thread) while the
+    autograd thread launches the next bucket's P all-reduce: with a backward as short as
+    --gradient-only's the two race, the ranks issue their collectives in different orders and gloo
+    aborts ("Received data size doesn't match expected size"). Used for powerSGD with --world > 1;
+    the cost is the lost overlap between one bucket's exchange and the next bucket's P."""
+
+    def __init__(self, state: "powersgd.PowerSGDState") -> None:
+        self.state, self.previous = state, None
+
+    @staticmethod
+    def hook(serial, bucket):
+        if serial.previous is not None:
+            serial.previous.wait()
+        future = powersgd.powerSGD_hook(serial.state, bucket)
+        serial.previous = None if bucket.is_last() else future
+        return future
+
+
 class Method:
     """One way of exchanging the gradient: registers its hook, reports bytes on the wire."""
 
@@ -211,10 +231,11 @@ def gradsieve_method(name: str, compressor: str, density: float, **options) -> M
                   wire_bytes=lambda state, numel: float(state.stats()["wire_bytes"]))
 
 
-def methods(densities: Sequence[float], ranks: Sequence[int], others: Sequence[float] = ()) -> List[Method]:
+def methods(densities: Sequence[float], ranks: Sequence[int], others: Sequence[float] = (),
+            serial: bool = False) -> List[Method]:
     """Every method of the benchmark. wire_bytes(state, numel) gives the cumulative bytes so far.
     ``others``: the densities of bf16 and of gradsieve's dgc, ef21 and regtopk (the several-rank
-    mode); empty: the one-process method list."""
+    mode); empty: the one-process method list. serial: powerSGD through SerialPowerSGD."""
     found = [
         Method("backward", make=lambda: (None, no_comm_hook)),
         Method("allreduce"),  # DDP's built-in all-reduce: no hook registered
@@ -227,7 +248,11 @@ def methods(densities: Sequence[float], ranks: Sequence[int], others: Sequence[f
             f"powerSGD r{rank}",
             make=lambda rank=rank: (powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
                                                            start_powerSGD_iter=2), powersgd.powerSGD_hook),
-            wire_bytes=lambda state, numel: 4.0 * state.total_numel_after_compression))
+            wire_bytes=lambda state, numel: 4.0 * (state.state if isinstance(state, SerialPowerSGD) else state)
+            .total_numel_after_compression))
+        if serial:
+            inner = found[-1].make
+            found[-1].make = lambda inner=inner: (SerialPowerSGD(inner()[0]), SerialPowerSGD.hook)
     for values in ("fp32", "int8"):
         for density in densities:
             found.append(Method(
@@ -465,7 +490,7 @@ def run_methods(args, device: torch.device) -> Tuple[List[Dict[str, object]], Di
              torch.randint(0, classes, (args.batch,), generator=g).to(device))
     others = args.other_densities if args.world > 1 else []
     rows = []
-    for method in methods(args.density_list, args.rank_list, others):
+    for method in methods(args.density_list, args.rank_list, others, serial=args.world > 1):
         label = f"{method.name}{'' if method.density is None else f' {method.density:g}'}"
         try:
             rows.append(time_method(method, args, device, batch))
