@@ -152,6 +152,28 @@ def test_bench_hook_ran_every_method_on_cpu(dry_run):
     assert all(row["grads_finite"] and row["backward_ms"] > 0 for row in rows)
 
 
+@pytest.mark.slow
+def test_bench_hook_two_gloo_ranks(tmp_path):
+    """bench_hook.py --world 2 --quick: two gloo ranks, the extra methods, the floor and x floor."""
+    result = subprocess.run([sys.executable, "benchmarks/bench_hook.py", "--device", "cpu", "--world", "2",
+                             "--quick", "--gradient-only", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, tail(result)
+    saved = json.loads((tmp_path / "bench_hook.json").read_text())
+    assert saved["config"]["world"] == 2 and saved["config"]["gradient_only"]
+    assert saved["machine"]["cpu_threads"] == 1 and saved["floor_ms"] > 0
+    rows = {(row["method"], row["density"]): row for row in saved["rows"]}
+    assert set(rows) >= {("bf16", None), ("dgc", 0.01), ("ef21", 0.01), ("regtopk", 0.01), ("topk", 0.001)}
+    assert all("error" not in row and row["grads_finite"] for row in rows.values())
+    numel = saved["rows"][0]["parameters"]
+    assert rows[("bf16", None)]["wire_bytes_per_step"] == 2 * numel
+    for key in (("topk", 0.01), ("dgc", 0.01), ("ef21", 0.01), ("regtopk", 0.01)):
+        row = rows[key]
+        assert row["compress_ms"] > 0 and row["decode_ms"] > 0
+        assert row["x_floor"] == pytest.approx((row["compress_ms"] + row["decode_ms"]) / saved["floor_ms"])
+    assert "x floor" in result.stdout and "the slowest of 2 ranks" in result.stdout
+
+
 # =============================================================================== failures
 def test_a_failing_stage_fails_the_script(tmp_path):
     """A driver that dies makes its stage 'failed' and the script exit 1, after the summary."""
