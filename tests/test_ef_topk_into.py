@@ -133,3 +133,37 @@ def test_cuda_matches_cpu(dtype, special):
     assert torch.equal(got[1].cpu(), want[1]) and torch.equal(bits(got[0].cpu()), bits(want[0]))
     assert torch.equal(bits(out.cpu()), bits(reference(residual, grad, 1000, 1.0)[2]))
     assert bool(got[2].cpu()) == bool(want[2])
+
+
+# ------------------------------------------------------------------ the one-read select on the CPU
+def sampled_cases():
+    """Inputs of 2^18 entries and more (the CPU select's sampled path), with the cases where the
+    sample misleads and the full select must run instead."""
+    n = 1 << 20
+    stride = n // 4096
+    g = torch.Generator().manual_seed(9)
+    ties = torch.randint(-3, 4, (n,), generator=g).float()  # few distinct magnitudes: ties at the cut
+    special = torch.randn(n, generator=g)
+    special[::997] = float("nan")
+    special[5::1231] = float("inf")
+    misled = torch.rand(n, generator=g)
+    misled[::stride] = 100.0 + torch.rand(4096, generator=g)  # every sampled key is huge: too few candidates
+    flat = torch.full((n,), 0.5)  # every key equal: too many candidates
+    return {"normal": torch.randn(n, generator=g), "ties": ties, "special": special, "misled": misled, "flat": flat,
+            "odd": torch.randn(n + 12345, generator=g)}
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "special", "misled", "flat", "odd"])
+@pytest.mark.parametrize("fraction", [0.0001, 0.001, 0.01, 1 / 16])
+def test_the_one_read_select_matches_the_reference(case, fraction):
+    import reference as ref
+
+    x = sampled_cases()[case]
+    k = max(1, int(fraction * x.numel()))
+    values, indices = gradsieve.topk_abs(x, k)
+    want = torch.from_numpy(ref.topk_indices(x, k))
+    assert torch.equal(indices, want), case
+    assert torch.equal(values.view(torch.int32), x[want].view(torch.int32))
+    out = torch.empty_like(x)
+    got = gradsieve.ef_topk_into(out, torch.zeros_like(x), x, k)
+    assert torch.equal(got[1], want)

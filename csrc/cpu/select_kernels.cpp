@@ -37,10 +37,9 @@ std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x_in, int64_t 
   const int64_t n = x.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_abs", [&] {
     const MagnitudeKeys<scalar_t> keys{x.data_ptr<scalar_t>()};
-    const KthLargest kth = find_kth_largest(n, k, keys);
     scalar_t* out_v = values.data_ptr<scalar_t>();
     int64_t* out_i = indices.data_ptr<int64_t>();
-    write_selection(n, kth.key, kth.need_equal, keys, [&](int64_t pos, int64_t i) {
+    select_top_k(n, k, keys, [&](int64_t pos, int64_t i) {
       out_v[pos] = keys.data[i];
       out_i[pos] = i;
     });
