@@ -8,10 +8,6 @@
 #include <utility>
 
 namespace gradsieve {
-namespace {
-
-// Indices travel as int32 on the wire and the kernels count in 32 bits.
-constexpr int64_t kMaxNumel = std::numeric_limits<int32_t>::max();
 
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -36,8 +32,6 @@ void check_count(const char* op, const char* arg, int64_t value, const c10::SymI
   TORCH_CHECK(value >= 0 && value <= numel, "gradsieve.", op, ": ", arg, " must be in [0, ",
               numel, "] (the number of elements), got ", value);
 }
-
-}  // namespace
 
 void check_topk_abs(const at::Tensor& x, int64_t k) {
   check_float_input("topk_abs", "x", x);

@@ -6,7 +6,21 @@
 #include <c10/core/SymInt.h>
 #include <c10/util/Optional.h>
 
+#include <limits>
+
 namespace gradsieve {
+
+// Indices travel as int32 on the wire and the kernels count in 32 bits.
+constexpr int64_t kMaxNumel = std::numeric_limits<int32_t>::max();
+
+// The checks every op is built from (validation_compress.cpp uses them too).
+bool is_float_dtype(at::ScalarType t);
+// t: a float32, float16 or bfloat16 tensor of at most 2^31 - 1 elements.
+void check_float_input(const char* op, const char* arg, const at::Tensor& t);
+void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                       const at::Tensor& ref);
+// value in [0, numel].
+void check_count(const char* op, const char* arg, int64_t value, const c10::SymInt& numel);
 
 void check_topk_abs(const at::Tensor& x, int64_t k);
 void check_quantile_abs(const at::Tensor& x, double q);

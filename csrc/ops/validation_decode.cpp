@@ -10,8 +10,6 @@
 namespace gradsieve {
 namespace {
 
-constexpr int64_t kMaxNumel = std::numeric_limits<int32_t>::max();
-
 int64_t value_size_of(at::ScalarType t) { return t == at::kChar ? 1 : (t == at::kFloat ? 4 : 2); }
 
 }  // namespace

@@ -24,9 +24,14 @@ __all__ = [
     "cuda_kernels_built",
     "decode_average_",
     "dequantize_int8",
+    "dgc_accumulate",
+    "dgc_mask_",
+    "ef21_commit",
+    "ef21_topk",
     "ef_topk_",
     "ef_topk_into",
     "influence_update",
+    "pack_payload",
     "predictive_score",
     "quantile_abs",
     "quantize_int8",
@@ -621,3 +626,173 @@ def decode_average_(
     """
     return torch.ops.gradsieve.decode_average_(out, gathered, int(slots), value_dtype, int(chunk), index,
                                                bool(checksum), float(divisor))
+
+
+# ------------------------------------------------------------------------ fused compress-side ops
+# (csrc/ops/registration_compress.cpp): the passes of a compressor's compress step, fused.
+
+def pack_payload(
+    finite: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    wire_dtype: torch.dtype,
+    chunk: int,
+    index: str,
+    numel: int,
+    checksum: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A whole sparse payload (:mod:`gradsieve.wire`'s layout) in one pass.
+
+    Writes the header (finite flag; the number of slots that carry an entry: ``valid.sum()``, or
+    K without ``valid``; with ``checksum`` a zeroed checksum field), the index section (int32
+    positions, or csr16 per-block counts of the valid entries then 16-bit offsets, padding slots
+    as position 0), the int8 scales and the values, bit for bit as
+    :meth:`~gradsieve.wire.PayloadFormat.pack` does with ``ordered=True``: the entries must
+    already be valid first in ascending position order (not checked: that would synchronise), or
+    the index int32 with no ``valid``. int8 values are quantized exactly as :func:`quantize_int8`
+    rounds (K padded with zeros to a multiple of ``chunk``), float16/bfloat16 exactly as
+    ``Tensor.to``. Positions of valid entries must lie in ``[0, numel)`` for csr16 (one outside
+    is not counted). The checksum itself is left to the caller. Cost: one pass over the K
+    entries (CUDA: one kernel after a memset), no host synchronisation.
+
+    Args:
+        finite: bool tensor of one element, on the entries' device.
+        indices: Tensor[K] int64 or int32, bucket positions.
+        values: Tensor[K] float32, the values chosen.
+        valid: optional Tensor[K] bool, the slots that carry an entry.
+        wire_dtype: torch.float32, float16, bfloat16 or int8.
+        chunk: entries per int8 scale, in ``[1, 2^20]`` (read for int8 only).
+        index: ``"int32"`` or ``"csr16"``.
+        numel: the bucket's size (csr16 needs it for its block counts).
+        checksum: the header has the 8-byte checksum field (zeroed here).
+
+    Returns:
+        ``(payload, sent)``: Tensor[nbytes] uint8 and Tensor[K] float32, the values as a receiver
+        decodes them (at padding slots: the value given there, as sent).
+
+    Example::
+
+        >>> payload, sent = gradsieve.ops.pack_payload(
+        ...     torch.tensor(True), torch.tensor([2, 7]), torch.tensor([0.5, -1.0]), None,
+        ...     torch.float16, 1, "int32", 10)
+        >>> payload[:8].view(torch.int32).tolist(), payload[8:16].view(torch.int32).tolist()
+        ([1, 2], [2, 7])
+    """
+    return torch.ops.gradsieve.pack_payload(finite, indices, values, valid, wire_dtype, int(chunk),
+                                            str(index), int(numel), bool(checksum))
+
+
+def ef21_topk(grad: torch.Tensor, estimate: torch.Tensor,
+              k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EF21's selection (arXiv 2106.05203): the top-k of the change ``grad - estimate``.
+
+    Exactly ``topk_abs(grad - estimate, k)`` (float32 difference, the tie and NaN rules of
+    :func:`topk_abs`) without the difference's buffer on the CPU, with the finiteness of ``grad``
+    from the same pass. Inputs are not changed.
+
+    Args:
+        grad: Tensor[...] of float32/float16/bfloat16.
+        estimate: Tensor[...] float32 with grad's number of elements.
+        k: how many entries, ``0 <= k <= grad.numel()``.
+
+    Returns:
+        ``(values, indices, finite)``: Tensor[k] float32 (the change there), Tensor[k] int64
+        ascending, and a 0-d bool tensor, True when every entry of ``grad`` is finite.
+
+    Example::
+
+        >>> v, i, f = gradsieve.ops.ef21_topk(torch.tensor([1.0, 5.0, 2.0]), torch.tensor([0.0, 4.5, -1.0]), 1)
+        >>> i.tolist(), v.tolist(), bool(f)
+        ([2], [3.0], True)
+    """
+    return torch.ops.gradsieve.ef21_topk(grad, estimate, k)
+
+
+def ef21_commit(estimate: torch.Tensor, indices: torch.Tensor, change: torch.Tensor,
+                global_estimate: torch.Tensor,
+                average: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EF21's commit in one pass: the worker's and the global estimates move. Inputs are not
+    changed.
+
+    ``estimate_out = estimate.index_add(0, indices, change)`` (each position in ``[0, n)``; one
+    outside is skipped), ``global_out = global_estimate + average`` and ``result``, a copy of
+    ``global_out`` of its own (what the optimizer receives), bit for bit as those torch calls.
+
+    Args:
+        estimate, global_estimate, average: Tensor[n] float32.
+        indices: Tensor[K] int64 or int32, the positions sent.
+        change: Tensor[K] float32, the change sent there (as the wire rounded it).
+
+    Returns:
+        ``(estimate_out, global_out, result)``: three new Tensor[n] float32.
+
+    Example::
+
+        >>> e, g, r = gradsieve.ops.ef21_commit(torch.zeros(3), torch.tensor([1]), torch.tensor([2.0]),
+        ...                                     torch.ones(3), torch.tensor([0.5, 0.5, 0.5]))
+        >>> e.tolist(), g.tolist()
+        ([0.0, 2.0, 0.0], [1.5, 1.5, 1.5])
+    """
+    return torch.ops.gradsieve.ef21_commit(estimate, indices, change, global_estimate, average)
+
+
+def dgc_accumulate(
+    grad: torch.Tensor,
+    momentum_u: torch.Tensor,
+    velocity_v: torch.Tensor,
+    momentum: float,
+    grad_scale: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DGC's momentum correction (arXiv 1712.01887) in one pass. Inputs are not changed.
+
+    Per entry, in float32, each product and sum rounded on its own (as the eager
+    ``momentum_u * momentum + grad * grad_scale``, then ``velocity_v + u``)::
+
+        g = grad * grad_scale            (grad_scale None: g = grad)
+        u = momentum_u * momentum + g    -> u
+        v = velocity_v + u               -> v
+
+    Args:
+        grad: Tensor[...] of float32/float16/bfloat16 (read as float32).
+        momentum_u, velocity_v: Tensor[...] float32 with grad's number of elements.
+        momentum: the momentum factor, finite (rounded once to float32).
+        grad_scale: optional 0-d float32 tensor on grad's device (local clipping's factor).
+
+    Returns:
+        ``(u, v, finite)``: new float32 tensors of momentum_u's and velocity_v's shapes, and a 0-d
+        bool tensor, True when every entry of ``grad`` is finite.
+
+    Example::
+
+        >>> u, v, f = gradsieve.ops.dgc_accumulate(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 0.0]),
+        ...                                        torch.tensor([0.5, 0.5]), 0.5)
+        >>> u.tolist(), v.tolist()
+        ([2.0, 2.0], [2.5, 2.5])
+    """
+    return torch.ops.gradsieve.dgc_accumulate(grad, momentum_u, velocity_v, float(momentum),
+                                              grad_scale)
+
+
+def dgc_mask_(momentum_u: torch.Tensor, velocity_v: torch.Tensor, indices: torch.Tensor,
+              valid: Optional[torch.Tensor] = None) -> None:
+    """DGC's momentum factor masking, in place: ``x[i] = x[i] * 0.0`` for both tensors at every
+    position ``i = indices[j]`` whose slot carries an entry (``valid[j]``, default all).
+
+    The product, not a fill: a negative entry becomes -0.0 and a non-finite one NaN, as the
+    product with a 0/1 mask gives. A position outside ``[0, n)`` is skipped. Cost: K scattered
+    writes, no pass over the tensors.
+
+    Args:
+        momentum_u, velocity_v: Tensor[...] float32 of n elements each (not overlapping).
+        indices: Tensor[K] int64 or int32.
+        valid: optional Tensor[K] bool.
+
+    Example::
+
+        >>> u, v = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0])
+        >>> gradsieve.ops.dgc_mask_(u, v, torch.tensor([1, 0]), torch.tensor([True, False]))
+        >>> u.tolist(), v.tolist()
+        ([1.0, -0.0, 3.0], [4.0, 0.0, 6.0])
+    """
+    torch.ops.gradsieve.dgc_mask_(momentum_u, velocity_v, indices, valid)
