@@ -107,11 +107,49 @@ class PayloadFormat:
         ascending index order); no host synchronisation. ``ordered=True`` promises that they
         already are (valid entries first, in ascending index order), which saves a sort.
 
+        When no sort is needed (``ordered``, or int32 indices without ``valid``) the payload is
+        written by one fused op (:func:`gradsieve.ops.pack_payload`: one pass on the CPU, one
+        kernel on CUDA); otherwise, and for inputs that op does not take, by
+        :meth:`pack_reference`. Both give the same bytes and ``sent``, bit for bit.
+
         Returns:
             ``(payload, sent)``: the uint8 payload and the float32 values a receiver will decode,
             in the order of ``indices`` (0 at padding slots), so that the sender can keep
             ``values - sent`` (the rounding) in its error memory.
         """
+        if (ordered or (valid is None and self.index == "int32")) and \
+                self._fused_pack_takes(finite, indices, values, valid):
+            payload, sent = ops.pack_payload(finite, indices, values, valid, VALUE_DTYPES[self.values],
+                                             self.chunk, self.index, self.numel, self.checksum)
+            if self.checksum:
+                payload[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] = checksum_of(payload.view(1, -1))[0]
+            return payload, sent
+        return self.pack_reference(finite, indices, values, valid, ordered)
+
+    def _fused_pack_takes(self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                          valid: Optional[torch.Tensor]) -> bool:
+        """Whether :func:`gradsieve.ops.pack_payload` takes these inputs (host-side facts only)."""
+        device = indices.device
+        if device.type == "cuda":
+            if not ops.cuda_kernels_built():
+                return False
+        elif device.type != "cpu":
+            return False
+        return (indices.dim() == 1 and indices.dtype in (torch.int64, torch.int32)
+                and indices.numel() == self.entries and 1 <= self.chunk <= 1 << 20
+                and values.dtype == torch.float32 and values.shape == indices.shape
+                and values.device == device
+                and isinstance(finite, torch.Tensor) and finite.dtype == torch.bool
+                and finite.numel() == 1 and finite.device == device
+                and (valid is None or (valid.dtype == torch.bool and valid.shape == indices.shape
+                                       and valid.device == device)))
+
+    def pack_reference(
+        self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+        valid: Optional[torch.Tensor] = None, ordered: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pack` in plain torch ops (7 to 14 small launches), for every case: the path of
+        inputs that need a sort, and the reference the fused op is tested against."""
         k, slots, device = indices.numel(), self.slots, indices.device
         order = None
         if not ordered and (valid is not None or self.index == "csr16"):

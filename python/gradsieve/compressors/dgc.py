@@ -156,9 +156,22 @@ class DGCCompressor(SparseCompressor):
             v.index_add_(0, indices, chosen - sent)
         return {"momentum_u": u, "velocity_v": v}, {}
 
+    def _momentum_velocity(self, grad, memory, layout):
+        """``u`` (as :meth:`_momentum`), ``v = velocity_v + u`` and whether the gradient is finite
+        (None: not looked at), in one fused pass (clipping's factor aside)."""
+        if self.clip_norm > 0 and grad.dtype != torch.float32:
+            # grad * factor rounds to grad's own dtype here; the fused op computes in float32.
+            u = self._momentum(grad, memory, layout)
+            return u, memory.entries["velocity_v"] + u, None
+        scale = None
+        if self.clip_norm > 0:
+            limit = self.clip_norm / math.sqrt(layout.world_size)
+            scale = torch.clamp(limit / (torch.linalg.vector_norm(grad) + 1e-12), max=1.0)
+        return ops.dgc_accumulate(grad, memory.entries["momentum_u"], memory.entries["velocity_v"],
+                                  self.momentum, scale)
+
     def select(self, grad, memory, segments, layout, step):
-        u = self._momentum(grad, memory, layout)
-        v = memory.entries["velocity_v"] + u
+        u, v, finite = self._momentum_velocity(grad, memory, layout)
         factor = memory.extra.get("threshold_factor")
         if factor is None or factor.numel() != len(layout.param_numels):
             factor = torch.ones(len(layout.param_numels), device=grad.device)
@@ -185,14 +198,14 @@ class DGCCompressor(SparseCompressor):
         indices, values = torch.cat(parts_i), torch.cat(parts_v)
         sent = indices >= 0
         safe = torch.where(sent, indices, torch.zeros_like(indices))
-        # Momentum factor masking: zero u and v where an entry was sent.
-        # Padding slots point at entry 0 with a 1, so a min-reduction never lets them clear it.
-        keep = torch.ones_like(v)
-        keep.scatter_reduce_(0, safe, sent.logical_not().to(v.dtype), reduce="amin")
-        u = u * keep
-        v = v * keep
+        # Momentum factor masking: u and v become x * 0 where an entry was sent (padding slots,
+        # which point at entry 0, are skipped), in place: both are this step's own new tensors.
+        ops.dgc_mask_(u, v, safe, sent)
+        scratch = {"valid": sent}
+        if finite is not None:
+            scratch["finite"] = finite
         return Selection(safe, values, {"momentum_u": u, "velocity_v": v, "threshold_factor": new_factor},
-                         {"valid": sent})
+                         scratch)
 
     def absorb_rounding(self, selection, error):
         selection.pending["velocity_v"].index_add_(0, selection.indices,

@@ -14,7 +14,7 @@ At agreed indices (``compress_at``) the change ``grad_i - g_i`` is sent at the g
 import dataclasses
 
 from gradsieve import ops
-from gradsieve.compressor import Selection, SparseCompressor, per_segment
+from gradsieve.compressor import Selection, SparseCompressor, all_of, per_segment
 from gradsieve.registry import register_compressor
 
 
@@ -34,26 +34,39 @@ class EF21Compressor(SparseCompressor):
     traits = dataclasses.replace(SparseCompressor.traits, returns_average=False, commit_needs_average=True)
 
     def select(self, grad, memory, segments, layout, step):
+        # The top-k of the change grad - estimate, segment by segment, in one fused op (no buffer
+        # for the change on the CPU) that also says whether the gradient is finite. The pending
+        # estimate is the memory's own tensor, unchanged: commit writes the moved estimate to a
+        # new tensor (ef21_commit), so nothing needs a copy here.
         estimate = memory.entries["estimate"]
-        change = grad - estimate
-        indices, values = per_segment(segments, lambda _, piece, k: ops.topk_abs(change[piece], k))
-        return Selection(indices, values, {"estimate": estimate.clone()}, {"indices": indices, "change": values})
+        flags = []
+
+        def pick(_, piece, k):
+            values, indices, finite = ops.ef21_topk(grad[piece], estimate[piece], k)
+            flags.append(finite)
+            return values, indices
+
+        indices, values = per_segment(segments, pick)
+        scratch = {"indices": indices, "change": values, "finite": all_of(flags, grad.device)}
+        return Selection(indices, values, {"estimate": estimate}, scratch)
 
     def _accumulate(self, grad, memory, layout, step):
         return grad - memory.entries["estimate"]
 
     def _pending_at(self, grad, memory, layout, step, indices, accumulated, chosen, sent):
-        # commit moves the estimate by the change as sent, at the indices.
-        return {"estimate": memory.entries["estimate"].clone()}, {"change": sent}
+        # commit moves the estimate by the change as sent, at the indices (into a new tensor).
+        return {"estimate": memory.entries["estimate"]}, {"change": sent}
 
     def absorb_rounding(self, selection, error):
         # g_i must move by what was actually sent: subtract the part that did not survive rounding.
         selection.scratch["change"] = selection.scratch["change"] - error
 
     def commit(self, memory, compressed, average, layout):
-        estimate = compressed.pending["estimate"]
-        estimate.index_add_(0, compressed.scratch["indices"], compressed.scratch["change"])
+        # One pass: estimate + change at the indices, global estimate + average, and the copy of
+        # the latter that the optimizer receives; all three are new tensors (rollback-safe).
+        estimate, global_estimate, result = ops.ef21_commit(
+            compressed.pending["estimate"], compressed.scratch["indices"], compressed.scratch["change"],
+            memory.entries["global_estimate"], average)
         memory.entries["estimate"] = estimate
-        global_estimate = memory.entries["global_estimate"] + average
         memory.entries["global_estimate"] = global_estimate
-        return global_estimate.clone()
+        return result
