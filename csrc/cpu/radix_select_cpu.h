@@ -71,21 +71,12 @@ inline void choose_digit(const Histogram& hist, int pass, uint32_t& prefix, int6
   }
 }
 
-// Adds the top digit of `key` to a histogram of pass 0 (a caller that makes its own pass over x,
-// such as the fused accumulate of ef_topk_into, builds the first histogram there).
-inline void count_top_digit(Histogram& top, uint32_t key) { ++top[RadixDigits::digit(key, 0)]; }
-
-// Adds `part` into `total` (the per-task histograms of such a pass).
-inline void merge_histogram(Histogram& total, const Histogram& part) {
-  for (int b = 0; b < RadixDigits::kMaxBins; ++b) total[b] += part[b];
-}
-
-// The k-th largest key among key_at(0..n-1), 1 <= k <= n, given the histogram of their top digits
-// (pass 0), so the select reads x twice more (candidates, then the selection's two reads).
+// The k-th largest key among key_at(0..n-1), 1 <= k <= n.
 template <typename KeyAt>
-KthLargest find_kth_largest(int64_t n, int64_t k, const KeyAt& key_at, const Histogram& top) {
+KthLargest find_kth_largest(int64_t n, int64_t k, const KeyAt& key_at) {
   uint32_t prefix = 0;
   int64_t k_remaining = k;
+  const Histogram top = histogram(n, key_at, 0, 0u);
   const bool has_nan = top[RadixDigits::kMaxBins - 1] > 0;
   choose_digit(top, 0, prefix, k_remaining);
 
@@ -107,12 +98,6 @@ KthLargest find_kth_largest(int64_t n, int64_t k, const KeyAt& key_at, const His
     choose_digit(histogram(m, candidate_at, pass, prefix), pass, prefix, k_remaining);
   }
   return {prefix, k_remaining, has_nan};
-}
-
-// The k-th largest key among key_at(0..n-1), 1 <= k <= n.
-template <typename KeyAt>
-KthLargest find_kth_largest(int64_t n, int64_t k, const KeyAt& key_at) {
-  return find_kth_largest(n, k, key_at, histogram(n, key_at, 0, 0u));
 }
 
 // Calls emit(position, index) for every selected entry: keys above `cut`, and the first `need`
