@@ -210,5 +210,61 @@ cudaError_t influence_update(const InfluenceUpdateArgs& args, cudaStream_t strea
 cudaError_t segment_mean(const float* x, const int64_t* offsets, int64_t segments, float* out,
                          cudaStream_t stream);
 
+// The fused compress-side ops (csrc/cuda/compress.cu; contracts: python/gradsieve/ops.py, the
+// CPU kernels in csrc/cpu/compress_kernels.cpp).
+//
+// ef21_topk: the top-k |grad - estimate| (float32 difference, one rounding; topk_abs's key order,
+// NaN policy and ties; indices ascending) into values (float32) and indices (int64), and *finite =
+// whether every grad entry is finite. k may be 0; n == 0 only sets *finite.
+size_t ef21_topk_workspace_bytes(int64_t n);
+cudaError_t ef21_topk(const void* grad, DType grad_dtype, const float* estimate, int64_t n,
+                      int64_t k, float* values, int64_t* indices, bool* finite, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream);
+
+// pack_payload: a whole payload of K entries (python/gradsieve/wire.py's layout, offsets from
+// pack_layout in csrc/ops/validation_compress.h) and the values as decoded (sent, K floats).
+// indices: K int64 (indices_int64) or int32; valid: K bools or null (every slot valid); int8
+// (codes and a scale per chunk, slots = K rounded up to chunk) or wire_dtype's values; csr16
+// (blocks counts, then int16 offsets) or int32 positions.
+struct PackPayloadArgs {
+  const bool* finite;
+  const void* indices;
+  bool indices_int64;
+  const float* values;
+  const bool* valid;
+  int64_t k;
+  int64_t slots;
+  bool int8;
+  DType wire_dtype;
+  int64_t chunk;
+  bool csr16;
+  int64_t blocks;
+  int64_t header_bytes;
+  int64_t scales_offset;
+  int64_t values_offset;
+  uint8_t* payload;
+  int64_t nbytes;
+  float* sent;
+};
+cudaError_t pack_payload(const PackPayloadArgs& args, cudaStream_t stream);
+
+// ef21_commit: estimate_out = estimate with change index-added at indices (positions outside
+// [0, n) skipped), global_out = result = global_estimate + average. n floats each; m entries.
+cudaError_t ef21_commit(const float* estimate, const float* global_estimate, const float* average,
+                        int64_t n, const void* indices, bool indices_int64, const float* change,
+                        int64_t m, float* estimate_out, float* global_out, float* result,
+                        cudaStream_t stream);
+
+// dgc_accumulate: u_out = u * momentum + grad (grad * *grad_scale when grad_scale is not null),
+// v_out = v + u_out, each operation rounded on its own; *finite = whether grad is all finite.
+cudaError_t dgc_accumulate(const void* grad, DType grad_dtype, const float* u, const float* v,
+                           int64_t n, float momentum, const float* grad_scale, float* u_out,
+                           float* v_out, bool* finite, cudaStream_t stream);
+
+// dgc_mask: u[i] *= 0 and v[i] *= 0 (in place) at the m positions i = indices[j] with valid[j]
+// (valid may be null), positions outside [0, n) skipped.
+cudaError_t dgc_mask(float* u, float* v, int64_t n, const void* indices, bool indices_int64,
+                     const bool* valid, int64_t m, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace gradsieve

@@ -1,0 +1,403 @@
+// CUDA kernels of the fused compress-side ops (contracts: python/gradsieve/ops.py; CPU kernels:
+// csrc/cpu/compress_kernels.cpp; launchers: csrc/cuda_launch/ops_compress_cuda.cpp). No kernel
+// here reads anything back to the host; an empty input launches no kernel of grid size 0.
+//
+// ef21_topk. Pass 1 (grid-stride) computes change = grad - estimate (one float32 rounding,
+// __fsub_rn), written to a workspace buffer, the histogram of its top key digit (shared memory,
+// merged once per block) and the gradient's finiteness (a block vote, one store per block that
+// saw a non-finite entry). Then ef_topk_'s radix select of radix_select.cu (2 histogram passes,
+// count per tile, scan, write) on the buffer: ties to the lower index, indices ascending, the NaN policy of radix_key.h, as
+// topk_abs(grad - estimate). Cost: grad and estimate read once, the n-float buffer written once
+// and read 4 times (2 histograms, count, write); workspace n floats + the select's.
+//
+// pack_payload. A memset of the payload, then one kernel: each block takes groups of entries (an
+// int8 chunk, its scale from a block-wide absmax exactly as quantize.cu's quantize_int8; else
+// 4096 entries), writes their positions (or csr16 offsets; the block counts by warp-aggregated
+// integer atomics), wire values and decoded values, and adds its number of valid slots to the
+// header with one integer atomic. Integer atomics only, so the bytes do not depend on the
+// schedule. Cost: one read of the K entries, the payload written once (plus the memset).
+//
+// ef21_commit: one elementwise pass (estimate copied, global_estimate + average written twice),
+// then one thread per sent entry, an atomicAdd into the new estimate (index_add_'s CUDA kernel;
+// a position listed twice adds twice, in an order the schedule picks).
+// dgc_accumulate: one elementwise pass (u = u * m + g, v = v + u) with the finiteness vote.
+// dgc_mask_: one thread per sent entry, u[i] *= 0 and v[i] *= 0 in place.
+// Every float operation is rounded on its own (__fadd_rn, __fmul_rn, __fsub_rn: no fused
+// multiply-add), as the CPU kernels and the eager torch code they replace.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "gradsieve/cuda_kernels.h"
+#include "gradsieve/radix_key.h"
+#include "radix_select_internal.cuh"
+#include "scalar_convert.cuh"
+
+namespace gradsieve {
+namespace cuda {
+namespace {
+
+using radix::kThreads;
+using radix::SelectState;
+using radix::Workspace;
+
+constexpr int64_t kPackGroup = 4096;   // entries per group of a float payload
+constexpr int64_t kCsr16Block = 65536;
+constexpr unsigned kMaxGrid = 65535;
+
+size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
+
+unsigned blocks_for(int64_t items, int64_t per_block) {
+  const int64_t want = (items + per_block - 1) / per_block;
+  return static_cast<unsigned>(want < 1 ? 1 : (want > kMaxGrid ? kMaxGrid : want));
+}
+
+// -------------------------------------------------------------------------------------- ef21_topk
+// init_state_kernel of radix_select.cu (no threshold).
+__global__ void init_select_kernel(SelectState* st, unsigned long long k) {
+  st->k_remaining = k;
+  st->need_equal = 0;
+  st->passed = 0;
+  st->prefix = 0;
+  st->cut_key = 0;
+  st->threshold_key = 0;
+  st->has_nan = 0;
+}
+
+// change[i] = grad[i] - estimate[i] (float32, one rounding: torch's grad - estimate); the top
+// digit's histogram of |change|; *finite = false when a grad entry is not finite (it was set true
+// before). ef_accumulate_histogram_kernel of radix_select.cu with the difference.
+template <typename G>
+__global__ void __launch_bounds__(kThreads)
+    change_histogram_kernel(const G* __restrict__ grad, const float* __restrict__ estimate,
+                            int64_t n, float* __restrict__ change, unsigned* __restrict__ hist,
+                            bool* __restrict__ finite) {
+  __shared__ unsigned local[RadixDigits::kMaxBins];
+  for (int b = threadIdx.x; b < RadixDigits::kMaxBins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  bool ok = true;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float g = to_float(grad[i]);
+    ok = ok && isfinite(g);
+    const float c = __fsub_rn(g, estimate[i]);
+    change[i] = c;
+    atomicAdd(&local[RadixDigits::digit(AbsKeyTraits::from_float(c), 0)], 1u);
+  }
+  const int all_ok = __syncthreads_and(ok ? 1 : 0);  // also the barrier before the merge
+  if (threadIdx.x == 0 && !all_ok) *finite = false;
+  for (int b = threadIdx.x; b < RadixDigits::kMaxBins; b += blockDim.x) {
+    if (local[b]) atomicAdd(&hist[b], local[b]);
+  }
+}
+
+// ef_topk_'s sequence of kernels (radix_select.cu, ef_topk_typed) with the first pass above and
+// the selection written without clearing (n >= 1).
+template <typename G>
+cudaError_t ef21_select(const G* grad, const float* estimate, int64_t n, int64_t k, float* change,
+                        float* values, int64_t* indices, bool* finite, const Workspace& w,
+                        cudaStream_t stream) {
+  cudaError_t err;
+  if ((err = cudaMemsetAsync(finite, 1, sizeof(bool), stream)) != cudaSuccess) return err;
+  if ((err = cudaMemsetAsync(w.hist, 0, sizeof(unsigned) * RadixDigits::kMaxBins, stream)) !=
+      cudaSuccess) {
+    return err;
+  }
+  init_select_kernel<<<1, 1, 0, stream>>>(w.state, static_cast<unsigned long long>(k));
+  change_histogram_kernel<G><<<radix::grid_size(n, 8), kThreads, 0, stream>>>(
+      grad, estimate, n, change, w.hist, finite);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (k == 0) return cudaSuccess;
+  if ((err = radix::launch_choose_digit(w, 0, stream)) != cudaSuccess) return err;
+  if ((err = radix::find_kth_float(change, n, 1, w, stream)) != cudaSuccess) return err;
+  if ((err = radix::launch_finalize(w, false, true, 0, nullptr, stream)) != cudaSuccess) return err;
+  return radix::write_selection_float(change, n, w, values, indices, stream);
+}
+
+// ----------------------------------------------------------------------------------- pack_payload
+__device__ __forceinline__ int64_t floor_mod_block(int64_t p) {
+  const int64_t r = p % kCsr16Block;
+  return r < 0 ? r + kCsr16Block : r;
+}
+
+// kWire: 0 float32, 1 float16, 2 bfloat16, 3 int8 (codes and scales).
+template <int kWire>
+__global__ void __launch_bounds__(kThreads)
+    pack_payload_kernel(const PackPayloadArgs a, int64_t group, int64_t groups) {
+  using MaxReduce = cub::BlockReduce<float, kThreads>;
+  using CountReduce = cub::BlockReduce<long long, kThreads>;
+  __shared__ union {
+    typename MaxReduce::TempStorage max;
+    typename CountReduce::TempStorage count;
+  } tmp;
+  __shared__ float group_scale;
+  int32_t* header = reinterpret_cast<int32_t*>(a.payload);
+  int32_t* counts = reinterpret_cast<int32_t*>(a.payload + a.header_bytes);
+  int32_t* index32 = reinterpret_cast<int32_t*>(a.payload + a.header_bytes);
+  uint16_t* offsets = reinterpret_cast<uint16_t*>(a.payload + a.header_bytes + 4 * a.blocks);
+  float* scales = reinterpret_cast<float*>(a.payload + a.scales_offset);
+  uint8_t* wire = a.payload + a.values_offset;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    header[0] = *a.finite ? 1 : 0;
+    if (a.valid == nullptr) header[1] = static_cast<int32_t>(a.k);
+  }
+  long long carried = 0;
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
+    const int64_t start = g * group;
+    const int64_t stop = start + group < a.k ? start + group : a.k;
+    float scale = 0.0f;
+    if constexpr (kWire == 3) {
+      // quantize_int8's scale: absmax / 127, NaN when the chunk holds a NaN or Inf.
+      float amax = 0.0f;
+      for (int64_t j = start + threadIdx.x; j < stop; j += kThreads) {
+        const float v = fabsf(a.values[j]);
+        amax = (v != v || v > amax) ? (v != v ? __int_as_float(0x7F800000) : v) : amax;
+      }
+      const float block_max =
+          MaxReduce(tmp.max).Reduce(amax, [](float x, float y) { return x > y ? x : y; });
+      if (threadIdx.x == 0) {
+        group_scale = isinf(block_max) ? __int_as_float(0x7FC00000) : block_max / 127.0f;
+        scales[g] = group_scale;
+      }
+      __syncthreads();
+      scale = group_scale;
+    }
+    // Every thread runs the same number of rounds (the warp votes below need whole warps).
+    for (int64_t first = start; first < stop; first += kThreads) {
+      const int64_t j = first + threadIdx.x;
+      int64_t block = -1;
+      if (j < stop) {
+        const bool carries = a.valid == nullptr || a.valid[j];
+        carried += carries ? 1 : 0;
+        const int64_t position = a.indices_int64 ? static_cast<const int64_t*>(a.indices)[j]
+                                                 : static_cast<const int32_t*>(a.indices)[j];
+        if (a.csr16) {
+          // Padding slots go on the wire as position 0 and are not counted.
+          const int64_t p = carries ? position : 0;
+          const int64_t low = floor_mod_block(p);
+          offsets[j] = static_cast<uint16_t>(low);
+          const int64_t b = (p - low) / kCsr16Block;
+          if (carries && b >= 0 && b < a.blocks) block = b;
+        } else {
+          index32[j] = static_cast<int32_t>(position);
+        }
+        const float v = a.values[j];
+        if constexpr (kWire == 3) {
+          float code = 0.0f;
+          // quantize_int8's code: rint (ties to even) of an IEEE division, clamped; 0 for a zero
+          // or NaN scale.
+          if (scale > 0.0f) code = fminf(fmaxf(rintf(__fdiv_rn(v, scale)), -127.0f), 127.0f);
+          const int8_t q = static_cast<int8_t>(code);
+          reinterpret_cast<int8_t*>(wire)[j] = q;
+          a.sent[j] = __fmul_rn(static_cast<float>(q), scale);  // dequantize_int8's product
+        } else if constexpr (kWire == 1) {
+          const __half h = from_float<__half>(v);
+          reinterpret_cast<__half*>(wire)[j] = h;
+          a.sent[j] = to_float(h);
+        } else if constexpr (kWire == 2) {
+          const __nv_bfloat16 h = from_float<__nv_bfloat16>(v);
+          reinterpret_cast<__nv_bfloat16*>(wire)[j] = h;
+          a.sent[j] = to_float(h);
+        } else {
+          reinterpret_cast<float*>(wire)[j] = v;
+          a.sent[j] = v;
+        }
+      }
+      if (a.csr16) {
+        // Lanes counting into the same block add once, together.
+        const unsigned lanes = __ballot_sync(0xFFFFFFFFu, block >= 0);
+        if (block >= 0) {
+          const unsigned peers = __match_any_sync(lanes, static_cast<long long>(block));
+          if (static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
+            atomicAdd(&counts[block], static_cast<int32_t>(__popc(peers)));
+          }
+        }
+      }
+    }
+    if constexpr (kWire == 3) __syncthreads();  // group_scale and tmp are reused
+  }
+  if (a.valid != nullptr) {
+    const long long total = CountReduce(tmp.count).Sum(carried);
+    if (threadIdx.x == 0 && total) atomicAdd(&header[1], static_cast<int32_t>(total));
+  }
+}
+
+// -------------------------------------------------------------------- ef21_commit, dgc_accumulate
+__global__ void ef21_commit_dense_kernel(const float* __restrict__ estimate,
+                                         const float* __restrict__ global_estimate,
+                                         const float* __restrict__ average, int64_t n,
+                                         float* __restrict__ estimate_out,
+                                         float* __restrict__ global_out,
+                                         float* __restrict__ result) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    estimate_out[i] = estimate[i];
+    const float s = __fadd_rn(global_estimate[i], average[i]);
+    global_out[i] = s;
+    result[i] = s;
+  }
+}
+
+// index_add_: an atomic add per entry (a position listed twice adds twice, as on CUDA there).
+template <typename I>
+__global__ void ef21_commit_sparse_kernel(const I* __restrict__ indices,
+                                          const float* __restrict__ change, int64_t m, int64_t n,
+                                          float* __restrict__ estimate_out) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m; j += stride) {
+    const int64_t i = static_cast<int64_t>(indices[j]);
+    if (i >= 0 && i < n) atomicAdd(&estimate_out[i], change[j]);
+  }
+}
+
+template <typename G>
+__global__ void __launch_bounds__(kThreads)
+    dgc_accumulate_kernel(const G* __restrict__ grad, const float* __restrict__ u,
+                          const float* __restrict__ v, int64_t n, float momentum,
+                          const float* __restrict__ grad_scale, float* __restrict__ u_out,
+                          float* __restrict__ v_out, bool* __restrict__ finite) {
+  const float factor = grad_scale != nullptr ? *grad_scale : 1.0f;
+  bool ok = true;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float g = to_float(grad[i]);
+    ok = ok && isfinite(g);
+    const float clipped = grad_scale != nullptr ? __fmul_rn(g, factor) : g;
+    const float ui = __fadd_rn(__fmul_rn(u[i], momentum), clipped);
+    u_out[i] = ui;
+    v_out[i] = __fadd_rn(v[i], ui);
+  }
+  if (!__syncthreads_and(ok ? 1 : 0) && threadIdx.x == 0) *finite = false;
+}
+
+template <typename I>
+__global__ void dgc_mask_kernel(float* __restrict__ u, float* __restrict__ v, int64_t n,
+                                const I* __restrict__ indices, const bool* __restrict__ valid,
+                                int64_t m) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m; j += stride) {
+    if (valid != nullptr && !valid[j]) continue;
+    const int64_t i = static_cast<int64_t>(indices[j]);
+    if (i < 0 || i >= n) continue;
+    // x * 0, not a fill (-0.0 for a negative entry, NaN for a non-finite one); a position listed
+    // twice gets the same value either way.
+    u[i] = __fmul_rn(u[i], 0.0f);
+    v[i] = __fmul_rn(v[i], 0.0f);
+  }
+}
+
+}  // namespace
+
+size_t ef21_topk_workspace_bytes(int64_t n) {
+  return align_up(sizeof(float) * static_cast<size_t>(n > 0 ? n : 1)) +
+         radix::select_workspace_bytes(n);
+}
+
+cudaError_t ef21_topk(const void* grad, DType grad_dtype, const float* estimate, int64_t n,
+                      int64_t k, float* values, int64_t* indices, bool* finite, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream) {
+  if (n < 0 || k < 0 || k > n) return cudaErrorInvalidValue;
+  if (n == 0) return cudaMemsetAsync(finite, 1, sizeof(bool), stream);
+  if (workspace_bytes < ef21_topk_workspace_bytes(n)) return cudaErrorInvalidValue;
+  float* change = static_cast<float*>(workspace);
+  const size_t change_bytes = align_up(sizeof(float) * static_cast<size_t>(n));
+  const Workspace w = radix::carve_workspace(static_cast<char*>(workspace) + change_bytes, n);
+  switch (grad_dtype) {
+    case DType::kFloat32:
+      return ef21_select(static_cast<const float*>(grad), estimate, n, k, change, values, indices,
+                         finite, w, stream);
+    case DType::kFloat16:
+      return ef21_select(static_cast<const __half*>(grad), estimate, n, k, change, values, indices,
+                         finite, w, stream);
+    case DType::kBFloat16:
+      return ef21_select(static_cast<const __nv_bfloat16*>(grad), estimate, n, k, change, values,
+                         indices, finite, w, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t pack_payload(const PackPayloadArgs& a, cudaStream_t stream) {
+  if (a.k < 0 || a.slots < a.k || a.nbytes < a.values_offset || a.chunk < 1) {
+    return cudaErrorInvalidValue;
+  }
+  cudaError_t err = cudaMemsetAsync(a.payload, 0, static_cast<size_t>(a.nbytes), stream);
+  if (err != cudaSuccess) return err;
+  const int64_t group = a.int8 ? a.chunk : kPackGroup;
+  const int64_t groups = (a.k + group - 1) / group;
+  const unsigned grid = blocks_for(groups, 1);
+  if (a.int8) {
+    pack_payload_kernel<3><<<grid, kThreads, 0, stream>>>(a, group, groups);
+  } else if (a.wire_dtype == DType::kFloat16) {
+    pack_payload_kernel<1><<<grid, kThreads, 0, stream>>>(a, group, groups);
+  } else if (a.wire_dtype == DType::kBFloat16) {
+    pack_payload_kernel<2><<<grid, kThreads, 0, stream>>>(a, group, groups);
+  } else {
+    pack_payload_kernel<0><<<grid, kThreads, 0, stream>>>(a, group, groups);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t ef21_commit(const float* estimate, const float* global_estimate, const float* average,
+                        int64_t n, const void* indices, bool indices_int64, const float* change,
+                        int64_t m, float* estimate_out, float* global_out, float* result,
+                        cudaStream_t stream) {
+  if (n < 0 || m < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  ef21_commit_dense_kernel<<<blocks_for(n, int64_t(kThreads) * 4), kThreads, 0, stream>>>(
+      estimate, global_estimate, average, n, estimate_out, global_out, result);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || m == 0) return err;
+  if (indices_int64) {
+    ef21_commit_sparse_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(
+        static_cast<const int64_t*>(indices), change, m, n, estimate_out);
+  } else {
+    ef21_commit_sparse_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(
+        static_cast<const int32_t*>(indices), change, m, n, estimate_out);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t dgc_accumulate(const void* grad, DType grad_dtype, const float* u, const float* v,
+                           int64_t n, float momentum, const float* grad_scale, float* u_out,
+                           float* v_out, bool* finite, cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  cudaError_t err = cudaMemsetAsync(finite, 1, sizeof(bool), stream);
+  if (err != cudaSuccess || n == 0) return err;
+  const unsigned grid = blocks_for(n, int64_t(kThreads) * 4);
+  switch (grad_dtype) {
+    case DType::kFloat32:
+      dgc_accumulate_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(grad), u, v,
+                                                           n, momentum, grad_scale, u_out, v_out,
+                                                           finite);
+      break;
+    case DType::kFloat16:
+      dgc_accumulate_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(grad), u, v,
+                                                           n, momentum, grad_scale, u_out, v_out,
+                                                           finite);
+      break;
+    case DType::kBFloat16:
+      dgc_accumulate_kernel<<<grid, kThreads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(grad), u, v, n, momentum, grad_scale, u_out, v_out,
+          finite);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t dgc_mask(float* u, float* v, int64_t n, const void* indices, bool indices_int64,
+                     const bool* valid, int64_t m, cudaStream_t stream) {
+  if (n < 0 || m < 0) return cudaErrorInvalidValue;
+  if (m == 0 || n == 0) return cudaSuccess;
+  if (indices_int64) {
+    dgc_mask_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(
+        u, v, n, static_cast<const int64_t*>(indices), valid, m);
+  } else {
+    dgc_mask_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(
+        u, v, n, static_cast<const int32_t*>(indices), valid, m);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace gradsieve
