@@ -416,3 +416,115 @@ def test_cuda_pack_payload_matches_cuda_reference(values, index):
 def test_cuda_compressors_are_unchanged(cls, old):
     for options in SPARSE_VARIANTS[:2]:
         run_both(cls(density=0.01, **options), old(density=0.01, **options), steps=2, device="cuda")
+
+
+# --------------------------------------------------------------------- CUDA against the CPU kernels
+# The CUDA kernels compute what the CPU kernels compute, bit for bit, except the bits of a NaN: a
+# GPU's arithmetic (and its float16/bfloat16 casts) writes its own NaN pattern where the CPU keeps
+# the operand's payload or writes its own default NaN. NaN must be NaN at the same entries.
+def assert_same_but_nan_bits(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    a, b = a.cpu(), b.cpu()
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+    nan = torch.isnan(a)
+    assert torch.equal(nan, torch.isnan(b)), f"{what}: NaN at different entries"
+    assert_same(torch.where(nan, torch.zeros_like(a), a), torch.where(nan, torch.zeros_like(b), b), what)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", SIZES + [(100_003, 1001)])
+def test_cuda_ef21_topk_matches_cpu_kernel(dtype, n, k):
+    for kind in ("normal", "special", "ties"):
+        grad = make_input(n, dtype, kind=kind, seed=33)
+        estimate = make_input(n, kind="ties" if kind == "ties" else "normal", seed=34)
+        ref = ops.ef21_topk(grad, estimate, k)
+        got = ops.ef21_topk(grad.cuda(), estimate.cuda(), k)
+        assert got[0].is_cuda and got[2].is_cuda
+        assert_same_but_nan_bits(got[0], ref[0], "values")
+        assert_same(got[1].cpu(), ref[1], "indices")
+        assert_same(got[2].cpu(), ref[2], "finite")
+
+
+@requires_cuda
+@pytest.mark.parametrize("values", list(VALUE_DTYPES))
+@pytest.mark.parametrize("index", ["int32", "csr16"])
+@pytest.mark.parametrize("k,numel,padding", PACK_CASES + [(1037, 300_000, 37)])
+def test_cuda_pack_payload_matches_cpu_kernel(values, index, k, numel, padding):
+    for chunk, checksum, special in ((64, True, False), (5, False, True), (1, False, True)):
+        indices, vals, valid = ordered_entries(k, numel, padding, seed=k + 7, special=special)
+        fmt = PayloadFormat(k, values, max(1, min(chunk, k)), index, numel, checksum)
+        for idx in (indices, indices.to(torch.int32)):
+            args = (VALUE_DTYPES[values], fmt.chunk, index, numel, checksum)
+            ref = ops.pack_payload(torch.tensor(not special), idx, vals, valid, *args)
+            got = ops.pack_payload(torch.tensor(not special, device="cuda"), idx.cuda(), vals.cuda(),
+                                   None if valid is None else valid.cuda(), *args)
+            assert got[0].is_cuda and got[1].is_cuda
+            assert_same_but_nan_bits(got[1], ref[1], "sent")
+            payload, ref_payload = got[0].cpu(), ref[0]
+            if values in ("fp16", "bf16") and special:
+                # The header, index and values sections apart; the values up to NaN bits.
+                start = fmt.header_bytes + fmt.index_bytes
+                assert_same(payload[:start], ref_payload[:start], "header and index")
+                dtype = VALUE_DTYPES[values]
+                assert_same_but_nan_bits(payload[start:].view(dtype), ref_payload[start:].view(dtype),
+                                         "wire values")
+            else:
+                assert_same(payload, ref_payload, f"payload ({values}, {index}, chunk {chunk})")
+
+
+@requires_cuda
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("n,k", [(0, 0), (1, 0), (1, 1), (5003, 77), (100_003, 1001)])
+def test_cuda_ef21_commit_matches_cpu_kernel(index_dtype, n, k):
+    estimate, global_estimate = make_input(n, seed=35), make_input(n, seed=36)
+    average = make_input(n, kind="special", seed=37)
+    g = torch.Generator().manual_seed(38)
+    indices = torch.randperm(n, generator=g)[:k].sort().values.to(index_dtype)
+    change = make_input(k, kind="special", seed=39)
+    args = (estimate[None].expand(2, n)[0], indices, change, global_estimate, average)
+    ref = ops.ef21_commit(*args)
+    got = ops.ef21_commit(*(t.cuda() for t in args))
+    for a, b, what in zip(got, ref, ("estimate", "global", "result")):
+        assert a.is_cuda
+        assert_same_but_nan_bits(a, b, what)
+    assert n == 0 or got[1].data_ptr() != got[2].data_ptr()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("n", [0, 1, 4099, 100_003])
+def test_cuda_dgc_accumulate_matches_cpu_kernel(dtype, momentum, n):
+    for kind in ("normal", "special"):
+        grad = make_input(n, dtype, kind=kind, seed=40)
+        u0 = make_input(2 * n, seed=41)[::2]
+        v0 = make_input(n, kind=kind, seed=42)
+        for scale in (None, torch.tensor(0.37)):
+            ref = ops.dgc_accumulate(grad, u0, v0, momentum, scale)
+            got = ops.dgc_accumulate(grad.cuda(), u0.cuda(), v0.cuda(), momentum,
+                                     None if scale is None else scale.cuda())
+            assert_same_but_nan_bits(got[0], ref[0], "u")
+            assert_same_but_nan_bits(got[1], ref[1], "v")
+            assert got[2].is_cuda
+            assert_same(got[2].cpu(), ref[2], "finite")
+
+
+@requires_cuda
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_cuda_dgc_mask_matches_cpu_kernel(index_dtype, with_valid):
+    n = 1000
+    u = make_input(2 * n, kind="special", seed=43)[::2]  # non-contiguous: masked through a copy
+    v = make_input(n, kind="special", seed=44)
+    # Duplicates, a padding slot at 0, and positions outside [0, n) (skipped).
+    indices = torch.tensor([5, 0, 999, 17, 0, 3, 17, -1, 1000, 250], dtype=index_dtype)
+    valid = torch.tensor([True, False, True, True, False, True, True, True, True, False])
+    for idx, ok in ((indices, valid), (indices[:0], valid[:0])):
+        ok = ok if with_valid else None
+        ref_u, ref_v = u.clone(), v.clone()
+        ops.dgc_mask_(ref_u, ref_v, idx, ok)
+        got_u, got_v = u.cuda(), v.cuda()
+        got_u = torch.stack([got_u, got_u]).t().reshape(-1)[::2]  # keep it non-contiguous
+        ops.dgc_mask_(got_u, got_v, idx.cuda(), None if ok is None else ok.cuda())
+        assert_same_but_nan_bits(got_u, ref_u, "u")
+        assert_same_but_nan_bits(got_v, ref_v, "v")
