@@ -2,6 +2,9 @@
 (top-k is positively homogeneous and EF21 tracks whatever it is given), agreed indices, and
 ``momentum=0`` leaving plain EF21 (and its memory) as it was."""
 
+import warnings
+
+import pytest
 import torch
 
 import gradsieve
@@ -61,3 +64,16 @@ def test_momentum_at_agreed_indices():
         estimate[indices] += sent
         assert torch.equal(memory.entries["momentum"], velocity)
         assert torch.equal(memory.entries["estimate"], estimate)
+
+
+def test_ef21_momentum_warns_about_optimizer_momentum():
+    model = torch.nn.Linear(4, 2)
+    state = gradsieve.CompressionState("ef21", density=0.5, momentum=0.9)
+    with pytest.warns(UserWarning, match="ef21 keeps its own momentum .*momentum twice"):
+        state.watch_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state.watch_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        # Plain EF21 adds no momentum: the optimizer's is the only one.
+        gradsieve.CompressionState("ef21", density=0.5).watch_optimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))

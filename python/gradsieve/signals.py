@@ -10,6 +10,7 @@ rank decides alike).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -51,6 +52,20 @@ class OptimizerSet(Signal):
     warn about a setting that clashes with them."""
 
     optimizer: torch.optim.Optimizer
+
+
+def warn_if_momentum_twice(name: str, what: str, optimizer: torch.optim.Optimizer) -> None:
+    """Warns when ``optimizer`` has a momentum of its own (SGD momentum, Adam's betas) while
+    compressor ``name`` applies one too (``what`` says which), so that updates get it twice."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) or "betas" in group:
+            warnings.warn(
+                f"{name} keeps its own momentum ({what}); the optimizer "
+                f"{type(optimizer).__name__} has momentum too, so updates get momentum twice. "
+                "Use torch.optim.SGD with momentum=0.",
+                stacklevel=5,
+            )
+            return
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,14 +29,13 @@ gradient gets momentum twice; given the optimizer (``state.watch_optimizer``) it
 
 import dataclasses
 import math
-import warnings
 
 import torch
 
 from gradsieve import ops
 from gradsieve.compressor import SPARSE_OPTIONS, Selection, SparseCompressor, entries_for
 from gradsieve.options import Option
-from gradsieve.signals import OptimizerSet
+from gradsieve.signals import OptimizerSet, warn_if_momentum_twice
 from gradsieve.registry import register_compressor
 
 WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
@@ -81,17 +80,8 @@ class DGCCompressor(SparseCompressor):
             self._check_optimizer(signal.optimizer)
 
     def _check_optimizer(self, optimizer):
-        if not self.momentum:
-            return
-        for group in optimizer.param_groups:
-            if group.get("momentum", 0) or "betas" in group:
-                warnings.warn(
-                    "dgc keeps its own momentum (momentum correction); the optimizer "
-                    f"{type(optimizer).__name__} has momentum too, so updates get momentum twice. "
-                    "Use torch.optim.SGD with momentum=0.",
-                    stacklevel=4,
-                )
-                return
+        if self.momentum:
+            warn_if_momentum_twice("dgc", "momentum correction", optimizer)
 
     def _sample_plan(self, layout, seg, device):
         """Where the threshold sample of one segment is drawn: for each parameter in the segment,

@@ -26,6 +26,7 @@ from gradsieve import ops
 from gradsieve.compressor import SPARSE_OPTIONS, Selection, SparseCompressor, all_of, per_segment
 from gradsieve.options import Option
 from gradsieve.registry import register_compressor
+from gradsieve.signals import OptimizerSet, warn_if_momentum_twice
 
 
 @register_compressor("ef21")
@@ -46,13 +47,19 @@ class EF21Compressor(SparseCompressor):
     }
     memory_names = ("estimate", "global_estimate")
     agreed_indices = True
-    # The optimizer receives the global estimate, not this step's average.
-    traits = dataclasses.replace(SparseCompressor.traits, returns_average=False, commit_needs_average=True)
+    # The optimizer receives the global estimate, not this step's average; with momentum, the
+    # optimizer is checked for a momentum of its own.
+    traits = dataclasses.replace(SparseCompressor.traits, returns_average=False, commit_needs_average=True,
+                                 signals=frozenset({OptimizerSet}))
 
     def __init__(self, **options):
         super().__init__(**options)
         if self.momentum:
             self.memory_names = self.memory_names + ("momentum",)
+
+    def observe(self, signal):
+        if isinstance(signal, OptimizerSet) and self.momentum:
+            warn_if_momentum_twice("ef21", "EF21-SGDM", signal.optimizer)
 
     def _tracked(self, grad, memory):
         """What the estimate tracks: the gradient, or with ``momentum`` the new momentum (a new
