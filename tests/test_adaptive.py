@@ -330,13 +330,15 @@ def test_csr16_round_trips_every_entry(data):
 
 
 @pytest.mark.parametrize("values,per_entry", [("fp32", 4), ("int8", 1)])
-def test_csr16_bytes_per_entry(values, per_entry):
-    numel, k = 1_000_000, 10_000
+@pytest.mark.parametrize("k", [10_000, 10_001])
+def test_csr16_bytes_per_entry(values, per_entry, k):
+    numel = 1_000_000
     fmt32 = PayloadFormat(k, values, 256, "int32", numel)
     fmt16 = PayloadFormat(k, values, 256, "csr16", numel)
-    slots, scales = fmt32.slots, 4 * fmt32.num_scales  # int8: k padded to the chunk
-    assert fmt32.nbytes == 8 + slots * (4 + per_entry) + scales
-    assert fmt16.nbytes == 8 + 4 * 16 + slots * (2 + per_entry) + scales  # 16 blocks of 65536
+    scales = 4 * fmt32.num_scales  # int8: ceil(k / 256) scales, the last chunk partial
+    assert fmt32.slots == k and fmt32.num_scales == (-(-k // 256) if values == "int8" else 0)
+    assert fmt32.nbytes == 8 + k * (4 + per_entry) + scales
+    assert fmt16.nbytes == 8 + 4 * 16 + -(-2 * k // 4) * 4 + k * per_entry + scales  # 16 blocks of 65536
 
 
 @pytest.mark.parametrize("name", ["topk", "dgc", "regtopk", "ef21", "adaptive"])
@@ -472,9 +474,8 @@ def test_payload_is_fixed_by_capacity_and_counts_its_entries():
         sim = gradsieve.Simulator(comp, world_size=2)
         sim.step([torch.randn(n) for _ in range(2)])
         k = math.ceil((capacity or (0.01 if beta == 1.0 else 0.02)) * n)
-        scales = 4 * -(-k // 256) if values == "int8" else 0
-        pad = (-(-k // 256) * 256 - k) * per_entry if values == "int8" else 0
-        assert sim.wire_bytes == 2 * (8 + k * per_entry + scales + pad)
+        scales = 4 * -(-k // 256) if values == "int8" else 0  # the last chunk partial: no padding
+        assert sim.wire_bytes == 2 * (8 + k * per_entry + scales)
 
 
 def test_nonfinite_gradient_skips_the_step_and_keeps_memory():

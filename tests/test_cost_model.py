@@ -89,8 +89,12 @@ def cluster(nodes, local, alpha=0.0, alpha_intra=0.0, nic_bits=B):
 def test_payload_bytes_are_the_wire_layout():
     assert cost_model.payload_bytes(1000, 50) == 8 + 50 * (4 + 4)
     assert cost_model.payload_bytes(1000, 50, "bf16") == 8 + 50 * (4 + 2)
-    # int8: 50 values padded to one chunk of 256, one float32 scale per chunk.
-    assert cost_model.payload_bytes(1000, 50, "int8") == 8 + 256 * 4 + 4 + 256
+    # int8: 50 values, one float32 scale for the (partial) chunk of 256; int4 and int2 pack 2 and 4
+    # codes to a byte.
+    assert cost_model.payload_bytes(1000, 50, "int8") == 8 + 50 * 4 + 4 + 50
+    assert cost_model.payload_bytes(1000, 50, "int4") == 8 + 50 * 4 + 4 + 25
+    assert cost_model.payload_bytes(1000, 50, "int2") == 8 + 50 * 4 + 4 + 13
+    assert cost_model.payload_bytes(1000, 50, "sign") == 8 + 50 * 4 + 4 + 7
     # csr16: one block count (4 bytes), 2-byte offsets padded to 4 bytes.
     assert cost_model.payload_bytes(1000, 50, "fp32", "csr16") == 8 + 4 + 100 + 50 * 4
 

@@ -22,7 +22,7 @@ from gradsieve.compressors.dgc import DGCCompressor
 from gradsieve.compressors.ef21 import EF21Compressor
 from gradsieve.compressors.topk import TopKCompressor
 from gradsieve.simulator import Simulator
-from gradsieve.wire import VALUE_DTYPES, PayloadFormat
+from gradsieve.wire import CODECS, VALUE_CODECS, PayloadFormat
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ PACK_CASES = [  # (k, numel, padding)
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("values", list(VALUE_DTYPES))
+@pytest.mark.parametrize("values", VALUE_CODECS)
 @pytest.mark.parametrize("index", ["int32", "csr16"])
 @pytest.mark.parametrize("k,numel,padding", PACK_CASES)
 def test_pack_payload_matches_pack_reference(device, values, index, k, numel, padding):
@@ -78,7 +78,7 @@ def test_pack_payload_matches_pack_reference(device, values, index, k, numel, pa
         assert_same(payload, ref_payload, f"payload ({values}, {index}, chunk {chunk})")
         assert_same(sent, ref_sent, "sent")
         # The op itself (no checksum written: the field stays zero).
-        raw, raw_sent = ops.pack_payload(finite, indices, vals, valid, VALUE_DTYPES[values], fmt.chunk,
+        raw, raw_sent = ops.pack_payload(finite, indices, vals, valid, values, fmt.chunk,
                                          index, numel, checksum)
         assert_same(raw_sent, ref_sent, "sent of the op")
         if checksum:
@@ -107,7 +107,7 @@ def test_pack_payload_non_contiguous_and_int32_indices(device):
         fmt = PayloadFormat(301, "bf16", 256, index, 150_000)
         ref = fmt.pack_reference(torch.tensor(True, device=device), indices, vals, valid, ordered=True)
         for idx in (indices2, indices2.to(torch.int32)):
-            got = ops.pack_payload(torch.tensor(True, device=device), idx, vals2, valid2, torch.bfloat16,
+            got = ops.pack_payload(torch.tensor(True, device=device), idx, vals2, valid2, "bf16",
                                    256, index, 150_000)
             assert_same(got[0], ref[0]), assert_same(got[1], ref[1])
 
@@ -126,17 +126,18 @@ def test_pack_payload_decodes():
 def test_pack_payload_checks_its_arguments():
     t, i, v = torch.tensor(True), torch.tensor([1, 2]), torch.tensor([1.0, 2.0])
     with pytest.raises(RuntimeError, match=r"pack_payload: values must be a 1-D float32 tensor, got Half"):
-        ops.pack_payload(t, i, v.half(), None, torch.float16, 1, "int32", 4)
+        ops.pack_payload(t, i, v.half(), None, "fp16", 1, "int32", 4)
     with pytest.raises(RuntimeError, match=r"pack_payload: index must be 'int32' or 'csr16', got 'csr8'"):
-        ops.pack_payload(t, i, v, None, torch.float16, 1, "csr8", 4)
-    with pytest.raises(RuntimeError, match=r"pack_payload: wire_dtype must be float32, float16, bfloat16 or int8"):
-        ops.pack_payload(t, i, v, None, torch.int16, 1, "int32", 4)
+        ops.pack_payload(t, i, v, None, "fp16", 1, "csr8", 4)
+    with pytest.raises(RuntimeError, match=r"pack_payload: wire must be one of 'fp32', 'fp16', 'bf16', 'int8', "
+                                           r"'int4', 'int2', 'sign', got 'int16'"):
+        ops.pack_payload(t, i, v, None, "int16", 1, "int32", 4)
     with pytest.raises(RuntimeError, match=r"pack_payload: finite must be a bool tensor of one element"):
-        ops.pack_payload(torch.tensor(1), i, v, None, torch.float32, 1, "int32", 4)
+        ops.pack_payload(torch.tensor(1), i, v, None, "fp32", 1, "int32", 4)
     with pytest.raises(RuntimeError, match=r"pack_payload: valid must have as many elements as values"):
-        ops.pack_payload(t, i, v, torch.ones(3, dtype=torch.bool), torch.float32, 1, "int32", 4)
+        ops.pack_payload(t, i, v, torch.ones(3, dtype=torch.bool), "fp32", 1, "int32", 4)
     with pytest.raises(RuntimeError, match=r"pack_payload: chunk must be in \[1, 2\^20\], got 0"):
-        ops.pack_payload(t, i, v, None, torch.int8, 0, "int32", 4)
+        ops.pack_payload(t, i, v, None, "int4", 0, "int32", 4)
 
 
 # ------------------------------------------------------------------- ef21 and dgc's own fused ops
@@ -214,9 +215,13 @@ def opcheck_samples():
     residual, grad = make_input(n, seed=22), make_input(n, seed=23)
     indices, vals, valid = ordered_entries(9, 70_000, 2, seed=24)
     yield ops.pack_payload, torch.ops.gradsieve.pack_payload.default, (
-        torch.tensor(True), indices, vals, valid, torch.int8, 4, "csr16", 70_000, True)
+        torch.tensor(True), indices, vals, valid, "int8", 4, "csr16", 70_000, True)
     yield ops.pack_payload, torch.ops.gradsieve.pack_payload.default, (
-        torch.tensor(True), indices, vals, None, torch.float16, 1, "int32", 70_000, False)
+        torch.tensor(True), indices, vals, None, "fp16", 1, "int32", 70_000, False)
+    yield ops.pack_payload, torch.ops.gradsieve.pack_payload.default, (
+        torch.tensor(True), indices, vals, valid, "int2", 3, "int32", 70_000, False)
+    yield ops.pack_payload, torch.ops.gradsieve.pack_payload.default, (
+        torch.tensor(True), indices, vals, valid, "sign", 4, "csr16", 70_000, True)
     yield ops.ef21_topk, torch.ops.gradsieve.ef21_topk.default, (grad, residual, k)
     yield ops.ef21_commit, torch.ops.gradsieve.ef21_commit.default, (
         residual, torch.tensor([3, 9]), torch.tensor([1.0, 2.0]), grad, residual)
@@ -399,7 +404,7 @@ def test_cuda_ef21_topk_matches_cpu(dtype):
 
 
 @requires_cuda
-@pytest.mark.parametrize("values", list(VALUE_DTYPES))
+@pytest.mark.parametrize("values", VALUE_CODECS)
 @pytest.mark.parametrize("index", ["int32", "csr16"])
 def test_cuda_pack_payload_matches_cuda_reference(values, index):
     indices, vals, valid = ordered_entries(1037, 300_000, 37, seed=32, device="cuda")
@@ -446,7 +451,7 @@ def test_cuda_ef21_topk_matches_cpu_kernel(dtype, n, k):
 
 
 @requires_cuda
-@pytest.mark.parametrize("values", list(VALUE_DTYPES))
+@pytest.mark.parametrize("values", VALUE_CODECS)
 @pytest.mark.parametrize("index", ["int32", "csr16"])
 @pytest.mark.parametrize("k,numel,padding", PACK_CASES + [(1037, 300_000, 37)])
 def test_cuda_pack_payload_matches_cpu_kernel(values, index, k, numel, padding):
@@ -454,7 +459,7 @@ def test_cuda_pack_payload_matches_cpu_kernel(values, index, k, numel, padding):
         indices, vals, valid = ordered_entries(k, numel, padding, seed=k + 7, special=special)
         fmt = PayloadFormat(k, values, max(1, min(chunk, k)), index, numel, checksum)
         for idx in (indices, indices.to(torch.int32)):
-            args = (VALUE_DTYPES[values], fmt.chunk, index, numel, checksum)
+            args = (values, fmt.chunk, index, numel, checksum)
             ref = ops.pack_payload(torch.tensor(not special), idx, vals, valid, *args)
             got = ops.pack_payload(torch.tensor(not special, device="cuda"), idx.cuda(), vals.cuda(),
                                    None if valid is None else valid.cuda(), *args)
@@ -465,7 +470,7 @@ def test_cuda_pack_payload_matches_cpu_kernel(values, index, k, numel, padding):
                 # The header, index and values sections apart; the values up to NaN bits.
                 start = fmt.header_bytes + fmt.index_bytes
                 assert_same(payload[:start], ref_payload[:start], "header and index")
-                dtype = VALUE_DTYPES[values]
+                dtype = CODECS[values].dtype
                 assert_same_but_nan_bits(payload[start:].view(dtype), ref_payload[start:].view(dtype),
                                          "wire values")
             else:

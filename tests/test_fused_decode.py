@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 import gradsieve
 from conftest import requires_cuda
 from gradsieve.compressor import BucketLayout
-from gradsieve.wire import CSR16_BLOCK, VALUE_DTYPES, PayloadFormat
+from gradsieve.wire import CODECS, CSR16_BLOCK, VALUE_CODECS, PayloadFormat
 
 GUARD = 16
 SENTINEL = -1234.5
 
-VALUES = list(VALUE_DTYPES)
+VALUES = list(VALUE_CODECS)
 INDEXES = ["int32", "csr16"]
 # (numel, k): an empty bucket, k = 0, k = numel, odd sizes, several csr16 blocks.
 BUCKETS = [(0, 0), (10, 0), (37, 37), (1001, 13), (3 * CSR16_BLOCK + 5, 301)]
@@ -33,7 +33,7 @@ HOSTILE = ["random-bytes", "flipped-bits", "count-above", "count-negative", "fla
 
 
 def make_format(values: str, index: str, numel: int, k: int, checksum: bool) -> PayloadFormat:
-    chunk = max(1, min(8, k)) if values == "int8" else 256  # 13 entries, chunk 8: 3 padding slots
+    chunk = max(1, min(8, k)) if CODECS[values].scaled else 256  # 13 entries, chunk 8: a partial chunk
     return PayloadFormat(k, values, chunk, index, numel, checksum)
 
 
@@ -63,7 +63,7 @@ def corrupt(fmt: PayloadFormat, row: torch.Tensor, what: str, g: torch.Generator
     index_at = fmt.header_bytes
     scales_at = index_at + fmt.index_bytes
     values_at = scales_at + 4 * fmt.num_scales
-    size = torch.empty((), dtype=VALUE_DTYPES[fmt.values]).element_size()
+    size = fmt.codec.bits // 8
     slot = rand(0, max(used, 1))
     if what == "random-bytes":
         row.copy_(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8))
@@ -93,14 +93,14 @@ def corrupt(fmt: PayloadFormat, row: torch.Tensor, what: str, g: torch.Generator
             put(row, index_at + 4 * slot, -rand(1, 2**31 - 1), torch.int32)
     elif what in ("nonfinite-value", "nan-not-finite"):
         bad = [float("nan"), float("inf"), float("-inf")][rand(0, 3)]
-        if fmt.values == "int8":
+        if fmt.codec.scaled:
             put(row, scales_at + 4 * rand(0, max(fmt.num_scales, 1)), bad, torch.float32)
         else:
-            put(row, values_at + size * slot, bad, VALUE_DTYPES[fmt.values])
+            put(row, values_at + size * slot, bad, fmt.codec.dtype)
         if what == "nan-not-finite":  # a non-finite gradient said so: finite, not malformed
             put(row, 0, 0, torch.int32)
     elif what == "nonfinite-scale":
-        if fmt.values == "int8":
+        if fmt.codec.scaled:
             put(row, scales_at + 4 * rand(0, max(fmt.num_scales, 1)), float("nan"), torch.float32)
     elif what.startswith("csr16-count") and fmt.index == "csr16" and fmt.blocks:
         b = rand(0, fmt.blocks)
@@ -222,10 +222,13 @@ def test_random_bytes_match_decode_sum(values, index, checksum, world, seed):
     assert_bitwise(fused(fmt, gathered, world), reference(fmt, gathered, world))
 
 
-def test_int8_padding_under_a_nan_scale_adds_nan_at_index_0_as_decode_sum():
-    """A padding slot decodes to index 0 with value 0 * scale: NaN when the scale is NaN."""
-    fmt = PayloadFormat(5, "int8", 4, "int32", 100)  # 8 slots, 3 of them padding
-    payload, _ = fmt.pack(torch.tensor(False), torch.tensor([7, 8, 9, 10, 11]), torch.ones(5))
+@pytest.mark.parametrize("values", ["int8", "int4", "int2", "sign"])
+def test_a_slot_not_in_use_under_a_nan_scale_adds_nan_at_index_0_as_decode_sum(values):
+    """A slot past the count decodes to index 0 with value 0 * scale: NaN when the scale is NaN."""
+    fmt = PayloadFormat(6, values, 4, "int32", 100)  # 2 scales, the second one for slots 4 and 5
+    valid = torch.tensor([True, True, True, True, True, False])
+    payload, _ = fmt.pack(torch.tensor(False), torch.tensor([7, 8, 9, 10, 11, 0]), torch.ones(6), valid)
+    assert int(payload[4:8].view(torch.int32)) == 5
     payload[fmt.header_bytes + fmt.index_bytes + 4:fmt.header_bytes + fmt.index_bytes + 8] = \
         torch.tensor([float("nan")]).view(torch.uint8)
     want = reference(fmt, payload.view(1, -1), 1)
@@ -280,12 +283,13 @@ def test_aggregate_and_own_update_are_the_reference(name, options):
 def sample_args(values="int8", index="csr16", checksum=True, numel=CSR16_BLOCK + 9, world=3):
     fmt = make_format(values, index, numel, 24, checksum)
     gathered = pack_world(fmt, world, torch.Generator().manual_seed(4))
-    return (torch.empty(numel), gathered, fmt.slots, VALUE_DTYPES[values], fmt.chunk, index, checksum,
+    return (torch.empty(numel), gathered, fmt.slots, values, fmt.chunk, index, checksum,
             float(world))
 
 
 @pytest.mark.parametrize("values, index, checksum", [("fp32", "int32", False), ("int8", "csr16", True),
-                                                     ("bf16", "csr16", False)])
+                                                     ("bf16", "csr16", False), ("int4", "int32", True),
+                                                     ("int2", "csr16", False), ("sign", "int32", False)])
 def test_opcheck(values, index, checksum):
     torch.library.opcheck(torch.ops.gradsieve.decode_average_.default,
                           sample_args(values, index, checksum),
@@ -316,7 +320,7 @@ def test_compile_fullgraph_matches_eager():
 
 
 def _args(**change):
-    args = dict(zip(["out", "gathered", "slots", "value_dtype", "chunk", "index", "checksum", "divisor"],
+    args = dict(zip(["out", "gathered", "slots", "values", "chunk", "index", "checksum", "divisor"],
                     sample_args("int8", "csr16", True)))
     args.update(change)
     return list(args.values())
@@ -328,9 +332,10 @@ def _args(**change):
     (dict(gathered=torch.zeros(3, 10, dtype=torch.int32)), "gathered must be a 2-D uint8 tensor"),
     (dict(gathered=torch.zeros(3, 10, dtype=torch.uint8)), "gathered must have"),
     (dict(slots=-1), "slots must be in [0, 2^31 - 1], got -1"),
-    (dict(value_dtype=torch.float64), "value_dtype must be float32, float16, bfloat16 or int8, got Double"),
-    (dict(chunk=0), "chunk must be > 0 with int8 values, got 0"),
-    (dict(chunk=5), "slots must be a multiple of chunk (5) with int8 values, got 24"),
+    (dict(values="fp64"), "values must be one of 'fp32', 'fp16', 'bf16', 'int8', 'int4', 'int2', 'sign', "
+                          "got 'fp64'"),
+    (dict(chunk=0), "chunk must be in [1, 2^20] with int8 values, got 0"),
+    (dict(chunk=5), "gathered must have"),
     (dict(index="int16"), 'index must be "int32" or "csr16", got "int16"'),
     (dict(divisor=0.0), "divisor must be a finite number > 0, got 0"),
     (dict(divisor=float("nan")), "divisor must be a finite number > 0, got nan"),

@@ -696,7 +696,7 @@ def test_bad_options_raise_value_error():
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\], got 0.0"):
         gradsieve.CompressionState("topk", density=0.0)
     with pytest.raises(ValueError, match="values must be one of"):
-        gradsieve.get_compressor("topk", values="int4")
+        gradsieve.get_compressor("topk", values="int3")
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         gradsieve.get_compressor("dgc", momentum=1.0)
     with pytest.raises(ValueError, match="warmup_steps must be an integer >= 1"):

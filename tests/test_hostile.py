@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import gradsieve
 from distributed import run_workers
 from gradsieve.compressors.granular import SIDE_BYTES
-from gradsieve.wire import HEADER_BYTES, PayloadFormat
+from gradsieve.wire import CODECS, HEADER_BYTES, VALUE_CODECS, PayloadFormat
 from test_hook import batch, flat_params, small_model
 
 GUARD = 64
@@ -40,7 +40,7 @@ def guarded_decode(fmt: PayloadFormat, gathered: torch.Tensor, numel: int):
     return out, finite, well_formed
 
 
-FORMATS = st.tuples(st.sampled_from(["fp32", "fp16", "bf16", "int8"]), st.sampled_from(["int32", "csr16"]))
+FORMATS = st.tuples(st.sampled_from(list(VALUE_CODECS)), st.sampled_from(["int32", "csr16"]))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -50,7 +50,7 @@ FORMATS = st.tuples(st.sampled_from(["fp32", "fp16", "bf16", "int8"]), st.sample
 def test_random_corruption_never_crashes_or_writes_outside(fmt, numel, density, world, seed, flips):
     values, index = fmt
     k = max(1, min(numel, int(density * numel)))
-    chunk = 7 if values == "int8" else 256
+    chunk = 7 if CODECS[values].scaled else 256
     form = PayloadFormat(k, values, chunk, index, numel)
     g = torch.Generator().manual_seed(seed)
     gathered, expected = make_payloads(form, world, numel, g)
@@ -69,14 +69,15 @@ def test_random_corruption_never_crashes_or_writes_outside(fmt, numel, density, 
 def test_random_bytes_never_crash_or_write_outside(fmt, seed):
     values, index = fmt
     numel = 3000
-    form = PayloadFormat(40, values, 8 if values == "int8" else 256, index, numel)
+    form = PayloadFormat(40, values, 8 if CODECS[values].scaled else 256, index, numel)
     g = torch.Generator().manual_seed(seed)
     gathered = torch.randint(0, 256, (2, form.nbytes), generator=g, dtype=torch.uint8)
     guarded_decode(form, gathered, numel)
 
 
 def corrupt(form, gathered, what):
-    rank = gathered[1]
+    # A copy of rank 1's row (its views as int32 need an aligned start, which odd sizes lack).
+    rank = gathered[1].clone()
     header = rank[:HEADER_BYTES].view(torch.int32)
     if what == "count-above-slots":
         header[1] = form.slots + 1
@@ -98,6 +99,7 @@ def corrupt(form, gathered, what):
     elif what == "inf-value":
         start = HEADER_BYTES + form.index_bytes
         rank[start:start + 4].view(torch.float32)[0] = float("inf")
+    gathered[1] = rank
 
 
 @pytest.mark.parametrize("values,index,what", [
@@ -106,6 +108,8 @@ def corrupt(form, gathered, what):
     ("int8", "int32", "index-negative"), ("fp32", "csr16", "csr16-count-too-many"),
     ("int8", "csr16", "csr16-count-negative"), ("int8", "int32", "nan-scale"),
     ("fp32", "int32", "inf-value"), ("int8", "csr16", "count-above-slots"),
+    ("int4", "int32", "nan-scale"), ("int2", "csr16", "nan-scale"), ("sign", "int32", "nan-scale"),
+    ("int4", "csr16", "csr16-count-too-many"), ("sign", "int32", "index-at-numel"),
 ])
 def test_each_kind_of_malformed_payload_is_flagged(values, index, what):
     numel = 100_000
@@ -212,7 +216,7 @@ def test_max_bad_steps_is_checked():
 def test_the_checksum_catches_any_flipped_bit(fmt, seed, position, bit):
     values, index = fmt
     numel = 20_000
-    form = PayloadFormat(60, values, 16 if values == "int8" else 256, index, numel, checksum=True)
+    form = PayloadFormat(60, values, 16 if CODECS[values].scaled else 256, index, numel, checksum=True)
     gathered, expected = make_payloads(form, 2, numel, torch.Generator().manual_seed(seed))
     out, finite, well_formed = guarded_decode(form, gathered.clone(), numel)
     assert finite.all() and well_formed.all()

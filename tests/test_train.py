@@ -172,7 +172,7 @@ def no_launch(monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["--compressor", "tpok"], "unknown compressor 'tpok'"),
     (["--density", "0"], "density must be in (0, 1]"),
-    (["--opt", "values=int4"], "values must be one of"),
+    (["--opt", "values=int3"], "values must be one of"),
     (["--opt", "nonsense"], "--opt must be KEY=VALUE"),
     (["--opt", "colour=red"], "colour are not accepted by any of topk"),
     (["--compare", "none,none"], "names a compressor twice"),

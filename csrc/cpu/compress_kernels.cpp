@@ -2,7 +2,8 @@
 //
 // ef21_topk: a pass over grad for its finiteness, then select_top_k (radix_select_cpu.h) on the
 // keys of grad - estimate, recomputed on the fly (no buffer is written). pack_payload: one pass over
-// the K entries writes the whole payload (int8: one chunk at a time, its absmax then its codes).
+// the K entries writes the whole payload (scaled codecs: one chunk at a time, its scale then its
+// codes).
 // ef21_commit, dgc_accumulate: one pass each (plus K scattered adds for the estimate);
 // dgc_mask_: K scattered writes. Chunking is fixed, so results do not depend on the thread count.
 #include <ATen/ATen.h>
@@ -209,69 +210,107 @@ inline int64_t floor_mod(int64_t i, int64_t b) {
 template <typename W>
 inline W to_wire(float v) { return static_cast<W>(v); }
 
+// The scale of one chunk of a scaled codec (wire_layout.h; python/gradsieve/wire.py): NaN when
+// the chunk holds NaN or Inf; intB: max |x| / qmax (quantize_int8's for int8); sign: the mean |x|
+// of the chunk's nonzero entries, summed in slot order (0 when none is nonzero).
+float chunk_scale(const float* x, int64_t n, Codec codec) {
+  // max |x| by its bits: NaN and Inf sort above every number.
+  uint32_t bits_max = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t b;
+    std::memcpy(&b, x + j, sizeof(b));
+    b &= 0x7fffffffu;
+    bits_max = b > bits_max ? b : bits_max;
+  }
+  if (bits_max >= 0x7f800000u) return std::numeric_limits<float>::quiet_NaN();
+  if (codec != Codec::kSign) {
+    float amax;
+    std::memcpy(&amax, &bits_max, sizeof(amax));
+    return amax / static_cast<float>(codec_qmax(codec));
+  }
+  float sum = 0.0f;
+  int64_t nonzero = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    sum += std::fabs(x[j]);
+    nonzero += x[j] != 0.0f ? 1 : 0;
+  }
+  return nonzero > 0 ? sum / static_cast<float>(nonzero) : 0.0f;
+}
+
+// The code of v under a chunk's scale: intB rounds half to even and clamps to +-qmax (0 under a
+// zero or NaN scale); sign: 1 for a negative v (0 under a NaN scale).
+inline int32_t code_of(float v, float scale, Codec codec, int32_t qmax) {
+  if (codec == Codec::kSign) return (v < 0.0f && !std::isnan(scale)) ? 1 : 0;
+  if (!(scale > 0.0f)) return 0;
+  const float r = (v / scale + kRoundMagic) - kRoundMagic;
+  const float q = static_cast<float>(qmax);
+  return static_cast<int32_t>(std::min(q, std::max(-q, r)));
+}
+
+// What a receiver decodes for a code (one float32 multiplication).
+inline float decoded(int32_t code, float scale, Codec codec) {
+  if (codec == Codec::kSign) return (code != 0 ? -1.0f : 1.0f) * scale;
+  return static_cast<float>(code) * scale;
+}
+
 std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
                                                     const at::Tensor& indices_in,
                                                     const at::Tensor& values_in,
                                                     const c10::optional<at::Tensor>& valid_in,
-                                                    at::ScalarType wire_dtype, int64_t chunk,
+                                                    c10::string_view wire_name, int64_t chunk,
                                                     c10::string_view index, int64_t numel,
                                                     bool checksum) {
-  check_pack_payload(finite_in, indices_in, values_in, valid_in, wire_dtype, chunk, index, numel,
-                     checksum);
+  const Codec codec = check_pack_payload(finite_in, indices_in, values_in, valid_in, wire_name,
+                                         chunk, index, numel, checksum);
   const at::Tensor values = values_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   const bool has_valid = valid_in.has_value() && valid_in->defined();
   const at::Tensor valid = has_valid ? valid_in->contiguous() : at::Tensor();
   const int64_t k = values.numel();
-  const PackLayout<int64_t> layout =
-      pack_layout<int64_t>(k, wire_dtype, chunk, index, numel, checksum);
   const bool csr16 = is_csr16(index);
-  const bool int8 = wire_dtype == at::kChar;
+  const PackLayout<int64_t> layout =
+      pack_layout<int64_t>(k, codec, chunk, csr16, numel, checksum);
+  const bool scaled = codec_scaled(codec);
+  const int64_t bits = layout.bits;
+  const int32_t qmax = codec_qmax(codec);
   at::Tensor payload = at::zeros({layout.nbytes}, values.options().dtype(at::kByte));
   at::Tensor sent = at::empty({k}, values.options());
   uint8_t* base = payload.data_ptr<uint8_t>();
   int32_t* header = reinterpret_cast<int32_t*>(base);
   header[0] = *finite_in.contiguous().data_ptr<bool>() ? 1 : 0;
-  const int64_t index_at = layout.header_bytes;
-  int32_t* counts = reinterpret_cast<int32_t*>(base + index_at);
-  int32_t* index32 = reinterpret_cast<int32_t*>(base + index_at);
-  uint16_t* offsets = reinterpret_cast<uint16_t*>(base + index_at + 4 * layout.blocks);
+  int32_t* counts = reinterpret_cast<int32_t*>(base + layout.index_offset);
+  int32_t* index32 = reinterpret_cast<int32_t*>(base + layout.index_offset);
+  uint16_t* offsets = reinterpret_cast<uint16_t*>(base + layout.offsets_offset);
   float* scales = reinterpret_cast<float*>(base + layout.scales_offset);
   uint8_t* wire = base + layout.values_offset;
   const float* vals = values.data_ptr<float>();
   const bool* ok = has_valid ? valid.data_ptr<bool>() : nullptr;
   float* out_sent = sent.data_ptr<float>();
 
-  // Groups of slots: the int8 chunks (a scale each), else fixed runs of kChunk entries.
-  const int64_t group = int8 ? chunk : kChunk;
-  const int64_t groups = (layout.slots + group - 1) / group;
+  // Groups of slots: the chunks of a scaled codec (a scale each), else fixed runs of kChunk
+  // entries. A task takes whole groups, 8 at a time for codes below a byte, so that every task
+  // starts on a byte of the values section and no two tasks write the same byte.
+  const int64_t group = scaled ? chunk : kChunk;
+  const int64_t groups = (k + group - 1) / group;
+  const int64_t step = bits < 8 ? 8 : 1;
+  const int64_t tasks = (groups + step - 1) / step;
   std::vector<int64_t> total_counts(static_cast<size_t>(layout.blocks), 0);
   int64_t total_valid = 0;
   bool nan_seen = false;
   std::mutex mutex;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "pack_payload", [&] {
     const index_t* idx = indices.data_ptr<index_t>();
-    at::parallel_for(0, groups, std::max<int64_t>(1, kChunk / group), [&](int64_t g0, int64_t g1) {
+    const int64_t grain = std::max<int64_t>(1, kChunk / (group * step));
+    at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
       std::vector<int64_t> local_counts(static_cast<size_t>(layout.blocks), 0);
       int64_t local_valid = 0;
       bool local_nan = false;
-      for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t g = t0 * step; g < std::min(groups, t1 * step); ++g) {
         const int64_t start = g * group;
-        const int64_t stop = std::min(k, start + group);  // entries; the rest of an int8 chunk is 0
+        const int64_t stop = std::min(k, start + group);
         float scale = 0.0f;
-        if (int8) {
-          // quantize_int8's scale: max |x| by its bits (NaN and Inf sort above every number).
-          uint32_t bits_max = 0;
-          for (int64_t j = start; j < stop; ++j) {
-            uint32_t b;
-            std::memcpy(&b, vals + j, sizeof(b));
-            b &= 0x7fffffffu;
-            bits_max = b > bits_max ? b : bits_max;
-          }
-          float amax;
-          std::memcpy(&amax, &bits_max, sizeof(amax));
-          scale = bits_max >= 0x7f800000u ? std::numeric_limits<float>::quiet_NaN()
-                                          : amax / 127.0f;
+        if (scaled) {
+          scale = chunk_scale(vals + start, stop - start, codec);
           scales[g] = scale;
         }
         for (int64_t j = start; j < stop; ++j) {
@@ -290,35 +329,40 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
             index32[j] = static_cast<int32_t>(position);
           }
           const float v = vals[j];
-          switch (wire_dtype) {
-            case at::kChar: {
-              int8_t code = 0;
-              if (scale > 0.0f) {  // false for a zero chunk and for NaN
-                const float r = (v / scale + kRoundMagic) - kRoundMagic;
-                code = static_cast<int8_t>(static_cast<int32_t>(std::min(127.0f, std::max(-127.0f, r))));
-              }
-              reinterpret_cast<int8_t*>(wire)[j] = code;
-              out_sent[j] = static_cast<float>(code) * scale;
-              break;
-            }
-            case at::kHalf: {
+          float got;
+          switch (codec) {
+            case Codec::kF16: {
               const at::Half h = to_wire<at::Half>(v);
               reinterpret_cast<at::Half*>(wire)[j] = h;
-              out_sent[j] = static_cast<float>(h);
+              got = static_cast<float>(h);
               local_nan = local_nan || std::isnan(v);
               break;
             }
-            case at::kBFloat16: {
+            case Codec::kBF16: {
               const at::BFloat16 h = to_wire<at::BFloat16>(v);
               reinterpret_cast<at::BFloat16*>(wire)[j] = h;
-              out_sent[j] = static_cast<float>(h);
+              got = static_cast<float>(h);
               local_nan = local_nan || std::isnan(v);
               break;
             }
-            default:
+            case Codec::kF32:
               reinterpret_cast<float*>(wire)[j] = v;
-              out_sent[j] = v;
+              got = v;
+              break;
+            default: {
+              const int32_t code = code_of(v, scale, codec, qmax);
+              if (bits == 8) {
+                reinterpret_cast<int8_t*>(wire)[j] = static_cast<int8_t>(code);
+              } else {
+                const int64_t bit = j * bits;
+                const uint32_t field = static_cast<uint32_t>(code) & ((1u << bits) - 1u);
+                wire[bit >> 3] = static_cast<uint8_t>(wire[bit >> 3] | (field << (bit & 7)));
+              }
+              got = decoded(code, scale, codec);
+            }
           }
+          // A slot that carries no entry is not decoded: nothing was sent for it.
+          out_sent[j] = carries ? got : 0.0f;
         }
       }
       std::lock_guard<std::mutex> lock(mutex);
@@ -334,9 +378,14 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
     // their own (bfloat16) that c10's scalar conversion does not: a NaN value (a non-finite
     // step, whose payload is dropped anyway) is written by torch's own cast, so the bytes are
     // exactly what PayloadFormat.pack writes.
-    at::Tensor section = payload.narrow(0, layout.values_offset, layout.value_size * k).view(wire_dtype);
+    const auto dtype = codec == Codec::kF16 ? at::kHalf : at::kBFloat16;
+    at::Tensor section = payload.narrow(0, layout.values_offset, 2 * k).view(dtype);
     section.copy_(values);
-    sent.copy_(section);
+    if (has_valid) {
+      sent.copy_(at::where(valid, section.to(at::kFloat), at::zeros({}, sent.options())));
+    } else {
+      sent.copy_(section);
+    }
   }
   return {payload, sent};
 }

@@ -3,13 +3,13 @@
 // the decoded entries) / divisor, with each payload's finite and well-formed flags.
 //
 // Pass 1 (one task per rank): the header (finite flag 0 or 1, count in [0, K]), the checksum when
-// the format has one, csr16's block counts (none negative, adding up to the count), int8's scales
+// the format has one, csr16's block counts (none negative, adding up to the count), the scales
 // and every slot in use (its index inside the bucket; a finite value under a header that says
 // finite): one read of each payload. Pass 2 (the output split in ranges across threads): each
 // thread zeroes its range, applies the entries that land in it, rank 0 first and each rank's slots
 // in order, then divides its range by the divisor: one write of out plus one read of the payloads
 // per thread. Every entry is added exactly as PayloadFormat.decode_sum and sparse_accumulate_ add
-// it (padding slots included: index 0, value 0, times the chunk's scale for int8), so the result
+// it (padding slots included: index 0, value 0, times the chunk's scale for scaled codecs), so the result
 // is bitwise `out.zero_(); fmt.decode_sum(gathered, out); out.div_(divisor)`, malformed payloads
 // included. Nothing is written outside out and no byte pattern raises.
 #include <ATen/ATen.h>
@@ -39,12 +39,22 @@ inline T load(const uint8_t* p) {
   return v;
 }
 
-inline float value_at(const uint8_t* values, int64_t j, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kHalf: return static_cast<float>(load<at::Half>(values + 2 * j));
-    case at::kBFloat16: return static_cast<float>(load<at::BFloat16>(values + 2 * j));
-    case at::kChar: return static_cast<float>(load<int8_t>(values + j));
-    default: return load<float>(values + 4 * j);
+// Slot j's value (float codecs) or code (the others, as a float: int8/int4/int2 sign-extended
+// from B bits; sign: -1 for a set bit, else 1), not yet times its scale.
+inline float value_at(const uint8_t* values, int64_t j, Codec codec) {
+  switch (codec) {
+    case Codec::kF32: return load<float>(values + 4 * j);
+    case Codec::kF16: return static_cast<float>(load<at::Half>(values + 2 * j));
+    case Codec::kBF16: return static_cast<float>(load<at::BFloat16>(values + 2 * j));
+    case Codec::kI8: return static_cast<float>(load<int8_t>(values + j));
+    case Codec::kSign: return ((values[j >> 3] >> (j & 7)) & 1u) ? -1.0f : 1.0f;
+    default: {
+      const int64_t bits = codec_bits(codec);
+      const int64_t bit = j * bits;
+      const int32_t field = (values[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
+      // Sign-extend the B-bit two's complement field.
+      return static_cast<float>(field >= (1 << (bits - 1)) ? field - (1 << bits) : field);
+    }
   }
 }
 
@@ -65,8 +75,8 @@ uint32_t checksum_of(const uint8_t* p, int64_t n) {
 }
 
 struct Format {
-  PayloadLayout layout;
-  at::ScalarType value_dtype;
+  PackLayout<int64_t> layout;
+  Codec codec;
   int64_t chunk;
   bool csr16;
   bool checksum;
@@ -99,12 +109,12 @@ class SlotIndex {
 // Pass 1 for one payload: its flags and the number of slots in use; csr16's block ends.
 void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finite,
                    bool* well_formed, int64_t* used_out) {
-  const PayloadLayout& l = f.layout;
+  const PackLayout<int64_t>& l = f.layout;
   const int32_t flag = load<int32_t>(p), count = load<int32_t>(p + 4);
   *finite = flag != 0;
-  bool ok = count >= 0 && count <= l.slots && (flag == 0 || flag == 1);
+  bool ok = count >= 0 && count <= l.entries && (flag == 0 || flag == 1);
   const bool claims_finite = flag == 1;
-  const int64_t used = std::min<int64_t>(std::max<int32_t>(count, 0), l.slots);
+  const int64_t used = std::min<int64_t>(std::max<int32_t>(count, 0), l.entries);
   *used_out = used;
   if (f.checksum) ok &= checksum_of(p, l.nbytes) == load<uint32_t>(p + 8);
   if (f.csr16) {
@@ -118,8 +128,8 @@ void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finit
     ok &= total == used;
   }
   // Padding slots decode to index 0, outside an empty bucket.
-  if (f.numel == 0 && l.slots > 0) ok = false;
-  if (f.value_dtype == at::kChar) {
+  if (f.numel == 0 && l.entries > 0) ok = false;
+  if (codec_scaled(f.codec)) {
     for (int64_t s = 0; s < l.num_scales && claims_finite; ++s) {
       ok &= std::isfinite(load<float>(p + l.scales_offset + 4 * s));
     }
@@ -130,8 +140,8 @@ void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finit
     const int64_t i = index_of(j);
     if (i < 0 || i >= f.numel) {
       ok = false;
-    } else if (claims_finite && f.value_dtype != at::kChar) {
-      ok &= std::isfinite(value_at(values, j, f.value_dtype));
+    } else if (claims_finite && !codec_scaled(f.codec)) {
+      ok &= std::isfinite(value_at(values, j, f.codec));
     }
   }
   *well_formed = ok;
@@ -139,39 +149,40 @@ void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finit
 
 // Pass 2 for one payload, restricted to out[lo, hi): every slot in order, as decode_sum feeds it
 // to sparse_accumulate_ (a slot not in use, or a csr16 slot without a position, adds its zero
-// value, times its scale for int8, at index 0; an int32 index outside the bucket adds nothing).
+// value, times its scale for a scaled codec, at index 0; an int32 index outside the bucket adds nothing).
 void apply_payload(const Format& f, const uint8_t* p, const int64_t* ends, int64_t used,
                    float* out, int64_t lo, int64_t hi) {
-  const PayloadLayout& l = f.layout;
+  const PackLayout<int64_t>& l = f.layout;
   const uint8_t* values = p + l.values_offset;
-  const bool int8 = f.value_dtype == at::kChar;
+  const bool scaled = codec_scaled(f.codec);
   SlotIndex index_of(f, p, ends);
-  for (int64_t j = 0; j < l.slots; ++j) {
+  for (int64_t j = 0; j < l.entries; ++j) {
     int64_t i = j < used ? index_of(j) : -1;
     float v;
     if (j < used && (i >= 0 || !f.csr16)) {
-      v = value_at(values, j, f.value_dtype);
+      v = value_at(values, j, f.codec);
     } else {
       i = 0;
       v = 0.0f;
     }
     if (i < lo || i >= hi) continue;
-    if (int8) v *= load<float>(p + l.scales_offset + 4 * (j / f.chunk));
+    if (scaled) v *= load<float>(p + l.scales_offset + 4 * (j / f.chunk));
     out[i] = out[i] + v;
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_average_cpu(at::Tensor& out,
                                                       const at::Tensor& gathered_in,
-                                                      int64_t slots, at::ScalarType value_dtype,
+                                                      int64_t slots, c10::string_view values,
                                                       int64_t chunk, c10::string_view index,
                                                       bool checksum, double divisor) {
-  const bool csr16 = check_decode_average(out, gathered_in, slots, value_dtype, chunk, index,
-                                          checksum, divisor);
+  const Codec codec = check_decode_average(out, gathered_in, slots, values, chunk, index,
+                                           checksum, divisor);
+  const bool csr16 = is_csr16(index);
   const at::Tensor gathered = gathered_in.contiguous();
   const int64_t world = gathered.size(0), numel = out.numel();
-  const Format f{payload_layout(slots, value_dtype, chunk, csr16, numel, checksum), value_dtype,
-                 chunk, csr16, checksum, numel};
+  const Format f{pack_layout<int64_t>(slots, codec, chunk, csr16, numel, checksum), codec, chunk,
+                 csr16, checksum, numel};
   const auto flag_options = gathered.options().dtype(at::kBool);
   at::Tensor finite = at::empty({world}, flag_options);
   at::Tensor well_formed = at::empty({world}, flag_options);

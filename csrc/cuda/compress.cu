@@ -10,12 +10,17 @@
 // topk_abs(grad - estimate). Cost: grad and estimate read once, the n-float buffer written once
 // and read 4 times (2 histograms, count, write); workspace n floats + the select's.
 //
-// pack_payload. A memset of the payload, then one kernel: each block takes groups of entries (an
-// int8 chunk, its scale from a block-wide absmax exactly as quantize.cu's quantize_int8; else
-// 4096 entries), writes their positions (or csr16 offsets; the block counts by warp-aggregated
-// integer atomics), wire values and decoded values, and adds its number of valid slots to the
-// header with one integer atomic. Integer atomics only, so the bytes do not depend on the
-// schedule. Cost: one read of the K entries, the payload written once (plus the memset).
+// pack_payload. A memset of the payload, then one kernel: each block takes groups of entries (a
+// chunk of a scaled codec, else 4096 entries). A scaled codec's chunk first gets its scale:
+// max |x| / qmax by a block-wide max of the bits (intB), or for sign the sum of |x| by one thread
+// in slot order (the CPU's float32 sum bit for bit) over the number of nonzero entries. The block
+// then writes the positions (or csr16 offsets; the block counts by warp-aggregated integer
+// atomics), float values or int8 codes, and decoded values (0 at slots not valid), and adds its
+// number of valid slots to the header with one integer atomic. Codes below a byte (int4, int2,
+// sign) are written by a second kernel, one thread per byte of the values section. Integer
+// atomics only, so the bytes do not depend on the schedule. Cost: the K entries read once per slot
+// pass, plus once for a scaled codec's max (and once more, by one thread per chunk, for sign's
+// sum) and once for the codes below a byte; the payload written once (plus the memset).
 //
 // ef21_commit: one elementwise pass (estimate copied, global_estimate + average written twice),
 // then one thread per sent entry, an atomicAdd into the new estimate (index_add_'s CUDA kernel;
@@ -116,16 +121,47 @@ cudaError_t ef21_select(const G* grad, const float* estimate, int64_t n, int64_t
 }
 
 // ----------------------------------------------------------------------------------- pack_payload
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to even
+
 __device__ __forceinline__ int64_t floor_mod_block(int64_t p) {
   const int64_t r = p % kCsr16Block;
   return r < 0 ? r + kCsr16Block : r;
 }
 
-// kWire: 0 float32, 1 float16, 2 bfloat16, 3 int8 (codes and scales).
-template <int kWire>
+// The code of v under its chunk's scale (compress_kernels.cpp's code_of): intB rounds v / scale
+// half to even and clamps it to +-qmax (0 under a zero or NaN scale); sign: 1 for a negative v (0
+// under a NaN scale).
+template <WireValues kCodec>
+__device__ __forceinline__ int32_t code_of(float v, float scale) {
+  if constexpr (kCodec == WireValues::kSign) {
+    return (v < 0.0f && !isnan(scale)) ? 1 : 0;
+  } else {
+    if (!(scale > 0.0f)) return 0;
+    const float r = __fsub_rn(__fadd_rn(__fdiv_rn(v, scale), kRoundMagic), kRoundMagic);
+    const float q = static_cast<float>(wire_qmax(kCodec));
+    return static_cast<int32_t>(fminf(q, fmaxf(-q, r)));
+  }
+}
+
+// What a receiver decodes for a code (compress_kernels.cpp's decoded: one float32 product).
+template <WireValues kCodec>
+__device__ __forceinline__ float decoded(int32_t code, float scale) {
+  if constexpr (kCodec == WireValues::kSign) {
+    return __fmul_rn(code != 0 ? -1.0f : 1.0f, scale);
+  } else {
+    return __fmul_rn(static_cast<float>(code), scale);
+  }
+}
+
+// One block per group of slots (a chunk of a scaled codec, else kPackGroup slots): the group's
+// scale, then per slot its position (or csr16 offset and block count), its value (float codecs;
+// int8 codes, a byte each) and what it decodes to. Codes below a byte are left to
+// pack_codes_kernel.
+template <WireValues kCodec>
 __global__ void __launch_bounds__(kThreads)
     pack_payload_kernel(const PackPayloadArgs a, int64_t group, int64_t groups) {
-  using MaxReduce = cub::BlockReduce<float, kThreads>;
+  constexpr bool kScaled = wire_scaled(kCodec);
+  using MaxReduce = cub::BlockReduce<uint32_t, kThreads>;
   using CountReduce = cub::BlockReduce<long long, kThreads>;
   __shared__ union {
     typename MaxReduce::TempStorage max;
@@ -133,9 +169,9 @@ __global__ void __launch_bounds__(kThreads)
   } tmp;
   __shared__ float group_scale;
   int32_t* header = reinterpret_cast<int32_t*>(a.payload);
-  int32_t* counts = reinterpret_cast<int32_t*>(a.payload + a.header_bytes);
-  int32_t* index32 = reinterpret_cast<int32_t*>(a.payload + a.header_bytes);
-  uint16_t* offsets = reinterpret_cast<uint16_t*>(a.payload + a.header_bytes + 4 * a.blocks);
+  int32_t* counts = reinterpret_cast<int32_t*>(a.payload + a.index_offset);
+  int32_t* index32 = reinterpret_cast<int32_t*>(a.payload + a.index_offset);
+  uint16_t* offsets = reinterpret_cast<uint16_t*>(a.payload + a.offsets_offset);
   float* scales = reinterpret_cast<float*>(a.payload + a.scales_offset);
   uint8_t* wire = a.payload + a.values_offset;
   if (blockIdx.x == 0 && threadIdx.x == 0) {
@@ -147,18 +183,36 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t start = g * group;
     const int64_t stop = start + group < a.k ? start + group : a.k;
     float scale = 0.0f;
-    if constexpr (kWire == 3) {
-      // quantize_int8's scale: absmax / 127, NaN when the chunk holds a NaN or Inf.
-      float amax = 0.0f;
+    if constexpr (kScaled) {
+      // chunk_scale of compress_kernels.cpp. max |x| by its bits (a block reduction, exact in
+      // any order): NaN and Inf sort above every number.
+      uint32_t bits_max = 0;
       for (int64_t j = start + threadIdx.x; j < stop; j += kThreads) {
-        const float v = fabsf(a.values[j]);
-        amax = (v != v || v > amax) ? (v != v ? __int_as_float(0x7F800000) : v) : amax;
+        const uint32_t bits = __float_as_uint(a.values[j]) & 0x7fffffffu;
+        bits_max = bits > bits_max ? bits : bits_max;
       }
-      const float block_max =
-          MaxReduce(tmp.max).Reduce(amax, [](float x, float y) { return x > y ? x : y; });
+      const uint32_t block_max =
+          MaxReduce(tmp.max).Reduce(bits_max, [](uint32_t x, uint32_t y) { return x > y ? x : y; });
       if (threadIdx.x == 0) {
-        group_scale = isinf(block_max) ? __int_as_float(0x7FC00000) : block_max / 127.0f;
-        scales[g] = group_scale;
+        float s;
+        if (block_max >= 0x7f800000u) {
+          s = __int_as_float(0x7fc00000);  // NaN when the chunk holds NaN or Inf
+        } else if constexpr (kCodec != WireValues::kSign) {
+          s = __fdiv_rn(__uint_as_float(block_max), static_cast<float>(wire_qmax(kCodec)));
+        } else {
+          // The mean |x| of the nonzero entries: one thread sums them sequentially from 0 in
+          // slot order, the CPU's float32 sum bit for bit (0 when none is nonzero).
+          float sum = 0.0f;
+          long long nonzero = 0;
+          for (int64_t j = start; j < stop; ++j) {
+            const float v = a.values[j];
+            sum = __fadd_rn(sum, fabsf(v));
+            nonzero += v != 0.0f ? 1 : 0;
+          }
+          s = nonzero > 0 ? __fdiv_rn(sum, static_cast<float>(nonzero)) : 0.0f;
+        }
+        group_scale = s;
+        scales[g] = s;
       }
       __syncthreads();
       scale = group_scale;
@@ -183,26 +237,27 @@ __global__ void __launch_bounds__(kThreads)
           index32[j] = static_cast<int32_t>(position);
         }
         const float v = a.values[j];
-        if constexpr (kWire == 3) {
-          float code = 0.0f;
-          // quantize_int8's code: rint (ties to even) of an IEEE division, clamped; 0 for a zero
-          // or NaN scale.
-          if (scale > 0.0f) code = fminf(fmaxf(rintf(__fdiv_rn(v, scale)), -127.0f), 127.0f);
-          const int8_t q = static_cast<int8_t>(code);
-          reinterpret_cast<int8_t*>(wire)[j] = q;
-          a.sent[j] = __fmul_rn(static_cast<float>(q), scale);  // dequantize_int8's product
-        } else if constexpr (kWire == 1) {
+        float got;
+        if constexpr (kScaled) {
+          const int32_t code = code_of<kCodec>(v, scale);
+          if constexpr (kCodec == WireValues::kInt8) {
+            reinterpret_cast<int8_t*>(wire)[j] = static_cast<int8_t>(code);
+          }
+          got = decoded<kCodec>(code, scale);
+        } else if constexpr (kCodec == WireValues::kFloat16) {
           const __half h = from_float<__half>(v);
           reinterpret_cast<__half*>(wire)[j] = h;
-          a.sent[j] = to_float(h);
-        } else if constexpr (kWire == 2) {
+          got = to_float(h);
+        } else if constexpr (kCodec == WireValues::kBFloat16) {
           const __nv_bfloat16 h = from_float<__nv_bfloat16>(v);
           reinterpret_cast<__nv_bfloat16*>(wire)[j] = h;
-          a.sent[j] = to_float(h);
+          got = to_float(h);
         } else {
           reinterpret_cast<float*>(wire)[j] = v;
-          a.sent[j] = v;
+          got = v;
         }
+        // A slot that carries no entry is not decoded: nothing was sent for it.
+        a.sent[j] = carries ? got : 0.0f;
       }
       if (a.csr16) {
         // Lanes counting into the same block add once, together.
@@ -215,11 +270,37 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    if constexpr (kWire == 3) __syncthreads();  // group_scale and tmp are reused
+    if constexpr (kScaled) __syncthreads();  // group_scale and tmp are reused
   }
   if (a.valid != nullptr) {
     const long long total = CountReduce(tmp.count).Sum(carried);
     if (threadIdx.x == 0 && total) atomicAdd(&header[1], static_cast<int32_t>(total));
+  }
+}
+
+// The codes below a byte (int4, int2, sign), after pack_payload_kernel wrote the scales: one
+// thread per byte of the values section computes the 8 / B codes the byte holds (slots
+// y * 8 / B onwards, each under its chunk's scale read back from the payload) and stores the
+// assembled byte, so that no two threads write the same byte. Bits past K * B stay 0.
+template <WireValues kCodec>
+__global__ void __launch_bounds__(kThreads) pack_codes_kernel(const PackPayloadArgs a,
+                                                              int64_t bytes) {
+  constexpr int kBits = wire_bits(kCodec);
+  constexpr int kPerByte = 8 / kBits;
+  const float* scales = reinterpret_cast<const float*>(a.payload + a.scales_offset);
+  uint8_t* wire = a.payload + a.values_offset;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t y = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; y < bytes; y += stride) {
+    uint32_t byte = 0;
+#pragma unroll
+    for (int t = 0; t < kPerByte; ++t) {
+      const int64_t j = y * kPerByte + t;
+      if (j < a.k) {
+        const int32_t code = code_of<kCodec>(a.values[j], scales[j / a.chunk]);
+        byte |= (static_cast<uint32_t>(code) & ((1u << kBits) - 1u)) << (t * kBits);
+      }
+    }
+    wire[y] = static_cast<uint8_t>(byte);
   }
 }
 
@@ -317,25 +398,40 @@ cudaError_t ef21_topk(const void* grad, DType grad_dtype, const float* estimate,
   return cudaErrorInvalidValue;
 }
 
+template <WireValues kCodec>
+cudaError_t launch_pack(const PackPayloadArgs& a, int64_t values_bytes, cudaStream_t stream) {
+  const int64_t group = wire_scaled(kCodec) ? a.chunk : kPackGroup;
+  const int64_t groups = (a.k + group - 1) / group;
+  pack_payload_kernel<kCodec><<<blocks_for(groups, 1), kThreads, 0, stream>>>(a, group, groups);
+  cudaError_t err = cudaGetLastError();
+  if constexpr (wire_bits(kCodec) < 8) {
+    if (err == cudaSuccess && values_bytes > 0) {
+      pack_codes_kernel<kCodec><<<blocks_for(values_bytes, kThreads), kThreads, 0, stream>>>(
+          a, values_bytes);
+      err = cudaGetLastError();
+    }
+  }
+  return err;
+}
+
 cudaError_t pack_payload(const PackPayloadArgs& a, cudaStream_t stream) {
-  if (a.k < 0 || a.slots < a.k || a.nbytes < a.values_offset || a.chunk < 1) {
+  if (a.k < 0 || a.chunk < 1) return cudaErrorInvalidValue;
+  const int64_t values_bytes = (a.k * wire_bits(a.codec) + 7) / 8;
+  if (a.values_offset < 0 || a.nbytes < a.values_offset + values_bytes) {
     return cudaErrorInvalidValue;
   }
   cudaError_t err = cudaMemsetAsync(a.payload, 0, static_cast<size_t>(a.nbytes), stream);
   if (err != cudaSuccess) return err;
-  const int64_t group = a.int8 ? a.chunk : kPackGroup;
-  const int64_t groups = (a.k + group - 1) / group;
-  const unsigned grid = blocks_for(groups, 1);
-  if (a.int8) {
-    pack_payload_kernel<3><<<grid, kThreads, 0, stream>>>(a, group, groups);
-  } else if (a.wire_dtype == DType::kFloat16) {
-    pack_payload_kernel<1><<<grid, kThreads, 0, stream>>>(a, group, groups);
-  } else if (a.wire_dtype == DType::kBFloat16) {
-    pack_payload_kernel<2><<<grid, kThreads, 0, stream>>>(a, group, groups);
-  } else {
-    pack_payload_kernel<0><<<grid, kThreads, 0, stream>>>(a, group, groups);
+  switch (a.codec) {
+    case WireValues::kFloat32: return launch_pack<WireValues::kFloat32>(a, values_bytes, stream);
+    case WireValues::kFloat16: return launch_pack<WireValues::kFloat16>(a, values_bytes, stream);
+    case WireValues::kBFloat16: return launch_pack<WireValues::kBFloat16>(a, values_bytes, stream);
+    case WireValues::kInt8: return launch_pack<WireValues::kInt8>(a, values_bytes, stream);
+    case WireValues::kInt4: return launch_pack<WireValues::kInt4>(a, values_bytes, stream);
+    case WireValues::kInt2: return launch_pack<WireValues::kInt2>(a, values_bytes, stream);
+    case WireValues::kSign: return launch_pack<WireValues::kSign>(a, values_bytes, stream);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t ef21_commit(const float* estimate, const float* global_estimate, const float* average,

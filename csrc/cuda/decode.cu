@@ -5,20 +5,27 @@
 //   1. prepare: every block zeroes its share of out (grid-stride); block r (grid-stride over
 //      ranks) checks payload r's header (finite flag 0 or 1, count in [0, K]), its checksum (a
 //      block reduction over its bytes), csr16's block counts (a block scan into the running sums
-//      of max(count, 0), kept in the workspace: none negative, adding up to the count) and int8's
-//      scales (finite under a header that says finite), and writes the flags and the slots in use.
+//      of max(count, 0), kept in the workspace: none negative, adding up to the count) and the
+//      scales of a scaled codec (all ceil(K / chunk) finite under a header that says finite), and
+//      writes the flags and the slots in use.
 //   2. scatter: one thread per (rank, slot): the slot's position (int32, or csr16's block found by
-//      binary search in the running sums), its value (dequantized for int8) and an atomic add into
-//      out. A position outside the bucket, or a non-finite value under a finite header, clears
-//      the payload's well_formed (a plain store of the same value by every thread that finds one).
+//      binary search in the running sums), its value (float codecs; scaled codecs: the code, an
+//      int8 byte or a B-bit field sign-extended, or a sign bit as -1 or 1, times the scale of the
+//      slot's chunk) and an atomic add into out. A position outside the bucket, or a non-finite
+//      value under a finite header, clears the payload's well_formed (a plain store of the same
+//      value by every thread that finds one).
 //   3. finish: out /= divisor (a true division, __fdiv_rn; skipped when the divisor is 1).
 //
 // Cost: out written 3 times (zero, atomics, division), each payload read once (twice with the
-// checksum). The same entries are added as on the CPU (padding slots add nothing, except int8's
-// 0 * scale when that scale is not finite, as in decode_sum), but the atomics make the summation
-// order, and so the last bit of an fp32 sum of three or more entries at one position, depend on
-// scheduling, as in sparse_accumulate_; the CPU kernel is sequential and bitwise the reference.
+// checksum). The same entries are added as on the CPU (padding slots add nothing, except a scaled
+// codec's 0 * scale when that scale is not finite, as in decode_sum), but the atomics make the
+// summation order, and so the last bit of an fp32 sum of three or more entries at one position,
+// depend on scheduling, as in sparse_accumulate_; the CPU kernel is sequential and bitwise the
+// reference.
 // Payload rows may start at any byte (an odd nbytes): the kernels then read bytes and assemble.
+// Every read stays inside its payload row whatever the bytes say: slot j < K reads index bytes
+// below scales_offset, the scale j / chunk < ceil(K / chunk), and the byte (j * B) / 8 <
+// ceil(K * B / 8) of the values section, the row's last.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -144,8 +151,8 @@ __global__ void __launch_bounds__(kThreads) decode_prepare_kernel(DecodeAverageA
       }
       if (threadIdx.x == 0) bad |= carry != s_used;
     }
-    if (a.values == WireValues::kInt8 && s_flag == 1) {
-      for (int64_t s = threadIdx.x; s < a.slots / a.chunk; s += blockDim.x) {
+    if (a.num_scales > 0 && s_flag == 1) {
+      for (int64_t s = threadIdx.x; s < a.num_scales; s += blockDim.x) {
         bad |= !isfinite(load_bytes<float>(p + a.scales_offset + 4 * s));
       }
     }
@@ -155,10 +162,35 @@ __global__ void __launch_bounds__(kThreads) decode_prepare_kernel(DecodeAverageA
 }
 
 // ------------------------------------------------------------------------------ 2. scatter
-template <typename V, bool kAligned>
+// Slot j's value (float codecs) or code (scaled codecs, as a float: int8/int4/int2 sign-extended
+// from B bits; sign: -1 for a set bit, else 1), not yet times its scale (decode_kernels.cpp's
+// value_at). Fields below a byte never straddle two bytes: byte (j * B) / 8, bits (j * B) % 8
+// onwards.
+template <WireValues kCodec, bool kAligned>
+__device__ __forceinline__ float value_at(const uint8_t* values, int64_t j) {
+  if constexpr (kCodec == WireValues::kFloat32) {
+    return load<kAligned, float>(values + 4 * j);
+  } else if constexpr (kCodec == WireValues::kFloat16) {
+    return to_float(load<kAligned, __half>(values + 2 * j));
+  } else if constexpr (kCodec == WireValues::kBFloat16) {
+    return to_float(load<kAligned, __nv_bfloat16>(values + 2 * j));
+  } else if constexpr (kCodec == WireValues::kInt8) {
+    return static_cast<float>(static_cast<int8_t>(values[j]));
+  } else if constexpr (kCodec == WireValues::kSign) {
+    return ((values[j >> 3] >> (j & 7)) & 1u) ? -1.0f : 1.0f;
+  } else {
+    constexpr int kBits = wire_bits(kCodec);
+    const int64_t bit = j * kBits;
+    const int32_t field = (values[bit >> 3] >> (bit & 7)) & ((1 << kBits) - 1);
+    // Sign-extend the B-bit two's complement field.
+    return static_cast<float>(field >= (1 << (kBits - 1)) ? field - (1 << kBits) : field);
+  }
+}
+
+template <WireValues kCodec, bool kAligned>
 __global__ void __launch_bounds__(kThreads) decode_scatter_kernel(DecodeAverageArgs a,
                                                                   Workspace w) {
-  constexpr bool kInt8 = std::is_same<V, int8_t>::value;
+  constexpr bool kScaled = wire_scaled(kCodec);
   const int64_t total = a.world * a.slots;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
@@ -190,12 +222,14 @@ __global__ void __launch_bounds__(kThreads) decode_scatter_kernel(DecodeAverageA
     }
     float v = 0.0f;
     if (i >= 0) {
-      v = to_float(load<kAligned, V>(p + a.values_offset + sizeof(V) * j));
-      if (!kInt8 && w.claims[r] && !isfinite(v)) a.well_formed[r] = false;
+      v = value_at<kCodec, kAligned>(p + a.values_offset, j);
+      if (!kScaled && w.claims[r] && !isfinite(v)) a.well_formed[r] = false;
     } else {
       i = 0;  // padding: a zero value at index 0
     }
-    if constexpr (kInt8) v = __fmul_rn(v, load<kAligned, float>(p + a.scales_offset + 4 * (j / a.chunk)));
+    if constexpr (kScaled) {
+      v = __fmul_rn(v, load<kAligned, float>(p + a.scales_offset + 4 * (j / a.chunk)));
+    }
     // Adding +-0 leaves out unchanged (it starts at +0 and so never holds -0): skipped.
     if (v != 0.0f && a.numel > 0) atomicAdd(a.out + i, v);
   }
@@ -210,13 +244,13 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(float* out, int
   }
 }
 
-template <typename V>
+template <WireValues kCodec>
 void launch_scatter(const DecodeAverageArgs& a, const Workspace& w, bool aligned, unsigned grid,
                     cudaStream_t stream) {
   if (aligned) {
-    decode_scatter_kernel<V, true><<<grid, kThreads, 0, stream>>>(a, w);
+    decode_scatter_kernel<kCodec, true><<<grid, kThreads, 0, stream>>>(a, w);
   } else {
-    decode_scatter_kernel<V, false><<<grid, kThreads, 0, stream>>>(a, w);
+    decode_scatter_kernel<kCodec, false><<<grid, kThreads, 0, stream>>>(a, w);
   }
 }
 
@@ -237,7 +271,15 @@ cudaError_t decode_average(const DecodeAverageArgs& a, void* workspace, size_t w
   if (workspace_bytes < decode_average_workspace_bytes(a.world, a.blocks)) {
     return cudaErrorInvalidValue;
   }
-  if (a.values == WireValues::kInt8 && a.chunk <= 0) return cudaErrorInvalidValue;
+  // The layout's sizes, which bound every read: ceil(K / chunk) scales (none for float codecs),
+  // and the values section, ceil(K * B / 8) bytes, inside the payload.
+  if (a.slots < 0 || a.nbytes < a.values_offset + (a.slots * wire_bits(a.values) + 7) / 8) {
+    return cudaErrorInvalidValue;
+  }
+  if (wire_scaled(a.values) ? a.chunk <= 0 || a.num_scales != (a.slots + a.chunk - 1) / a.chunk
+                            : a.num_scales != 0) {
+    return cudaErrorInvalidValue;
+  }
   if (a.world == 0 && a.numel == 0) return cudaSuccess;
   const Workspace w = carve(workspace, a.world, a.blocks);
   int device = 0, sms = 1;
@@ -256,11 +298,15 @@ cudaError_t decode_average(const DecodeAverageArgs& a, void* workspace, size_t w
     // Every field starts at a multiple of 4 bytes from its payload's start.
     const bool aligned = reinterpret_cast<uintptr_t>(a.gathered) % 4 == 0 && a.nbytes % 4 == 0;
     const unsigned grid = grid_for(entries, cap);
+    using V = WireValues;
     switch (a.values) {
-      case WireValues::kFloat32: launch_scatter<float>(a, w, aligned, grid, stream); break;
-      case WireValues::kFloat16: launch_scatter<__half>(a, w, aligned, grid, stream); break;
-      case WireValues::kBFloat16: launch_scatter<__nv_bfloat16>(a, w, aligned, grid, stream); break;
-      case WireValues::kInt8: launch_scatter<int8_t>(a, w, aligned, grid, stream); break;
+      case V::kFloat32: launch_scatter<V::kFloat32>(a, w, aligned, grid, stream); break;
+      case V::kFloat16: launch_scatter<V::kFloat16>(a, w, aligned, grid, stream); break;
+      case V::kBFloat16: launch_scatter<V::kBFloat16>(a, w, aligned, grid, stream); break;
+      case V::kInt8: launch_scatter<V::kInt8>(a, w, aligned, grid, stream); break;
+      case V::kInt4: launch_scatter<V::kInt4>(a, w, aligned, grid, stream); break;
+      case V::kInt2: launch_scatter<V::kInt2>(a, w, aligned, grid, stream); break;
+      case V::kSign: launch_scatter<V::kSign>(a, w, aligned, grid, stream); break;
     }
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;

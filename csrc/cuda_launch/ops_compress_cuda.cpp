@@ -38,25 +38,37 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 
 bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+cuda::WireValues to_wire_values(Codec c) {
+  switch (c) {
+    case Codec::kF32: return cuda::WireValues::kFloat32;
+    case Codec::kF16: return cuda::WireValues::kFloat16;
+    case Codec::kBF16: return cuda::WireValues::kBFloat16;
+    case Codec::kI8: return cuda::WireValues::kInt8;
+    case Codec::kI4: return cuda::WireValues::kInt4;
+    case Codec::kI2: return cuda::WireValues::kInt2;
+    case Codec::kSign: return cuda::WireValues::kSign;
+  }
+  TORCH_CHECK(false, "gradsieve.pack_payload: unsupported codec ", static_cast<int>(c));
+}
+
 // ----------------------------------------------------------------------------------- pack_payload
 std::tuple<at::Tensor, at::Tensor> pack_payload_cuda(const at::Tensor& finite_in,
                                                      const at::Tensor& indices_in,
                                                      const at::Tensor& values_in,
                                                      const c10::optional<at::Tensor>& valid_in,
-                                                     at::ScalarType wire_dtype, int64_t chunk,
+                                                     c10::string_view wire, int64_t chunk,
                                                      c10::string_view index, int64_t numel,
                                                      bool checksum) {
-  check_pack_payload(finite_in, indices_in, values_in, valid_in, wire_dtype, chunk, index, numel,
-                     checksum);
+  const Codec codec = check_pack_payload(finite_in, indices_in, values_in, valid_in, wire, chunk,
+                                         index, numel, checksum);
   const c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor values = values_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor finite = finite_in.contiguous();
   const at::Tensor valid = has(valid_in) ? valid_in->contiguous() : at::Tensor();
   const int64_t k = values.numel();
-  const PackLayout<int64_t> layout =
-      pack_layout<int64_t>(k, wire_dtype, chunk, index, numel, checksum);
-  const bool int8 = wire_dtype == at::kChar;
+  const bool csr16 = is_csr16(index);
+  const PackLayout<int64_t> layout = pack_layout<int64_t>(k, codec, chunk, csr16, numel, checksum);
   // The kernel zeroes the payload itself (a memset on the stream) before writing it.
   at::Tensor payload = at::empty({layout.nbytes}, values.options().dtype(at::kByte));
   at::Tensor sent = at::empty({k}, values.options());
@@ -67,13 +79,12 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cuda(const at::Tensor& finite_in
   args.values = values.data_ptr<float>();
   args.valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   args.k = k;
-  args.slots = layout.slots;
-  args.int8 = int8;
-  args.wire_dtype = int8 ? DType::kFloat32 : to_dtype(wire_dtype, "pack_payload");
+  args.codec = to_wire_values(codec);
   args.chunk = chunk;
-  args.csr16 = is_csr16(index);
+  args.csr16 = csr16;
   args.blocks = layout.blocks;
-  args.header_bytes = layout.header_bytes;
+  args.index_offset = layout.index_offset;
+  args.offsets_offset = layout.offsets_offset;
   args.scales_offset = layout.scales_offset;
   args.values_offset = layout.values_offset;
   args.payload = payload.data_ptr<uint8_t>();

@@ -15,23 +15,27 @@ namespace gradsieve {
 namespace cuda_launch {
 namespace {
 
-cuda::WireValues to_wire_values(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::WireValues::kFloat32;
-    case at::kHalf: return cuda::WireValues::kFloat16;
-    case at::kBFloat16: return cuda::WireValues::kBFloat16;
-    case at::kChar: return cuda::WireValues::kInt8;
-    default: TORCH_CHECK(false, "gradsieve.decode_average_: unsupported value_dtype ", t);
+cuda::WireValues to_wire_values(Codec c) {
+  switch (c) {
+    case Codec::kF32: return cuda::WireValues::kFloat32;
+    case Codec::kF16: return cuda::WireValues::kFloat16;
+    case Codec::kBF16: return cuda::WireValues::kBFloat16;
+    case Codec::kI8: return cuda::WireValues::kInt8;
+    case Codec::kI4: return cuda::WireValues::kInt4;
+    case Codec::kI2: return cuda::WireValues::kInt2;
+    case Codec::kSign: return cuda::WireValues::kSign;
   }
+  TORCH_CHECK(false, "gradsieve.decode_average_: unsupported codec ", static_cast<int>(c));
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
                                                        const at::Tensor& gathered_in,
-                                                       int64_t slots, at::ScalarType value_dtype,
+                                                       int64_t slots, c10::string_view values,
                                                        int64_t chunk, c10::string_view index,
                                                        bool checksum, double divisor) {
-  const bool csr16 = check_decode_average(out, gathered_in, slots, value_dtype, chunk, index,
-                                          checksum, divisor);
+  const Codec codec = check_decode_average(out, gathered_in, slots, values, chunk, index,
+                                           checksum, divisor);
+  const bool csr16 = is_csr16(index);
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor gathered = gathered_in.contiguous();
   const int64_t world = gathered.size(0), numel = out.numel();
@@ -39,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
   at::Tensor finite = at::empty({world}, flag_options);
   at::Tensor well_formed = at::empty({world}, flag_options);
   if (world == 0 && numel == 0) return {finite, well_formed};
-  const PayloadLayout l = payload_layout(slots, value_dtype, chunk, csr16, numel, checksum);
+  const PackLayout<int64_t> l = pack_layout<int64_t>(slots, codec, chunk, csr16, numel, checksum);
   cuda::DecodeAverageArgs args{};
   args.out = out.data_ptr<float>();
   args.numel = numel;
@@ -47,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
   args.world = world;
   args.nbytes = l.nbytes;
   args.slots = slots;
-  args.values = to_wire_values(value_dtype);
+  args.values = to_wire_values(codec);
   args.chunk = chunk;
   args.csr16 = csr16;
   args.checksum = checksum;
@@ -55,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
   args.index_offset = l.index_offset;
   args.offsets_offset = l.offsets_offset;
   args.scales_offset = l.scales_offset;
+  args.num_scales = l.num_scales;
   args.values_offset = l.values_offset;
   args.divisor = static_cast<float>(divisor);
   args.finite = world > 0 ? finite.data_ptr<bool>() : nullptr;

@@ -2,7 +2,7 @@
 // registration.cpp declares) and their Meta (fake) kernels. Backends: csrc/cpu/compress_kernels.cpp
 // and csrc/cuda_launch/ops_compress_cuda.cpp (kernels in csrc/cuda/compress.cu).
 //
-//   pack_payload    a whole payload (header, index section, int8 scales, values) and the values
+//   pack_payload    a whole payload (header, index section, scales, values or codes) and the values
 //                   as decoded, in one pass (PayloadFormat.pack's ordered case).
 //   ef21_topk       EF21's selection: the top-k of grad - estimate, with the finiteness of grad.
 //   ef21_commit     EF21's commit: the new estimate, the new global estimate and its copy.
@@ -20,12 +20,13 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_meta(const at::Tensor& finite,
                                                      const at::Tensor& indices,
                                                      const at::Tensor& values,
                                                      const c10::optional<at::Tensor>& valid,
-                                                     at::ScalarType wire_dtype, int64_t chunk,
+                                                     c10::string_view wire, int64_t chunk,
                                                      c10::string_view index, int64_t numel,
                                                      bool checksum) {
-  check_pack_payload(finite, indices, values, valid, wire_dtype, chunk, index, numel, checksum);
+  const Codec codec =
+      check_pack_payload(finite, indices, values, valid, wire, chunk, index, numel, checksum);
   const auto layout =
-      pack_layout(values.sym_numel(), wire_dtype, chunk, index, numel, checksum);
+      pack_layout(values.sym_numel(), codec, chunk, is_csr16(index), numel, checksum);
   return {at::empty_symint({layout.nbytes}, values.options().dtype(at::kByte)),
           at::empty_symint({values.sym_numel()}, values.options())};
 }
@@ -69,7 +70,7 @@ void dgc_mask_meta(at::Tensor& momentum_u, at::Tensor& velocity_v, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(gradsieve, m) {
   m.def("pack_payload(Tensor finite, Tensor indices, Tensor values, Tensor? valid, "
-        "ScalarType wire_dtype, int chunk, str index, int numel, bool checksum=False) -> "
+        "str wire, int chunk, str index, int numel, bool checksum=False) -> "
         "(Tensor payload, Tensor sent)");
   m.def("ef21_topk(Tensor grad, Tensor estimate, int k) -> "
         "(Tensor values, Tensor indices, Tensor finite)");

@@ -12,10 +12,10 @@ namespace gradsieve {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> decode_average_meta(at::Tensor& out, const at::Tensor& gathered,
-                                                       int64_t slots, at::ScalarType value_dtype,
+                                                       int64_t slots, c10::string_view values,
                                                        int64_t chunk, c10::string_view index,
                                                        bool checksum, double divisor) {
-  check_decode_average(out, gathered, slots, value_dtype, chunk, index, checksum, divisor);
+  check_decode_average(out, gathered, slots, values, chunk, index, checksum, divisor);
   const auto flags = gathered.options().dtype(at::kBool);
   return {at::empty_symint({gathered.sym_size(0)}, flags),
           at::empty_symint({gathered.sym_size(0)}, flags)};
@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_meta(at::Tensor& out, const at
 }  // namespace gradsieve
 
 TORCH_LIBRARY_FRAGMENT(gradsieve, m) {
-  m.def("decode_average_(Tensor(a!) out, Tensor gathered, int slots, ScalarType value_dtype, "
+  m.def("decode_average_(Tensor(a!) out, Tensor gathered, int slots, str values, "
         "int chunk, str index, bool checksum, float divisor) -> (Tensor finite, "
         "Tensor well_formed)");
 }

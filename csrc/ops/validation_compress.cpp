@@ -113,10 +113,10 @@ void check_dgc_mask(const at::Tensor& momentum_u, const at::Tensor& velocity_v,
   }
 }
 
-void check_pack_payload(const at::Tensor& finite, const at::Tensor& indices,
-                        const at::Tensor& values, const c10::optional<at::Tensor>& valid,
-                        at::ScalarType wire_dtype, int64_t chunk, c10::string_view index,
-                        int64_t numel, bool checksum) {
+Codec check_pack_payload(const at::Tensor& finite, const at::Tensor& indices,
+                         const at::Tensor& values, const c10::optional<at::Tensor>& valid,
+                         c10::string_view wire, int64_t chunk, c10::string_view index,
+                         int64_t numel, bool checksum) {
   constexpr const char* op = "pack_payload";
   TORCH_CHECK(values.defined() && values.scalar_type() == at::kFloat && values.dim() == 1,
               "gradsieve.pack_payload: values must be a 1-D float32 tensor, got ",
@@ -141,10 +141,7 @@ void check_pack_payload(const at::Tensor& finite, const at::Tensor& indices,
                 values.sym_numel(), "), got ", valid->sym_numel());
     check_same_device(op, "valid", *valid, "values", values);
   }
-  TORCH_CHECK(wire_dtype == at::kFloat || wire_dtype == at::kHalf || wire_dtype == at::kBFloat16 ||
-                  wire_dtype == at::kChar,
-              "gradsieve.pack_payload: wire_dtype must be float32, float16, bfloat16 or int8, got ",
-              wire_dtype);
+  const Codec codec = codec_of(op, "wire", wire);
   TORCH_CHECK(chunk >= 1 && chunk <= (int64_t(1) << 20),
               "gradsieve.pack_payload: chunk must be in [1, 2^20], got ", chunk);
   TORCH_CHECK(index == "int32" || index == "csr16",
@@ -152,6 +149,7 @@ void check_pack_payload(const at::Tensor& finite, const at::Tensor& indices,
   TORCH_CHECK(numel >= 0 && numel <= kMaxNumel,
               "gradsieve.pack_payload: numel must be in [0, 2^31 - 1], got ", numel);
   (void)checksum;
+  return codec;
 }
 
 }  // namespace gradsieve

@@ -34,7 +34,7 @@ import torch
 from gradsieve.memory import BucketMemory
 from gradsieve.options import Option, resolve
 from gradsieve.signals import Signal
-from gradsieve.wire import INDEX_FORMATS, VALUE_DTYPES, PayloadFormat
+from gradsieve.wire import CODECS, INDEX_FORMATS, VALUE_CODECS, PayloadFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,8 +307,10 @@ SPARSE_OPTIONS: Dict[str, Option] = {
                     "(k_i = ceil(density * numel_i))", kind=str, choices=("bucket", "layer")),
     "compress_1d": Option(True, "compress 1-D parameters (biases, norms) too; False sends them dense",
                           kind=bool),
-    "values": Option("fp32", "value encoding on the wire", kind=str, choices=tuple(VALUE_DTYPES)),
-    "chunk": Option(256, "entries per scale for int8 values", kind=int,
+    "values": Option("fp32", "value encoding on the wire: fp32, fp16 or bf16 values, or codes with a "
+                     "float32 scale per chunk: int8, int4, int2 (round to nearest) or sign (1 bit, "
+                     "the chunk's mean magnitude)", kind=str, choices=VALUE_CODECS),
+    "chunk": Option(256, "entries per scale for int8, int4, int2 and sign values", kind=int,
                     check=lambda v: 1 <= v <= 1 << 20, allowed="an integer in [1, 2^20]"),
     "index": Option("int32", "index encoding on the wire: int32 positions (4 bytes per entry) or "
                     "csr16 (per-block counts and 16-bit offsets: 2 bytes per entry)", kind=str,
@@ -362,7 +364,7 @@ class SparseCompressor(Compressor):
         return self._format(sum(s.k for s in self.segments(layout, step)), layout.numel)
 
     def _format(self, k: int, numel: int) -> PayloadFormat:
-        # An int8 chunk larger than the payload would only add padding.
+        # A chunk larger than the payload is one chunk.
         return PayloadFormat(k, self.values, max(1, min(self.chunk, k)), self.index, numel, self.checksum)
 
     def select(self, grad: torch.Tensor, memory: BucketMemory, segments: List[Segment], layout: BucketLayout,
@@ -401,7 +403,7 @@ class SparseCompressor(Compressor):
         self._require_agreed_indices()
         if self.values not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"compressor {self.name!r}: values must be fp32, fp16 or bf16 to send "
-                             f"values at agreed indices, got {self.values!r} (a sum of int8 codes "
+                             f"values at agreed indices, got {self.values!r} (a sum of codes "
                              f"quantized with each rank's own scales is not the sum of the values)")
 
     def _require_agreed_indices(self) -> None:
@@ -483,7 +485,7 @@ class SparseCompressor(Compressor):
             raise ValueError(f"compress_at: accumulated must be float32 of shape ({layout.numel},), got "
                              f"{accumulated.dtype} of shape {tuple(accumulated.shape)}")
         chosen = accumulated[indices]
-        dtype = VALUE_DTYPES[self.values]
+        dtype = CODECS[self.values].dtype
         payload = chosen.to(dtype, copy=True)
         sent = chosen if dtype == torch.float32 else payload.float()
         pending, scratch = self._pending_at(flat, memory, layout, step, indices, accumulated, chosen, sent)

@@ -578,7 +578,7 @@ def decode_average_(
     out: torch.Tensor,
     gathered: torch.Tensor,
     slots: int,
-    value_dtype: torch.dtype,
+    values: str,
     chunk: int,
     index: str,
     checksum: bool,
@@ -588,7 +588,7 @@ def decode_average_(
     becomes ``(sum over ranks of each payload's entries) / divisor``.
 
     The payload layout is :class:`gradsieve.wire.PayloadFormat`'s (header, int32 or csr16 indices,
-    int8 scales, values); :meth:`~gradsieve.wire.PayloadFormat.decode_average` passes its fields.
+    scales, values or codes); :meth:`~gradsieve.wire.PayloadFormat.decode_average` passes its fields.
     ``out`` is overwritten (it need not be zeroed). Whatever the bytes, nothing is written outside
     ``out`` and nothing raises: each payload's flags are those of
     :meth:`~gradsieve.wire.PayloadFormat.decode_sum` (a count outside [0, K], a finite flag other
@@ -603,9 +603,10 @@ def decode_average_(
     Args:
         out: Tensor[numel] float32, contiguous: the bucket, overwritten.
         gathered: Tensor[world, nbytes] uint8, on out's device: every rank's payload.
-        slots: K, the payload's capacity in entries (a multiple of ``chunk`` for int8 values).
-        value_dtype: torch.float32, torch.float16, torch.bfloat16 or torch.int8.
-        chunk: values per scale for int8 values (ignored otherwise).
+        slots: K, the payload's capacity in entries.
+        values: the value codec: ``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``,
+            ``"int2"`` or ``"sign"``.
+        chunk: values per scale for the scaled codecs, in ``[1, 2^20]`` (ignored otherwise).
         index: ``"int32"`` or ``"csr16"`` (blocks of 65536 over ``out.numel()`` entries).
         checksum: the header carries the payload's checksum (16 header bytes instead of 8).
         divisor: what the sum is divided by (the world size for an average), finite and > 0.
@@ -620,11 +621,11 @@ def decode_average_(
         >>> b, _ = fmt.pack(torch.tensor(True), torch.tensor([3, 1]), torch.tensor([4.0, 5.0]))
         >>> out = torch.empty(4)
         >>> finite, well_formed = gradsieve.decode_average_(
-        ...     out, torch.stack([a, b]), 2, torch.float32, 256, "int32", False, 2.0)
+        ...     out, torch.stack([a, b]), 2, "fp32", 256, "int32", False, 2.0)
         >>> out.tolist(), well_formed.tolist()
         ([0.5, 2.5, 0.0, 3.0], [True, True])
     """
-    return torch.ops.gradsieve.decode_average_(out, gathered, int(slots), value_dtype, int(chunk), index,
+    return torch.ops.gradsieve.decode_average_(out, gathered, int(slots), str(values), int(chunk), index,
                                                bool(checksum), float(divisor))
 
 
@@ -636,7 +637,7 @@ def pack_payload(
     indices: torch.Tensor,
     values: torch.Tensor,
     valid: Optional[torch.Tensor],
-    wire_dtype: torch.dtype,
+    wire: str,
     chunk: int,
     index: str,
     numel: int,
@@ -647,11 +648,11 @@ def pack_payload(
     Writes the header (finite flag; the number of slots that carry an entry: ``valid.sum()``, or
     K without ``valid``; with ``checksum`` a zeroed checksum field), the index section (int32
     positions, or csr16 per-block counts of the valid entries then 16-bit offsets, padding slots
-    as position 0), the int8 scales and the values, bit for bit as
+    as position 0), the scales and the values or codes, bit for bit as
     :meth:`~gradsieve.wire.PayloadFormat.pack` does with ``ordered=True``: the entries must
     already be valid first in ascending position order (not checked: that would synchronise), or
     the index int32 with no ``valid``. int8 values are quantized exactly as :func:`quantize_int8`
-    rounds (K padded with zeros to a multiple of ``chunk``), float16/bfloat16 exactly as
+    rounds, int4/int2/sign by the rules of :mod:`gradsieve.wire`, float16/bfloat16 exactly as
     ``Tensor.to``. Positions of valid entries must lie in ``[0, numel)`` for csr16 (one outside
     is not counted). The checksum itself is left to the caller. Cost: one pass over the K
     entries (CUDA: one kernel after a memset), no host synchronisation.
@@ -661,25 +662,26 @@ def pack_payload(
         indices: Tensor[K] int64 or int32, bucket positions.
         values: Tensor[K] float32, the values chosen.
         valid: optional Tensor[K] bool, the slots that carry an entry.
-        wire_dtype: torch.float32, float16, bfloat16 or int8.
-        chunk: entries per int8 scale, in ``[1, 2^20]`` (read for int8 only).
+        wire: the value codec: ``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``,
+            ``"int2"`` or ``"sign"``.
+        chunk: entries per scale, in ``[1, 2^20]`` (read for the scaled codecs only).
         index: ``"int32"`` or ``"csr16"``.
         numel: the bucket's size (csr16 needs it for its block counts).
         checksum: the header has the 8-byte checksum field (zeroed here).
 
     Returns:
         ``(payload, sent)``: Tensor[nbytes] uint8 and Tensor[K] float32, the values as a receiver
-        decodes them (at padding slots: the value given there, as sent).
+        decodes them (0 at padding slots: nothing is sent for them).
 
     Example::
 
         >>> payload, sent = gradsieve.ops.pack_payload(
         ...     torch.tensor(True), torch.tensor([2, 7]), torch.tensor([0.5, -1.0]), None,
-        ...     torch.float16, 1, "int32", 10)
+        ...     "fp16", 1, "int32", 10)
         >>> payload[:8].view(torch.int32).tolist(), payload[8:16].view(torch.int32).tolist()
         ([1, 2], [2, 7])
     """
-    return torch.ops.gradsieve.pack_payload(finite, indices, values, valid, wire_dtype, int(chunk),
+    return torch.ops.gradsieve.pack_payload(finite, indices, values, valid, str(wire), int(chunk),
                                             str(index), int(numel), bool(checksum))
 
 

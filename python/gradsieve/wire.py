@@ -11,12 +11,21 @@ Layout of one payload (a flat uint8 tensor; every rank's has the same size for a
         or  int32[B]          index="csr16": entries per block of 65536 (B = ceil(numel / 65536)),
             int16[K]          then each entry's offset in its block (unsigned bits), block order;
                               padded to a multiple of 4 bytes
-    scales  float32[K/chunk]  only for int8 values; K is then a multiple of chunk
-    values  fp32|fp16|bf16|int8 [K]
+    scales  float32[S]        scaled codecs only: one per chunk of ``chunk`` slots, S = ceil(K / chunk)
+                              (the last chunk may be partial)
+    values  ceil(K * bits / 8) bytes: K fp32/fp16/bf16 values, or K codes of ``bits`` bits packed
+                              least significant bit first (slot j's code starts at bit j * bits)
+
+Value codecs (:data:`CODECS`): ``fp32``, ``fp16``, ``bf16`` carry the values; ``int8``, ``int4`` and
+``int2`` carry ``round(x / scale)`` in two's complement, clamped to +-qmax (127, 7, 1) with
+``scale = max|x| / qmax`` per chunk; ``sign`` carries one bit (1: negative) with the mean |x| of the
+chunk's nonzero entries as its scale. A chunk holding NaN or Inf gets a NaN scale and zero codes.
+A slot decodes to ``code * scale`` (sign: ``+-scale``).
 
 K is fixed per bucket (a capacity); only the first C slots are decoded, so a compressor that sends
 a varying number of entries pads with whatever it likes. With ``int32`` an entry costs 4 index
-bytes, with ``csr16`` 2 (plus 4 bytes per block, about 0.4 bytes per entry at density 0.01).
+bytes, with ``csr16`` 2 (plus 4 bytes per block, about 0.4 bytes per entry at density 0.01). No
+slot is padding for the codec's sake: the payload ends at the byte its last code needs.
 """
 
 from __future__ import annotations
@@ -28,7 +37,25 @@ import torch
 
 from gradsieve import ops
 
-VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """A value codec: ``bits`` per entry; ``dtype`` for the float codecs, else codes times a
+    float32 scale per chunk (``qmax``: the largest code magnitude of the integer codecs)."""
+
+    bits: int
+    dtype: Optional[torch.dtype] = None
+    qmax: int = 0
+
+    @property
+    def scaled(self) -> bool:
+        return self.dtype is None
+
+
+CODECS = {
+    "fp32": Codec(32, torch.float32), "fp16": Codec(16, torch.float16), "bf16": Codec(16, torch.bfloat16),
+    "int8": Codec(8, qmax=127), "int4": Codec(4, qmax=7), "int2": Codec(2, qmax=1), "sign": Codec(1),
+}
+VALUE_CODECS = tuple(CODECS)
 INDEX_FORMATS = ("int32", "csr16")
 HEADER_BYTES = 8
 CSR16_BLOCK = 1 << 16
@@ -51,11 +78,82 @@ def csr16_blocks(numel: int) -> int:
     return -(-numel // CSR16_BLOCK)
 
 
+def quantize(values: torch.Tensor, codec: Codec, chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The codes (int8[K]: two's complement codes, or sign bits 0/1) and the scales
+    (float32[ceil(K / chunk)]) of ``values`` (float32[K]) under a scaled codec, in torch ops: the
+    reference of the fused pack's quantization (the module docstring's rules, float32 arithmetic)."""
+    if codec.qmax == 127:
+        return ops.quantize_int8(values, chunk)
+    k = values.numel()
+    chunks = -(-k // chunk)
+    padded = torch.zeros(chunks * chunk, dtype=torch.float32, device=values.device)
+    padded[:k] = values
+    rows = padded.view(chunks, chunk)
+    finite = torch.isfinite(rows).all(dim=1)
+    nan = torch.full((chunks,), float("nan"), device=values.device)
+    if codec.qmax:
+        amax = rows.abs().amax(dim=1)
+        scales = torch.where(finite, amax / torch.full_like(amax, codec.qmax), nan)
+        usable = (scales > 0)[:, None]
+        codes = torch.round(rows / torch.where(usable, scales[:, None], 1.0)).clamp_(-codec.qmax, codec.qmax)
+        codes = torch.where(usable, codes, 0.0)
+    else:
+        # The mean |x| of each chunk's nonzero entries, summed in slot order one float32 add at a
+        # time (as the fused kernels do): a column at a time, across every chunk at once.
+        magnitude = rows.abs()
+        total = torch.zeros(chunks, dtype=torch.float32, device=values.device)
+        for column in range(chunk):
+            total = total + magnitude[:, column]
+        nonzero = (rows != 0).sum(dim=1).to(torch.float32)
+        mean = torch.where(nonzero > 0, total / nonzero.clamp(min=1.0), 0.0)
+        scales = torch.where(finite, mean, nan)
+        codes = ((rows < 0) & ~torch.isnan(scales)[:, None]).to(torch.float32)
+    return codes.reshape(-1)[:k].to(torch.int8), scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, codec: Codec, chunk: int,
+               keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What a receiver decodes for ``codes`` (int8[..., K], as :func:`quantize` gives them) with
+    ``scales`` (float32[..., S]): ``code * scale`` (sign: ``+-scale``), one float32 multiplication;
+    ``0 * scale`` where ``keep`` (bool[..., K]) is False."""
+    k = codes.shape[-1]
+    factor = (1.0 - 2.0 * codes.to(torch.float32)) if codec.qmax == 0 else codes.to(torch.float32)
+    if keep is not None:
+        factor = torch.where(keep, factor, 0.0)
+    return factor * scales.repeat_interleave(chunk, dim=-1)[..., :k]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (int8[K]) as the values section: ``bits`` bits each, least significant bit first."""
+    if bits == 8:
+        return codes.view(torch.uint8)
+    per = 8 // bits
+    k = codes.numel()
+    fields = torch.zeros(-(-k // per) * per, dtype=torch.int32, device=codes.device)
+    fields[:k] = codes.to(torch.int32) & ((1 << bits) - 1)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (fields.view(-1, per) << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(section: torch.Tensor, bits: int, k: int, signed: bool) -> torch.Tensor:
+    """The first ``k`` codes (int8[..., k]) of values sections (uint8[..., n]): two's complement
+    fields sign-extended when ``signed``, else the bits as they are."""
+    if bits == 8:
+        return section.view(torch.int8)[..., :k]
+    per = 8 // bits
+    shifts = torch.arange(per, device=section.device, dtype=torch.int32) * bits
+    fields = (section.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    fields = fields.reshape(*section.shape[:-1], -1)[..., :k]
+    if signed:
+        fields = torch.where(fields >= 1 << (bits - 1), fields - (1 << bits), fields)
+    return fields.to(torch.int8)
+
+
 @dataclasses.dataclass(frozen=True)
 class PayloadFormat:
     """Byte layout of a payload carrying ``entries`` (index, value) pairs."""
 
-    entries: int  # K as selected (before padding to the int8 chunk)
+    entries: int  # K, the slots on the wire
     values: str = "fp32"
     chunk: int = 256
     index: str = "int32"
@@ -65,6 +163,15 @@ class PayloadFormat:
     def __post_init__(self) -> None:
         if self.index not in INDEX_FORMATS:
             raise ValueError(f"PayloadFormat: index must be one of {list(INDEX_FORMATS)}, got {self.index!r}")
+        if self.values not in CODECS:
+            raise ValueError(f"PayloadFormat: values must be one of {list(VALUE_CODECS)}, got {self.values!r}")
+        if CODECS[self.values].scaled and not 1 <= self.chunk <= 1 << 20:
+            raise ValueError(f"PayloadFormat: chunk must be in [1, 2^20] with {self.values} values, "
+                             f"got {self.chunk}")
+
+    @property
+    def codec(self) -> Codec:
+        return CODECS[self.values]
 
     @property
     def header_bytes(self) -> int:
@@ -72,14 +179,12 @@ class PayloadFormat:
 
     @property
     def slots(self) -> int:
-        """K on the wire: padded up to a multiple of ``chunk`` for int8 values."""
-        if self.values != "int8":
-            return self.entries
-        return -(-self.entries // self.chunk) * self.chunk
+        """K on the wire: every slot is one of the entries (no padding)."""
+        return self.entries
 
     @property
     def num_scales(self) -> int:
-        return self.slots // self.chunk if self.values == "int8" else 0
+        return -(-self.entries // self.chunk) if self.codec.scaled else 0
 
     @property
     def blocks(self) -> int:
@@ -92,9 +197,17 @@ class PayloadFormat:
         return 4 * self.blocks + -(-2 * self.slots // 4) * 4
 
     @property
+    def values_bytes(self) -> int:
+        return -(-self.codec.bits * self.slots // 8)
+
+    @property
     def nbytes(self) -> int:
-        value_size = torch.empty((), dtype=VALUE_DTYPES[self.values]).element_size()
-        return self.header_bytes + self.index_bytes + 4 * self.num_scales + value_size * self.slots
+        return self.header_bytes + self.index_bytes + 4 * self.num_scales + self.values_bytes
+
+    @property
+    def bits_per_entry(self) -> float:
+        """Bits the payload costs per entry, all included (index, value, scales, header)."""
+        return 8 * self.nbytes / max(self.entries, 1)
 
     def pack(
         self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
@@ -107,24 +220,40 @@ class PayloadFormat:
         ascending index order); no host synchronisation. ``ordered=True`` promises that they
         already are (valid entries first, in ascending index order), which saves a sort.
 
-        When no sort is needed (``ordered``, or int32 indices without ``valid``) the payload is
-        written by one fused op (:func:`gradsieve.ops.pack_payload`: one pass on the CPU, one
-        kernel on CUDA); otherwise, and for inputs that op does not take, by
-        :meth:`pack_reference`. Both give the same bytes and ``sent``, bit for bit.
+        The payload is written by one fused op (:func:`gradsieve.ops.pack_payload`: one pass on
+        the CPU, one kernel on CUDA), after a sort where one is needed; inputs that op does not
+        take go through :meth:`pack_reference`. Both give the same bytes and ``sent``, bit for bit.
 
         Returns:
             ``(payload, sent)``: the uint8 payload and the float32 values a receiver will decode,
             in the order of ``indices`` (0 at padding slots), so that the sender can keep
             ``values - sent`` (the rounding) in its error memory.
         """
-        if (ordered or (valid is None and self.index == "int32")) and \
-                self._fused_pack_takes(finite, indices, values, valid):
-            payload, sent = ops.pack_payload(finite, indices, values, valid, VALUE_DTYPES[self.values],
-                                             self.chunk, self.index, self.numel, self.checksum)
-            if self.checksum:
-                payload[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] = checksum_of(payload.view(1, -1))[0]
-            return payload, sent
-        return self.pack_reference(finite, indices, values, valid, ordered)
+        if not self._fused_pack_takes(finite, indices, values, valid):
+            return self.pack_reference(finite, indices, values, valid, ordered)
+        order = None
+        if not ordered and (valid is not None or self.index == "csr16"):
+            indices, values, valid, order = self._wire_order(indices, values, valid)
+        payload, sent = ops.pack_payload(finite, indices, values, valid, self.values, self.chunk, self.index,
+                                         self.numel, self.checksum)
+        if self.checksum:
+            payload[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] = checksum_of(payload.view(1, -1))[0]
+        if order is not None:
+            sent = torch.zeros_like(sent).index_copy_(0, order, sent)
+        return payload, sent
+
+    def _wire_order(self, indices: torch.Tensor, values: torch.Tensor, valid: Optional[torch.Tensor]):
+        """The entries in wire order: valid ones first, in ascending index order (a stable sort:
+        equal keys keep their order); padding slots get index 0 and value 0. Returns
+        ``(indices, values, valid, order)``, ``order`` the permutation applied."""
+        if valid is None:
+            valid = torch.ones(indices.numel(), dtype=torch.bool, device=indices.device)
+        key = torch.where(valid, indices, torch.full_like(indices, self.numel + 1))
+        key, order = torch.sort(key, stable=True)
+        valid = valid[order]
+        indices = torch.where(valid, key, torch.zeros_like(key))
+        values = torch.where(valid, values[order], torch.zeros_like(values))
+        return indices, values, valid, order
 
     def _fused_pack_takes(self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
                           valid: Optional[torch.Tensor]) -> bool:
@@ -148,19 +277,13 @@ class PayloadFormat:
         self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
         valid: Optional[torch.Tensor] = None, ordered: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`pack` in plain torch ops (7 to 14 small launches), for every case: the path of
-        inputs that need a sort, and the reference the fused op is tested against."""
-        k, slots, device = indices.numel(), self.slots, indices.device
+        """:meth:`pack` in plain torch ops (7 to 14 small launches, more for sign), for every
+        case: the path of inputs the fused op does not take, and the reference it is tested
+        against."""
+        k, device, codec = indices.numel(), indices.device, self.codec
         order = None
         if not ordered and (valid is not None or self.index == "csr16"):
-            if valid is None:
-                valid = torch.ones(k, dtype=torch.bool, device=device)
-            # Valid entries first, in ascending index order (stable: equal keys keep their order).
-            key = torch.where(valid, indices, torch.full_like(indices, self.numel + 1))
-            key, order = torch.sort(key, stable=True)
-            valid = valid[order]
-            indices = torch.where(valid, key, torch.zeros_like(key))
-            values = torch.where(valid, values[order], torch.zeros_like(values))
+            indices, values, valid, order = self._wire_order(indices, values, valid)
         elif self.index == "csr16":
             if valid is None:
                 valid = torch.ones(k, dtype=torch.bool, device=device)
@@ -186,20 +309,18 @@ class PayloadFormat:
             signed = torch.where(low >= 1 << 15, low - (1 << 16), low)  # the same 16 bits
             payload[offset + 4 * blocks:offset + 4 * blocks + 2 * k].view(torch.int16).copy_(signed)
         offset += self.index_bytes
-        if self.values == "int8":
-            padded = torch.zeros(slots, dtype=torch.float32, device=device)
-            padded[:k] = values
-            q, scales = ops.quantize_int8(padded, self.chunk)
+        if codec.scaled:
+            codes, scales = quantize(values, codec, self.chunk)
             payload[offset:offset + 4 * self.num_scales].view(torch.float32).copy_(scales)
             offset += 4 * self.num_scales
-            payload[offset:offset + slots].view(torch.int8).copy_(q)
-            sent = ops.dequantize_int8(q, scales, self.chunk)[:k]
+            payload[offset:offset + self.values_bytes].copy_(pack_codes(codes, codec.bits))
+            sent = dequantize(codes, scales, codec, self.chunk)
         else:
-            dtype = VALUE_DTYPES[self.values]
-            cast = values.to(dtype)
-            size = cast.element_size()
-            payload[offset:offset + size * k].view(dtype).copy_(cast)
+            cast = values.to(codec.dtype)
+            payload[offset:offset + self.values_bytes].view(codec.dtype).copy_(cast)
             sent = cast.float()
+        if valid is not None:
+            sent = torch.where(valid, sent, 0.0)  # nothing is sent for a slot that carries no entry
         if order is not None:
             sent = torch.zeros_like(sent).index_copy_(0, order, sent)
         if self.checksum:
@@ -264,25 +385,23 @@ class PayloadFormat:
         offset += self.index_bytes
         indices = indices.reshape(-1)
         claims_finite = header[:, 0] == 1
-        if self.values == "int8":
-            scales = column(offset, 4 * self.num_scales, torch.float32)
+        codec = self.codec
+        if codec.scaled:
+            scales = column(offset, 4 * self.num_scales, torch.float32).view(world, self.num_scales)
             offset += 4 * self.num_scales
-            bad_scale = ~torch.isfinite(scales.view(world, -1)).all(dim=1) if self.num_scales else \
-                torch.zeros(world, dtype=torch.bool, device=gathered.device)
-            well_formed &= ~(claims_finite & bad_scale)
-            q = column(offset, slots, torch.int8).view(world, slots)
-            values = torch.where(valid, q, torch.zeros_like(q)).reshape(-1)
+            well_formed &= ~(claims_finite & ~torch.isfinite(scales).all(dim=1))
+            section = column(offset, self.values_bytes, torch.uint8).view(world, self.values_bytes)
+            codes = unpack_codes(section, codec.bits, slots, signed=codec.qmax > 0)
+            # Slots not in use add 0 times their scale (at index 0), as the fused decode does.
+            values = dequantize(codes, scales, codec, self.chunk, keep=valid).reshape(-1)
         else:
-            dtype = VALUE_DTYPES[self.values]
-            size = torch.empty((), dtype=dtype).element_size()
-            values = column(offset, size * slots, dtype).view(world, slots)
+            values = column(offset, self.values_bytes, codec.dtype).view(world, slots)
             values = torch.where(valid, values, torch.zeros_like(values))
             well_formed &= ~(claims_finite & ~torch.isfinite(values).all(dim=1))
-            values, scales = values.reshape(-1), None
+            values = values.reshape(-1)
         # One flag per payload from the decode kernel: an index outside the bucket, skipped.
         outside = torch.zeros(world, dtype=torch.int32, device=gathered.device)
-        ops.sparse_accumulate_(out, indices, values, scales, self.chunk if scales is not None else 0,
-                               bad=outside)
+        ops.sparse_accumulate_(out, indices, values, bad=outside)
         well_formed &= outside == 0
         return flags, well_formed
 
@@ -309,8 +428,8 @@ class PayloadFormat:
         if self.index == "csr16" and out.numel() != self.numel:
             raise ValueError(f"decode_average: out must have the bucket's {self.numel} entries, got "
                              f"{out.numel()}")
-        return ops.decode_average_(out, gathered, self.slots, VALUE_DTYPES[self.values], self.chunk,
-                                   self.index, self.checksum, float(divisor))
+        return ops.decode_average_(out, gathered, self.slots, self.values, self.chunk, self.index,
+                                   self.checksum, float(divisor))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,8 +442,9 @@ class LayerFormat:
                 int32[2]          with checksum=True only (as in PayloadFormat)
         ids     int32[P]          the carried parameters' positions in the bucket, ascending
                                   (the first C; the rest are padding)
-        scales  float32[M/chunk]  only for int8 values
-        values  fp32|fp16|bf16|int8 [M]   the carried parameters' entries, one after the other
+        scales  float32[ceil(M/chunk)]  scaled codecs only (int8, int4, int2, sign)
+        values  ceil(M * bits / 8) bytes: the carried parameters' entries, one after the other,
+                                  as in PayloadFormat
 
     ``M`` (``capacity``) is fixed per bucket; the carried parameters fill its start.
     """
@@ -344,16 +464,21 @@ class LayerFormat:
         return self.capacity
 
     @property
+    def codec(self) -> Codec:
+        return CODECS[self.values]
+
+    @property
     def num_scales(self) -> int:
-        """int8: one scale per chunk of values, the last chunk possibly partial."""
-        return -(-self.capacity // self.chunk) if self.values == "int8" else 0
+        """Scaled codecs: one scale per chunk of values, the last chunk possibly partial."""
+        return -(-self.capacity // self.chunk) if self.codec.scaled else 0
+
+    @property
+    def values_bytes(self) -> int:
+        return -(-self.codec.bits * self.slots // 8)
 
     @property
     def nbytes(self) -> int:
-        value_size = torch.empty((), dtype=VALUE_DTYPES[self.values]).element_size()
-        # Values padded to 4 bytes.
-        return self.header_bytes + 4 * len(self.numels) + 4 * self.num_scales + \
-            -(-value_size * self.slots // 4) * 4
+        return self.header_bytes + 4 * len(self.numels) + 4 * self.num_scales + self.values_bytes
 
     def pack(self, finite: torch.Tensor, chosen: Tuple[int, ...], values: torch.Tensor
              ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -378,18 +503,19 @@ class LayerFormat:
             payload[offset:offset + 4 * len(chosen)].view(torch.int32).copy_(
                 torch.tensor(chosen, dtype=torch.int32))
         offset += 4 * len(self.numels)
-        if self.values == "int8":
-            padded = torch.zeros(self.num_scales * self.chunk, dtype=torch.float32, device=device)
+        codec = self.codec
+        if codec.scaled:
+            # The capacity's unused tail goes as zeros (codes 0).
+            padded = torch.zeros(self.capacity, dtype=torch.float32, device=device)
             padded[:total] = values
-            q, scales = ops.quantize_int8(padded, self.chunk)
+            codes, scales = quantize(padded, codec, self.chunk)
             payload[offset:offset + 4 * self.num_scales].view(torch.float32).copy_(scales)
             offset += 4 * self.num_scales
-            payload[offset:offset + self.slots].view(torch.int8).copy_(q[:self.slots])
-            sent = ops.dequantize_int8(q, scales, self.chunk)[:total]
+            payload[offset:offset + self.values_bytes].copy_(pack_codes(codes, codec.bits))
+            sent = dequantize(codes, scales, codec, self.chunk)[:total]
         else:
-            dtype = VALUE_DTYPES[self.values]
-            cast = values.to(dtype)
-            payload[offset:offset + cast.element_size() * total].view(dtype).copy_(cast)
+            cast = values.to(codec.dtype)
+            payload[offset:offset + cast.element_size() * total].view(codec.dtype).copy_(cast)
             sent = cast.float()
         if self.checksum:
             header[2] = checksum_of(payload.view(1, -1))[0]
@@ -410,7 +536,8 @@ class LayerFormat:
             raise ValueError(f"decode_sum: out has {out.numel()} entries, the bucket {sum(self.numels)}")
 
         def column(start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-            return gathered[:, start:start + nbytes].reshape(-1).view(dtype).view(world, -1)
+            size = torch.empty((), dtype=dtype).element_size()
+            return gathered[:, start:start + nbytes].reshape(-1).view(dtype).view(world, nbytes // size)
 
         P, M = len(self.numels), self.slots
         header = column(0, self.header_bytes, torch.int32)
@@ -438,19 +565,16 @@ class LayerFormat:
         total = carried_numel.sum(dim=1)
         well_formed &= total <= self.capacity
         claims_finite = header[:, 0] == 1
-        if self.values == "int8":
+        codec = self.codec
+        if codec.scaled:
             scales = column(offset, 4 * self.num_scales, torch.float32)
             offset += 4 * self.num_scales
-            q = column(offset, M, torch.int8)
             well_formed &= ~(claims_finite & ~torch.isfinite(scales).all(dim=1))
-            whole = torch.zeros(world, self.num_scales * self.chunk, dtype=torch.int8, device=device)
-            whole[:, :M] = q
-            values = torch.stack([ops.dequantize_int8(whole[r], scales[r].contiguous(), self.chunk)[:M]
-                                  for r in range(world)]) if M else torch.zeros(world, 0, device=device)
+            section = column(offset, self.values_bytes, torch.uint8)
+            values = dequantize(unpack_codes(section, codec.bits, M, signed=codec.qmax > 0), scales, codec,
+                                self.chunk)
         else:
-            dtype = VALUE_DTYPES[self.values]
-            size = torch.empty((), dtype=dtype).element_size()
-            values = column(offset, size * M, dtype).float()
+            values = column(offset, self.values_bytes, codec.dtype).float()
         used = torch.arange(M, device=device) < total[:, None]
         well_formed &= ~(claims_finite & (used & ~torch.isfinite(values)).any(dim=1))
         if not out.numel() or not M:

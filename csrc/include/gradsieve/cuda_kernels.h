@@ -221,26 +221,57 @@ cudaError_t ef21_topk(const void* grad, DType grad_dtype, const float* estimate,
                       int64_t k, float* values, int64_t* indices, bool* finite, void* workspace,
                       size_t workspace_bytes, cudaStream_t stream);
 
+// The value codecs of a payload (csrc/ops/wire_layout.h's Codec, in the same order): float32,
+// float16 or bfloat16 values; int8, int4 or int2 codes (two's complement) or sign bits (1:
+// negative), B bits per slot packed LSB first (slot j's field starts at bit j * B of the values
+// section), times a float32 scale per chunk of slots.
+enum class WireValues : int {
+  kFloat32 = 0,
+  kFloat16 = 1,
+  kBFloat16 = 2,
+  kInt8 = 3,
+  kInt4 = 4,
+  kInt2 = 5,
+  kSign = 6
+};
+
+// Bits per slot, whether values are codes times a per-chunk scale, and the largest code magnitude
+// of the integer codecs (wire_layout.h's codec_bits, codec_scaled, codec_qmax).
+__host__ __device__ constexpr int wire_bits(WireValues v) {
+  return v == WireValues::kFloat32 ? 32
+         : (v == WireValues::kFloat16 || v == WireValues::kBFloat16) ? 16
+         : v == WireValues::kInt8 ? 8
+         : v == WireValues::kInt4 ? 4
+         : v == WireValues::kInt2 ? 2
+         : 1;
+}
+__host__ __device__ constexpr bool wire_scaled(WireValues v) {
+  return v == WireValues::kInt8 || v == WireValues::kInt4 || v == WireValues::kInt2 ||
+         v == WireValues::kSign;
+}
+__host__ __device__ constexpr int wire_qmax(WireValues v) {
+  return v == WireValues::kInt8 ? 127 : v == WireValues::kInt4 ? 7 : v == WireValues::kInt2 ? 1 : 0;
+}
+
 // pack_payload: a whole payload of K entries (python/gradsieve/wire.py's layout, offsets from
-// pack_layout in csrc/ops/validation_compress.h) and the values as decoded (sent, K floats).
-// indices: K int64 (indices_int64) or int32; valid: K bools or null (every slot valid); int8
-// (codes and a scale per chunk, slots = K rounded up to chunk) or wire_dtype's values; csr16
-// (blocks counts, then int16 offsets) or int32 positions.
+// pack_layout in csrc/ops/wire_layout.h; K slots, no padding) and the values as decoded (sent, K
+// floats, 0 at slots that are not valid). indices: K int64 (indices_int64) or int32; valid: K
+// bools or null (every slot valid); codec's values (scaled codecs: a scale per chunk of slots,
+// the last chunk partial); csr16 (blocks counts, then int16 offsets) or int32 positions.
 struct PackPayloadArgs {
   const bool* finite;
   const void* indices;
   bool indices_int64;
   const float* values;
   const bool* valid;
-  int64_t k;
-  int64_t slots;
-  bool int8;
-  DType wire_dtype;
-  int64_t chunk;
+  int64_t k;                // entries, = slots
+  WireValues codec;
+  int64_t chunk;            // scaled codecs: slots per scale
   bool csr16;
-  int64_t blocks;
-  int64_t header_bytes;
-  int64_t scales_offset;
+  int64_t blocks;           // csr16 blocks
+  int64_t index_offset;     // int32 positions, or csr16's int32 block counts
+  int64_t offsets_offset;   // csr16's int16 offsets
+  int64_t scales_offset;    // scaled codecs' float32 scales
   int64_t values_offset;
   uint8_t* payload;
   int64_t nbytes;

@@ -1,6 +1,6 @@
 // The torch-free interface of decode_average_'s CUDA kernels (csrc/cuda/decode.cu): raw pointers,
 // sizes and a cudaStream_t, as in cuda_kernels.h. The launcher (csrc/cuda_launch/
-// ops_decode_cuda.cpp) computes the payload layout (csrc/ops/validation_decode.h) and allocates
+// ops_decode_cuda.cpp) computes the payload layout (csrc/ops/wire_layout.h) and allocates
 // the workspace through torch's caching allocator.
 #pragma once
 
@@ -9,10 +9,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "gradsieve/cuda_kernels.h"  // WireValues
+
 namespace gradsieve {
 namespace cuda {
-
-enum class WireValues : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3 };
 
 // out (numel float32) = (the sum of every payload's decoded entries) / divisor; finite[r] and
 // well_formed[r] (bool) the flags of payload r, as python/gradsieve/wire.py's
@@ -25,14 +25,15 @@ struct DecodeAverageArgs {
   int64_t nbytes;
   int64_t slots;            // K
   WireValues values;
-  int64_t chunk;            // int8: values per scale
+  int64_t chunk;            // scaled codecs: slots per scale (the last chunk partial)
   bool csr16;
   bool checksum;            // the header holds a checksum of the payload (bytes 8..11)
   int64_t blocks;           // csr16 blocks
   int64_t index_offset;     // int32 indices, or csr16's int32 block counts
   int64_t offsets_offset;   // csr16's int16 offsets
-  int64_t scales_offset;    // int8's float32 scales
-  int64_t values_offset;
+  int64_t scales_offset;    // scaled codecs' float32 scales
+  int64_t num_scales;       // scaled codecs: ceil(slots / chunk); 0 otherwise
+  int64_t values_offset;    // values_bytes = ceil(slots * B / 8) bytes from here
   float divisor;
   bool* finite;             // world bools
   bool* well_formed;        // world bools
