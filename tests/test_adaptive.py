@@ -508,7 +508,7 @@ def test_options_are_validated():
         gradsieve.get_compressor("adaptive", compare="abs")
     with pytest.raises(ValueError, match=r"capacity must be in \[0, 1\], got 2.0"):
         gradsieve.get_compressor("adaptive", capacity=2.0)
-    with pytest.raises(ValueError, match=r"index must be one of \['int32', 'csr16'\], got 'csr'"):
+    with pytest.raises(ValueError, match=r"index must be one of \['int32', 'csr16', 'local'\], got 'csr'"):
         gradsieve.get_compressor("topk", index="csr")
     comp = gradsieve.get_compressor("adaptive")
     # beta 1.0 (no momentum) trained best in experiments/adaptive; the proposed 0.7 is an option.

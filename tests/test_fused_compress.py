@@ -65,7 +65,7 @@ PACK_CASES = [  # (k, numel, padding)
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("values", VALUE_CODECS)
-@pytest.mark.parametrize("index", ["int32", "csr16"])
+@pytest.mark.parametrize("index", ["int32", "csr16", "local"])
 @pytest.mark.parametrize("k,numel,padding", PACK_CASES)
 def test_pack_payload_matches_pack_reference(device, values, index, k, numel, padding):
     for chunk, checksum, special in ((256, False, False), (5, True, True), (1, False, True)):
@@ -103,7 +103,7 @@ def test_pack_payload_non_contiguous_and_int32_indices(device):
     vals2 = torch.stack([vals, vals]).t().reshape(-1)[::2]
     valid2 = torch.stack([valid, valid]).t().reshape(-1)[::2]
     assert not vals2.is_contiguous() or vals2.stride() != (1,)
-    for index in ("int32", "csr16"):
+    for index in ("int32", "csr16", "local"):
         fmt = PayloadFormat(301, "bf16", 256, index, 150_000)
         ref = fmt.pack_reference(torch.tensor(True, device=device), indices, vals, valid, ordered=True)
         for idx in (indices2, indices2.to(torch.int32)):
@@ -127,7 +127,7 @@ def test_pack_payload_checks_its_arguments():
     t, i, v = torch.tensor(True), torch.tensor([1, 2]), torch.tensor([1.0, 2.0])
     with pytest.raises(RuntimeError, match=r"pack_payload: values must be a 1-D float32 tensor, got Half"):
         ops.pack_payload(t, i, v.half(), None, "fp16", 1, "int32", 4)
-    with pytest.raises(RuntimeError, match=r"pack_payload: index must be 'int32' or 'csr16', got 'csr8'"):
+    with pytest.raises(RuntimeError, match=r"pack_payload: index must be 'int32', 'csr16' or 'local', got 'csr8'"):
         ops.pack_payload(t, i, v, None, "fp16", 1, "csr8", 4)
     with pytest.raises(RuntimeError, match=r"pack_payload: wire must be one of 'fp32', 'fp16', 'bf16', 'int8', "
                                            r"'int4', 'int2', 'sign', got 'int16'"):
@@ -222,6 +222,8 @@ def opcheck_samples():
         torch.tensor(True), indices, vals, valid, "int2", 3, "int32", 70_000, False)
     yield ops.pack_payload, torch.ops.gradsieve.pack_payload.default, (
         torch.tensor(True), indices, vals, valid, "sign", 4, "csr16", 70_000, True)
+    yield ops.pack_payload, torch.ops.gradsieve.pack_payload.default, (
+        torch.tensor(True), indices, vals, valid, "int4", 4, "local", 70_000, True)
     yield ops.ef21_topk, torch.ops.gradsieve.ef21_topk.default, (grad, residual, k)
     yield ops.ef21_commit, torch.ops.gradsieve.ef21_commit.default, (
         residual, torch.tensor([3, 9]), torch.tensor([1.0, 2.0]), grad, residual)
@@ -405,7 +407,7 @@ def test_cuda_ef21_topk_matches_cpu(dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("values", VALUE_CODECS)
-@pytest.mark.parametrize("index", ["int32", "csr16"])
+@pytest.mark.parametrize("index", ["int32", "csr16", "local"])
 def test_cuda_pack_payload_matches_cuda_reference(values, index):
     indices, vals, valid = ordered_entries(1037, 300_000, 37, seed=32, device="cuda")
     fmt = PayloadFormat(1037, values, 64, index, 300_000, True)
@@ -452,7 +454,7 @@ def test_cuda_ef21_topk_matches_cpu_kernel(dtype, n, k):
 
 @requires_cuda
 @pytest.mark.parametrize("values", VALUE_CODECS)
-@pytest.mark.parametrize("index", ["int32", "csr16"])
+@pytest.mark.parametrize("index", ["int32", "csr16", "local"])
 @pytest.mark.parametrize("k,numel,padding", PACK_CASES + [(1037, 300_000, 37)])
 def test_cuda_pack_payload_matches_cpu_kernel(values, index, k, numel, padding):
     for chunk, checksum, special in ((64, True, False), (5, False, True), (1, False, True)):

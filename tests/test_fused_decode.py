@@ -24,12 +24,13 @@ GUARD = 16
 SENTINEL = -1234.5
 
 VALUES = list(VALUE_CODECS)
-INDEXES = ["int32", "csr16"]
+INDEXES = ["int32", "csr16", "local"]
 # (numel, k): an empty bucket, k = 0, k = numel, odd sizes, several csr16 blocks.
 BUCKETS = [(0, 0), (10, 0), (37, 37), (1001, 13), (3 * CSR16_BLOCK + 5, 301)]
 HOSTILE = ["random-bytes", "flipped-bits", "count-above", "count-negative", "flag", "index-outside",
            "index-negative", "nonfinite-value", "nonfinite-scale", "csr16-count-negative",
-           "csr16-count-moved", "csr16-count-extra", "checksum-field", "nan-not-finite"]
+           "csr16-count-moved", "csr16-count-extra", "checksum-field", "nan-not-finite",
+           "local-descriptor", "local-count", "local-field"]
 
 
 def make_format(values: str, index: str, numel: int, k: int, checksum: bool) -> PayloadFormat:
@@ -102,6 +103,16 @@ def corrupt(fmt: PayloadFormat, row: torch.Tensor, what: str, g: torch.Generator
     elif what == "nonfinite-scale":
         if fmt.codec.scaled:
             put(row, scales_at + 4 * rand(0, max(fmt.num_scales, 1)), float("nan"), torch.float32)
+    elif what.startswith("local") and fmt.index == "local":
+        layout = fmt.local
+        if what == "local-descriptor":
+            put(row, index_at, [0, 16, 255, 257, layout.descriptor + 1][rand(0, 5)], torch.int32)
+        elif what == "local-count" and layout.chunks:
+            c = rand(0, layout.chunks)
+            put(row, index_at + 4 + 2 * c, rand(0, 1 << 16) - (1 << 15), torch.int16)
+        elif row.numel() > index_at + 4 + layout.counts_bytes:  # a byte of the offsets or the bitmap
+            where = index_at + 4 + layout.counts_bytes + rand(0, layout.offsets_bytes)
+            row[where] = rand(0, 256)
     elif what.startswith("csr16-count") and fmt.index == "csr16" and fmt.blocks:
         b = rand(0, fmt.blocks)
         old = int(row[index_at + 4 * b:index_at + 4 * b + 4].clone().view(torch.int32))
@@ -289,7 +300,8 @@ def sample_args(values="int8", index="csr16", checksum=True, numel=CSR16_BLOCK +
 
 @pytest.mark.parametrize("values, index, checksum", [("fp32", "int32", False), ("int8", "csr16", True),
                                                      ("bf16", "csr16", False), ("int4", "int32", True),
-                                                     ("int2", "csr16", False), ("sign", "int32", False)])
+                                                     ("int2", "csr16", False), ("sign", "int32", False),
+                                                     ("int4", "local", True), ("fp32", "local", False)])
 def test_opcheck(values, index, checksum):
     torch.library.opcheck(torch.ops.gradsieve.decode_average_.default,
                           sample_args(values, index, checksum),
@@ -336,7 +348,7 @@ def _args(**change):
                           "got 'fp64'"),
     (dict(chunk=0), "chunk must be in [1, 2^20] with int8 values, got 0"),
     (dict(chunk=5), "gathered must have"),
-    (dict(index="int16"), 'index must be "int32" or "csr16", got "int16"'),
+    (dict(index="int16"), "index must be 'int32', 'csr16' or 'local', got 'int16'"),
     (dict(divisor=0.0), "divisor must be a finite number > 0, got 0"),
     (dict(divisor=float("nan")), "divisor must be a finite number > 0, got nan"),
 ])

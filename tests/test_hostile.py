@@ -40,7 +40,7 @@ def guarded_decode(fmt: PayloadFormat, gathered: torch.Tensor, numel: int):
     return out, finite, well_formed
 
 
-FORMATS = st.tuples(st.sampled_from(list(VALUE_CODECS)), st.sampled_from(["int32", "csr16"]))
+FORMATS = st.tuples(st.sampled_from(list(VALUE_CODECS)), st.sampled_from(["int32", "csr16", "local"]))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -253,6 +253,46 @@ inline float decoded(int32_t code, float scale, Codec codec) {
   return static_cast<float>(code) * scale;
 }
 
+// ORs the low `bits` bits of `value` into `base` at bit `bit` (LSB first).
+inline void put_bits(uint8_t* base, int64_t bit, uint32_t value, int64_t bits) {
+  while (bits > 0) {
+    const int64_t shift = bit & 7;
+    const int64_t take = std::min<int64_t>(8 - shift, bits);
+    base[bit >> 3] = static_cast<uint8_t>(base[bit >> 3] | ((value & ((1u << take) - 1u)) << shift));
+    value >>= take;
+    bit += take;
+    bits -= take;
+  }
+}
+
+// The local index section (wire_layout.h) of the K slots, at `section` (zeroed): the descriptor,
+// then the counts per chunk and each slot's offset in its chunk, or the bitmap. A slot that
+// carries no entry, or whose position is outside [0, numel), is neither counted nor marked
+// (offset 0).
+template <typename index_t>
+void write_local_index(const PackLayout<int64_t>& layout, int64_t numel, const index_t* idx,
+                       const bool* ok, int64_t k, uint8_t* section) {
+  const LocalLayout& l = layout.local;
+  const int32_t descriptor = l.bitmap ? kLocalBitmap : static_cast<int32_t>(l.bits);
+  std::memcpy(section, &descriptor, sizeof(descriptor));
+  uint8_t* counts = section + 4;
+  uint8_t* offsets = section + 4 + l.counts_bytes;
+  const uint32_t mask = (1u << l.bits) - 1u;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t p = static_cast<int64_t>(idx[j]);
+    if ((ok != nullptr && !ok[j]) || p < 0 || p >= numel) continue;
+    if (l.bitmap) {
+      offsets[p >> 3] = static_cast<uint8_t>(offsets[p >> 3] | (1u << (p & 7)));
+    } else {
+      uint16_t c;
+      std::memcpy(&c, counts + 2 * (p >> l.bits), sizeof(c));
+      ++c;
+      std::memcpy(counts + 2 * (p >> l.bits), &c, sizeof(c));
+      put_bits(offsets, j * l.bits, static_cast<uint32_t>(p) & mask, l.bits);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
                                                     const at::Tensor& indices_in,
                                                     const at::Tensor& values_in,
@@ -267,9 +307,10 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
   const bool has_valid = valid_in.has_value() && valid_in->defined();
   const at::Tensor valid = has_valid ? valid_in->contiguous() : at::Tensor();
   const int64_t k = values.numel();
-  const bool csr16 = is_csr16(index);
-  const PackLayout<int64_t> layout =
-      pack_layout<int64_t>(k, codec, chunk, csr16, numel, checksum);
+  const IndexKind kind = index_of("pack_payload", index);
+  const bool csr16 = kind == IndexKind::kCsr16;
+  const bool local = kind == IndexKind::kLocal;
+  const PackLayout<int64_t> layout = pack_layout<int64_t>(k, codec, chunk, kind, numel, checksum);
   const bool scaled = codec_scaled(codec);
   const int64_t bits = layout.bits;
   const int32_t qmax = codec_qmax(codec);
@@ -325,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
               const int64_t block = (p - floor_mod(p, kCsr16Block)) / kCsr16Block;
               if (block >= 0 && block < layout.blocks) ++local_counts[static_cast<size_t>(block)];
             }
-          } else {
+          } else if (!local) {  // the local index is written below, in one pass
             index32[j] = static_cast<int32_t>(position);
           }
           const float v = vals[j];
@@ -372,6 +413,12 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
     });
   });
   header[1] = static_cast<int32_t>(has_valid ? total_valid : k);
+  if (local) {
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "pack_payload_local", [&] {
+      write_local_index(layout, numel, indices.data_ptr<index_t>(), ok, k,
+                        base + layout.index_offset);
+    });
+  }
   for (size_t b = 0; b < total_counts.size(); ++b) counts[b] = static_cast<int32_t>(total_counts[b]);
   if (nan_seen) {
     // torch's vectorised conversions keep NaN payloads (float16) or write one NaN pattern of

@@ -3,7 +3,8 @@
 // the decoded entries) / divisor, with each payload's finite and well-formed flags.
 //
 // Pass 1 (one task per rank): the header (finite flag 0 or 1, count in [0, K]), the checksum when
-// the format has one, csr16's block counts (none negative, adding up to the count), the scales
+// the format has one, csr16's block counts (none negative, adding up to the count) or the local
+// index (its descriptor; counts adding up to the count, or as many bits set, none past numel), the scales
 // and every slot in use (its index inside the bucket; a finite value under a header that says
 // finite): one read of each payload. Pass 2 (the output split in ranges across threads): each
 // thread zeroes its range, applies the entries that land in it, rank 0 first and each rank's slots
@@ -81,21 +82,55 @@ struct Format {
   bool csr16;
   bool checksum;
   int64_t numel;
+  bool local() const { return layout.index == IndexKind::kLocal; }
+  bool bitmap() const { return local() && layout.local.bitmap; }
+  // Slots whose position the index may not give (csr16, local): they add their zero value.
+  bool positional() const { return csr16 || local(); }
+  // Running sums kept per payload: csr16's blocks, or the local index's chunks.
+  int64_t counted() const {
+    return csr16 ? layout.blocks : (local() && !layout.local.bitmap ? layout.local.chunks : 0);
+  }
 };
 
-// Slot j's bucket position, for the slots of one payload in order: int32 indices as they are
-// (possibly outside the bucket); csr16 positions block * 65536 + offset, -1 beyond the blocks'
-// counts or the bucket. `ends` holds the running sums of max(count, 0), one per block.
+// The `bits`-bit field at bit `bit` of `base` (LSB first).
+inline uint32_t bits_at(const uint8_t* base, int64_t bit, int64_t bits) {
+  uint32_t v = 0;
+  int64_t got = 0;
+  while (got < bits) {
+    const int64_t shift = bit & 7;
+    const int64_t take = std::min<int64_t>(8 - shift, bits - got);
+    v |= static_cast<uint32_t>((base[bit >> 3] >> shift) & ((1u << take) - 1u)) << got;
+    bit += take;
+    got += take;
+  }
+  return v;
+}
+
+// Slot j's bucket position, for the slots of one payload in order (j = 0, 1, ...): int32 indices
+// as they are (possibly outside the bucket); csr16 positions block * 65536 + offset and local
+// positions chunk * 2^b + offset, -1 beyond the counts or the bucket (`ends` holds the running
+// sums of the counts, one per block or chunk); local bitmap: the position of the (j + 1)-th set
+// bit, -1 when there is none below numel.
 class SlotIndex {
  public:
   SlotIndex(const Format& f, const uint8_t* payload, const int64_t* ends)
       : f_(f), p_(payload), ends_(ends) {}
   int64_t operator()(int64_t j) {
-    if (!f_.csr16) return load<int32_t>(p_ + f_.layout.index_offset + 4 * j);
-    while (block_ < f_.layout.blocks && ends_[block_] <= j) ++block_;
-    if (block_ >= f_.layout.blocks) return -1;
+    const PackLayout<int64_t>& l = f_.layout;
+    if (f_.bitmap()) {
+      const uint8_t* bitmap = p_ + l.offsets_offset;
+      while (cursor_ < f_.numel && !((bitmap[cursor_ >> 3] >> (cursor_ & 7)) & 1u)) ++cursor_;
+      if (cursor_ >= f_.numel) return -1;
+      return cursor_++;
+    }
+    const int64_t counted = f_.counted();
+    if (counted == 0 && !f_.positional()) return load<int32_t>(p_ + l.index_offset + 4 * j);
+    while (block_ < counted && ends_[block_] <= j) ++block_;
+    if (block_ >= counted) return -1;
     const int64_t pos =
-        block_ * kCsr16Block + load<uint16_t>(p_ + f_.layout.offsets_offset + 2 * j);
+        f_.csr16 ? block_ * kCsr16Block + load<uint16_t>(p_ + l.offsets_offset + 2 * j)
+                 : (block_ << l.local.bits) +
+                       bits_at(p_ + l.offsets_offset, j * l.local.bits, l.local.bits);
     return pos < f_.numel ? pos : -1;
   }
 
@@ -104,6 +139,7 @@ class SlotIndex {
   const uint8_t* p_;
   const int64_t* ends_;
   int64_t block_ = 0;
+  int64_t cursor_ = 0;
 };
 
 // Pass 1 for one payload: its flags and the number of slots in use; csr16's block ends.
@@ -124,6 +160,27 @@ void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finit
       ok &= c >= 0;
       total += std::max<int32_t>(c, 0);
       ends[b] = total;
+    }
+    ok &= total == used;
+  } else if (f.local()) {
+    ok &= load<int32_t>(p + l.index_offset) ==
+          (l.local.bitmap ? kLocalBitmap : static_cast<int32_t>(l.local.bits));
+    int64_t total = 0;
+    if (l.local.bitmap) {
+      // Set bits below numel, and none at or past it.
+      const uint8_t* bitmap = p + l.offsets_offset;
+      for (int64_t byte = 0; byte < l.local.offsets_bytes; ++byte) {
+        const int64_t below = std::min<int64_t>(std::max<int64_t>(f.numel - 8 * byte, 0), 8);
+        const uint32_t bits = bitmap[byte];
+        const uint32_t inside = bits & ((1u << below) - 1u);
+        ok &= inside == bits;
+        total += __builtin_popcount(inside);
+      }
+    } else {
+      for (int64_t c = 0; c < l.local.chunks; ++c) {
+        total += load<uint16_t>(p + l.index_offset + 4 + 2 * c);
+        ends[c] = total;
+      }
     }
     ok &= total == used;
   }
@@ -159,7 +216,7 @@ void apply_payload(const Format& f, const uint8_t* p, const int64_t* ends, int64
   for (int64_t j = 0; j < l.entries; ++j) {
     int64_t i = j < used ? index_of(j) : -1;
     float v;
-    if (j < used && (i >= 0 || !f.csr16)) {
+    if (j < used && (i >= 0 || !f.positional())) {
       v = value_at(values, j, f.codec);
     } else {
       i = 0;
@@ -178,10 +235,11 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cpu(at::Tensor& out,
                                                       bool checksum, double divisor) {
   const Codec codec = check_decode_average(out, gathered_in, slots, values, chunk, index,
                                            checksum, divisor);
-  const bool csr16 = is_csr16(index);
+  const IndexKind kind = index_of("decode_average_", index);
+  const bool csr16 = kind == IndexKind::kCsr16;
   const at::Tensor gathered = gathered_in.contiguous();
   const int64_t world = gathered.size(0), numel = out.numel();
-  const Format f{pack_layout<int64_t>(slots, codec, chunk, csr16, numel, checksum), codec, chunk,
+  const Format f{pack_layout<int64_t>(slots, codec, chunk, kind, numel, checksum), codec, chunk,
                  csr16, checksum, numel};
   const auto flag_options = gathered.options().dtype(at::kBool);
   at::Tensor finite = at::empty({world}, flag_options);
@@ -189,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cpu(at::Tensor& out,
   bool* fin = finite.data_ptr<bool>();
   bool* wf = well_formed.data_ptr<bool>();
   const uint8_t* base = world > 0 ? gathered.data_ptr<uint8_t>() : nullptr;
-  const int64_t nbytes = f.layout.nbytes, blocks = f.layout.blocks;
+  const int64_t nbytes = f.layout.nbytes, blocks = f.counted();
   std::vector<int64_t> ends(static_cast<size_t>(std::max<int64_t>(world * blocks, 1)));
   std::vector<int64_t> used(static_cast<size_t>(std::max<int64_t>(world, 1)));
   at::parallel_for(0, world, 1, [&](int64_t r0, int64_t r1) {

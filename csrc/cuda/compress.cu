@@ -15,8 +15,10 @@
 // max |x| / qmax by a block-wide max of the bits (intB), or for sign the sum of |x| by one thread
 // in slot order (the CPU's float32 sum bit for bit) over the number of nonzero entries. The block
 // then writes the positions (or csr16 offsets; the block counts by warp-aggregated integer
-// atomics), float values or int8 codes, and decoded values (0 at slots not valid), and adds its
-// number of valid slots to the header with one integer atomic. Codes below a byte (int4, int2,
+// atomics; or the local index: its chunk counts by warp-aggregated integer atomics on the 32-bit
+// word holding two uint16 counts, its b-bit offsets or bitmap bits by atomicOr on 32-bit words of
+// the zeroed section), float values or int8 codes, and decoded values (0 at slots not valid), and
+// adds its number of valid slots to the header with one integer atomic. Codes below a byte (int4, int2,
 // sign) are written by a second kernel, one thread per byte of the values section. Integer
 // atomics only, so the bytes do not depend on the schedule. Cost: the K entries read once per slot
 // pass, plus once for a scaled codec's max (and once more, by one thread per chunk, for sign's
@@ -153,10 +155,34 @@ __device__ __forceinline__ float decoded(int32_t code, float scale) {
   }
 }
 
+// Adds n to the local index's uint16 count c (count c is the low half of little-endian 32-bit
+// word c / 2 for an even c, the high half for an odd one), modulo 2^16 as compress_kernels.cpp's
+// uint16 does: the high count's carry leaves the word; the low count's carry into the high one is
+// taken back by a second atomic (the adds commute, so the word ends the same in any order).
+__device__ __forceinline__ void add_count16(uint32_t* words, int64_t c, uint32_t n) {
+  uint32_t* word = words + (c >> 1);
+  if (c & 1) {
+    atomicAdd(word, n << 16);
+  } else {
+    const uint32_t old = atomicAdd(word, n);
+    if ((old & 0xFFFFu) + n > 0xFFFFu) atomicSub(word, 0x10000u);
+  }
+}
+
+// ORs the `bits`-bit field (bits <= 15, field < 2^bits) into `words` at bit `bit` (LSB first:
+// bit b of the section is bit b % 32 of little-endian word b / 32): one word, or two when the
+// field crosses into the next.
+__device__ __forceinline__ void or_field(uint32_t* words, int64_t bit, uint32_t field, int bits) {
+  if (field == 0) return;
+  const int shift = static_cast<int>(bit & 31);
+  atomicOr(words + (bit >> 5), field << shift);
+  if (shift + bits > 32) atomicOr(words + (bit >> 5) + 1, field >> (32 - shift));
+}
+
 // One block per group of slots (a chunk of a scaled codec, else kPackGroup slots): the group's
-// scale, then per slot its position (or csr16 offset and block count), its value (float codecs;
-// int8 codes, a byte each) and what it decodes to. Codes below a byte are left to
-// pack_codes_kernel.
+// scale, then per slot its position (or csr16 offset and block count, or its local index entry:
+// chunk count and offset, or bitmap bit), its value (float codecs; int8 codes, a byte each) and
+// what it decodes to. Codes below a byte are left to pack_codes_kernel.
 template <WireValues kCodec>
 __global__ void __launch_bounds__(kThreads)
     pack_payload_kernel(const PackPayloadArgs a, int64_t group, int64_t groups) {
@@ -172,11 +198,17 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* counts = reinterpret_cast<int32_t*>(a.payload + a.index_offset);
   int32_t* index32 = reinterpret_cast<int32_t*>(a.payload + a.index_offset);
   uint16_t* offsets = reinterpret_cast<uint16_t*>(a.payload + a.offsets_offset);
+  // The local index: the 32-bit words of its uint16 counts, and of its offsets or bitmap.
+  uint32_t* local_counts = reinterpret_cast<uint32_t*>(a.payload + a.index_offset + 4);
+  uint32_t* local_words = reinterpret_cast<uint32_t*>(a.payload + a.offsets_offset);
+  const bool csr16 = a.index == WireIndex::kCsr16;
+  const bool local = a.index == WireIndex::kLocal;
   float* scales = reinterpret_cast<float*>(a.payload + a.scales_offset);
   uint8_t* wire = a.payload + a.values_offset;
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     header[0] = *a.finite ? 1 : 0;
     if (a.valid == nullptr) header[1] = static_cast<int32_t>(a.k);
+    if (local) index32[0] = a.local_bits == 0 ? kWireLocalBitmap : a.local_bits;  // descriptor
   }
   long long carried = 0;
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
@@ -220,19 +252,30 @@ __global__ void __launch_bounds__(kThreads)
     // Every thread runs the same number of rounds (the warp votes below need whole warps).
     for (int64_t first = start; first < stop; first += kThreads) {
       const int64_t j = first + threadIdx.x;
-      int64_t block = -1;
+      int64_t block = -1;  // the count this slot adds 1 to: csr16's block or the local chunk
       if (j < stop) {
         const bool carries = a.valid == nullptr || a.valid[j];
         carried += carries ? 1 : 0;
         const int64_t position = a.indices_int64 ? static_cast<const int64_t*>(a.indices)[j]
                                                  : static_cast<const int32_t*>(a.indices)[j];
-        if (a.csr16) {
+        if (csr16) {
           // Padding slots go on the wire as position 0 and are not counted.
           const int64_t p = carries ? position : 0;
           const int64_t low = floor_mod_block(p);
           offsets[j] = static_cast<uint16_t>(low);
           const int64_t b = (p - low) / kCsr16Block;
           if (carries && b >= 0 && b < a.blocks) block = b;
+        } else if (local) {
+          // A slot not valid, or outside the bucket, is neither counted nor marked (offset 0).
+          if (carries && position >= 0 && position < a.numel) {
+            if (a.local_bits == 0) {
+              atomicOr(local_words + (position >> 5), 1u << (position & 31));
+            } else {
+              block = position >> a.local_bits;
+              const uint32_t field = static_cast<uint32_t>(position) & ((1u << a.local_bits) - 1u);
+              or_field(local_words, j * a.local_bits, field, a.local_bits);
+            }
+          }
         } else {
           index32[j] = static_cast<int32_t>(position);
         }
@@ -259,13 +302,17 @@ __global__ void __launch_bounds__(kThreads)
         // A slot that carries no entry is not decoded: nothing was sent for it.
         a.sent[j] = carries ? got : 0.0f;
       }
-      if (a.csr16) {
-        // Lanes counting into the same block add once, together.
+      if (csr16 || local) {
+        // Lanes counting into the same block (or chunk) add once, together.
         const unsigned lanes = __ballot_sync(0xFFFFFFFFu, block >= 0);
         if (block >= 0) {
           const unsigned peers = __match_any_sync(lanes, static_cast<long long>(block));
           if (static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
-            atomicAdd(&counts[block], static_cast<int32_t>(__popc(peers)));
+            if (csr16) {
+              atomicAdd(&counts[block], static_cast<int32_t>(__popc(peers)));
+            } else {
+              add_count16(local_counts, block, static_cast<uint32_t>(__popc(peers)));
+            }
           }
         }
       }
@@ -419,6 +466,22 @@ cudaError_t pack_payload(const PackPayloadArgs& a, cudaStream_t stream) {
   const int64_t values_bytes = (a.k * wire_bits(a.codec) + 7) / 8;
   if (a.values_offset < 0 || a.nbytes < a.values_offset + values_bytes) {
     return cudaErrorInvalidValue;
+  }
+  if (a.index == WireIndex::kLocal) {
+    // The local index's sections inside the payload, as 32-bit words (atomics need 4-byte
+    // alignment): offsets mode, ceil(chunks / 2) words of counts then ceil(K * b / 32) of offsets;
+    // bitmap mode, ceil(numel / 32) words.
+    const bool bitmap = a.local_bits == 0;
+    const int64_t words = bitmap ? (a.numel + 31) / 32 : (a.k * a.local_bits + 31) / 32;
+    const bool fits =
+        a.local_bits >= 0 && a.local_bits <= 15 && a.numel >= 0 && a.index_offset >= 0 &&
+        (bitmap ? a.offsets_offset >= a.index_offset + 4
+                : a.blocks == (a.numel + (int64_t(1) << a.local_bits) - 1) >> a.local_bits &&
+                      a.offsets_offset >= a.index_offset + 4 + 4 * ((a.blocks + 1) / 2)) &&
+        a.offsets_offset + 4 * words <= a.nbytes;
+    const bool aligned = reinterpret_cast<uintptr_t>(a.payload) % 4 == 0 &&
+                         a.index_offset % 4 == 0 && a.offsets_offset % 4 == 0;
+    if (!fits || !aligned) return cudaErrorInvalidValue;
   }
   cudaError_t err = cudaMemsetAsync(a.payload, 0, static_cast<size_t>(a.nbytes), stream);
   if (err != cudaSuccess) return err;

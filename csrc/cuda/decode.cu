@@ -5,11 +5,16 @@
 //   1. prepare: every block zeroes its share of out (grid-stride); block r (grid-stride over
 //      ranks) checks payload r's header (finite flag 0 or 1, count in [0, K]), its checksum (a
 //      block reduction over its bytes), csr16's block counts (a block scan into the running sums
-//      of max(count, 0), kept in the workspace: none negative, adding up to the count) and the
-//      scales of a scaled codec (all ceil(K / chunk) finite under a header that says finite), and
-//      writes the flags and the slots in use.
-//   2. scatter: one thread per (rank, slot): the slot's position (int32, or csr16's block found by
-//      binary search in the running sums), its value (float codecs; scaled codecs: the code, an
+//      of max(count, 0), kept in the workspace: none negative, adding up to the count), or the
+//      local index (its descriptor; offsets mode: the running sums of its uint16 chunk counts,
+//      adding up to the count; bitmap mode: the running sums of the set bits below numel per
+//      32-bit word, none set at or past numel, as many as the count) and the scales of a scaled
+//      codec (all ceil(K / chunk) finite under a header that says finite), and writes the flags
+//      and the slots in use.
+//   2. scatter: one thread per (rank, slot): the slot's position (int32; csr16's block, or the
+//      local index's chunk or bitmap word, found by binary search in the running sums; then the
+//      int16 offset, the b-bit offset, or the set bit of that rank within the word), its value
+//      (float codecs; scaled codecs: the code, an
 //      int8 byte or a B-bit field sign-extended, or a sign bit as -1 or 1, times the scale of the
 //      slot's chunk) and an atomic add into out. A position outside the bucket, or a non-finite
 //      value under a finite header, clears the payload's well_formed (a plain store of the same
@@ -24,8 +29,12 @@
 // reference.
 // Payload rows may start at any byte (an odd nbytes): the kernels then read bytes and assemble.
 // Every read stays inside its payload row whatever the bytes say: slot j < K reads index bytes
-// below scales_offset, the scale j / chunk < ceil(K / chunk), and the byte (j * B) / 8 <
-// ceil(K * B / 8) of the values section, the row's last.
+// below scales_offset (local offsets mode: the bytes of bits j * b .. j * b + b - 1 of a section
+// of ceil(K * b / 8) bytes or more; bitmap mode: word w < ceil(numel / 32) of the bitmap, found
+// by a binary search over the workspace's running sums), the scale j / chunk < ceil(K / chunk),
+// and the byte (j * B) / 8 < ceil(K * B / 8) of the values section, the row's last. A slot in use
+// whose index gives no position (csr16 and local) adds a padding slot's zero and flags its
+// payload, as on the CPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -66,7 +75,8 @@ __device__ __forceinline__ T load(const uint8_t* p) {
 }
 
 struct Workspace {
-  long long* ends;  // world * blocks running sums of max(count, 0) (csr16)
+  long long* ends;  // world * blocks running sums: of max(count, 0) per csr16 block, of the
+                    // local index's counts per chunk, or of its set bits per bitmap word
   int32_t* used;    // world: slots in use
   int32_t* claims;  // world: the header says finite
 };
@@ -85,6 +95,12 @@ Workspace carve(void* workspace, int64_t world, int64_t blocks) {
 __device__ __forceinline__ long long python_mod(unsigned long long x) {
   const long long r = static_cast<long long>(x) % static_cast<long long>(kChecksumModulus);
   return r < 0 ? r + static_cast<long long>(kChecksumModulus) : r;
+}
+
+// The bits of bitmap word w that stand for positions below numel.
+__device__ __forceinline__ uint32_t bitmap_mask(int64_t numel, int64_t w) {
+  const int64_t below = numel - 32 * w;
+  return below >= 32 ? 0xFFFFFFFFu : (below <= 0 ? 0u : (1u << below) - 1u);
 }
 
 // ------------------------------------------------------------------------------ 1. prepare
@@ -135,16 +151,36 @@ __global__ void __launch_bounds__(kThreads) decode_prepare_kernel(DecodeAverageA
       }
       __syncthreads();
     }
-    if (a.csr16) {
+    if (a.index != WireIndex::kInt32) {
+      const bool local = a.index == WireIndex::kLocal;
+      const bool bitmap = local && a.local_bits == 0;
+      if (local && threadIdx.x == 0) {
+        const int32_t descriptor = bitmap ? kWireLocalBitmap : a.local_bits;
+        bad |= load_bytes<int32_t>(p + a.index_offset) != descriptor;
+      }
       long long carry = 0;
       long long* e = w.ends + r * a.blocks;
       for (int64_t base = 0; base < a.blocks; base += kThreads) {
         const int64_t b = base + threadIdx.x;
-        const int32_t count = b < a.blocks ? load_bytes<int32_t>(p + a.index_offset + 4 * b) : 0;
-        bad |= count < 0;
+        // The unit's count: csr16's max(count, 0) (none negative), a local chunk's uint16 count,
+        // or the set bits of a bitmap word below numel (none at or past it).
+        long long count = 0;
+        if (b < a.blocks) {
+          if (!local) {
+            const int32_t c = load_bytes<int32_t>(p + a.index_offset + 4 * b);
+            bad |= c < 0;
+            count = c > 0 ? c : 0;
+          } else if (!bitmap) {
+            count = load_bytes<uint16_t>(p + a.index_offset + 4 + 2 * b);
+          } else {
+            const uint32_t word = load_bytes<uint32_t>(p + a.offsets_offset + 4 * b);
+            const uint32_t inside = word & bitmap_mask(a.numel, b);
+            bad |= inside != word;
+            count = __popc(inside);
+          }
+        }
         long long inclusive, total;
-        Scan(tmp.scan).InclusiveSum(count > 0 ? static_cast<long long>(count) : 0ll, inclusive,
-                                    total);
+        Scan(tmp.scan).InclusiveSum(count, inclusive, total);
         if (b < a.blocks) e[b] = carry + inclusive;
         carry += total;
         __syncthreads();  // tmp is reused by the next tile
@@ -162,6 +198,34 @@ __global__ void __launch_bounds__(kThreads) decode_prepare_kernel(DecodeAverageA
 }
 
 // ------------------------------------------------------------------------------ 2. scatter
+// The `bits`-bit field (bits <= 15) at bit `bit` of `base` (LSB first), from the bytes it
+// covers, bit / 8 to (bit + bits - 1) / 8: at most 3, and none past the field's last.
+__device__ __forceinline__ uint32_t field_at(const uint8_t* base, int64_t bit, int bits) {
+  const uint8_t* q = base + (bit >> 3);
+  const int shift = static_cast<int>(bit & 7);
+  const int count = (shift + bits + 7) >> 3;
+  uint32_t v = 0;
+  for (int k = 0; k < count; ++k) v |= uint32_t(q[k]) << (8 * k);
+  return (v >> shift) & ((1u << bits) - 1u);
+}
+
+// The bit number of word's set bit of rank `rank` (0: the lowest), by halving; -1 when word has
+// no more than `rank` set bits.
+__device__ __forceinline__ int select_bit(uint32_t word, long long rank) {
+  if (rank < 0 || rank >= __popc(word)) return -1;
+  int r = static_cast<int>(rank), at = 0;
+#pragma unroll
+  for (int width = 16; width > 0; width >>= 1) {
+    const int low = __popc(word & ((1u << width) - 1u));
+    if (r >= low) {
+      r -= low;
+      word >>= width;
+      at += width;
+    }
+  }
+  return at;
+}
+
 // Slot j's value (float codecs) or code (scaled codecs, as a float: int8/int4/int2 sign-extended
 // from B bits; sign: -1 for a set bit, else 1), not yet times its scale (decode_kernels.cpp's
 // value_at). Fields below a byte never straddle two bytes: byte (j * B) / 8, bits (j * B) % 8
@@ -199,8 +263,8 @@ __global__ void __launch_bounds__(kThreads) decode_scatter_kernel(DecodeAverageA
     const bool in_use = j < w.used[r];
     int64_t i = -1;
     if (in_use) {
-      if (a.csr16) {
-        // The first block whose running sum exceeds j.
+      if (a.index != WireIndex::kInt32) {
+        // The first block (csr16), chunk or bitmap word (local) whose running sum exceeds j.
         const long long* e = w.ends + r * a.blocks;
         int64_t lo = 0, hi = a.blocks;
         while (lo < hi) {
@@ -208,8 +272,20 @@ __global__ void __launch_bounds__(kThreads) decode_scatter_kernel(DecodeAverageA
           if (e[mid] > j) hi = mid; else lo = mid + 1;
         }
         if (lo < a.blocks) {
-          const int64_t pos = lo * kCsr16Block + load<kAligned, uint16_t>(p + a.offsets_offset + 2 * j);
-          if (pos < a.numel) i = pos;
+          int64_t pos;
+          if (a.index == WireIndex::kCsr16) {
+            pos = lo * kCsr16Block + load<kAligned, uint16_t>(p + a.offsets_offset + 2 * j);
+          } else if (a.local_bits > 0) {
+            pos = (lo << a.local_bits) + field_at(p + a.offsets_offset, j * a.local_bits,
+                                                  a.local_bits);
+          } else {
+            // The set bit of rank j - (the set bits of the words before) in word lo, below numel.
+            const uint32_t word =
+                load_bytes<uint32_t>(p + a.offsets_offset + 4 * lo) & bitmap_mask(a.numel, lo);
+            const int bit = select_bit(word, j - (lo > 0 ? e[lo - 1] : 0ll));
+            pos = bit < 0 ? -1 : 32 * lo + bit;
+          }
+          if (pos >= 0 && pos < a.numel) i = pos;
         }
         if (i < 0) a.well_formed[r] = false;  // then added as padding (index 0, value 0)
       } else {
@@ -279,6 +355,20 @@ cudaError_t decode_average(const DecodeAverageArgs& a, void* workspace, size_t w
   if (wire_scaled(a.values) ? a.chunk <= 0 || a.num_scales != (a.slots + a.chunk - 1) / a.chunk
                             : a.num_scales != 0) {
     return cudaErrorInvalidValue;
+  }
+  if (a.index == WireIndex::kLocal) {
+    // The local index's sections, below the scales: offsets mode, the descriptor, a uint16 count
+    // per chunk of 2^b positions and ceil(K * b / 8) bytes of offsets; bitmap mode, the
+    // descriptor and ceil(numel / 32) words.
+    const int b = a.local_bits;
+    const bool fits =
+        b >= 0 && b <= 15 && a.numel >= 0 && a.index_offset >= 0 &&
+        (b == 0 ? a.blocks == (a.numel + 31) / 32 && a.offsets_offset >= a.index_offset + 4 &&
+                      a.offsets_offset + 4 * a.blocks <= a.scales_offset
+                : a.blocks == (a.numel + (int64_t(1) << b) - 1) >> b &&
+                      a.offsets_offset >= a.index_offset + 4 + 2 * a.blocks &&
+                      a.offsets_offset + (a.slots * b + 7) / 8 <= a.scales_offset);
+    if (!fits) return cudaErrorInvalidValue;
   }
   if (a.world == 0 && a.numel == 0) return cudaSuccess;
   const Workspace w = carve(workspace, a.world, a.blocks);

@@ -51,6 +51,16 @@ cuda::WireValues to_wire_values(Codec c) {
   TORCH_CHECK(false, "gradsieve.pack_payload: unsupported codec ", static_cast<int>(c));
 }
 
+cuda::WireIndex to_wire_index(IndexKind kind) {
+  static_assert(cuda::kWireLocalBitmap == kLocalBitmap, "the local bitmap descriptor");
+  switch (kind) {
+    case IndexKind::kInt32: return cuda::WireIndex::kInt32;
+    case IndexKind::kCsr16: return cuda::WireIndex::kCsr16;
+    case IndexKind::kLocal: return cuda::WireIndex::kLocal;
+  }
+  TORCH_CHECK(false, "gradsieve.pack_payload: unsupported index ", static_cast<int>(kind));
+}
+
 // ----------------------------------------------------------------------------------- pack_payload
 std::tuple<at::Tensor, at::Tensor> pack_payload_cuda(const at::Tensor& finite_in,
                                                      const at::Tensor& indices_in,
@@ -67,8 +77,8 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cuda(const at::Tensor& finite_in
   const at::Tensor finite = finite_in.contiguous();
   const at::Tensor valid = has(valid_in) ? valid_in->contiguous() : at::Tensor();
   const int64_t k = values.numel();
-  const bool csr16 = is_csr16(index);
-  const PackLayout<int64_t> layout = pack_layout<int64_t>(k, codec, chunk, csr16, numel, checksum);
+  const IndexKind kind = index_of("pack_payload", index);
+  const PackLayout<int64_t> layout = pack_layout<int64_t>(k, codec, chunk, kind, numel, checksum);
   // The kernel zeroes the payload itself (a memset on the stream) before writing it.
   at::Tensor payload = at::empty({layout.nbytes}, values.options().dtype(at::kByte));
   at::Tensor sent = at::empty({k}, values.options());
@@ -81,8 +91,11 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cuda(const at::Tensor& finite_in
   args.k = k;
   args.codec = to_wire_values(codec);
   args.chunk = chunk;
-  args.csr16 = csr16;
-  args.blocks = layout.blocks;
+  args.index = to_wire_index(kind);
+  args.numel = numel;
+  const bool local = kind == IndexKind::kLocal;
+  args.blocks = local ? (layout.local.bitmap ? 0 : layout.local.chunks) : layout.blocks;
+  args.local_bits = local ? static_cast<int>(layout.local.bits) : 0;
   args.index_offset = layout.index_offset;
   args.offsets_offset = layout.offsets_offset;
   args.scales_offset = layout.scales_offset;

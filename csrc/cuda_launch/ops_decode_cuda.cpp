@@ -28,6 +28,16 @@ cuda::WireValues to_wire_values(Codec c) {
   TORCH_CHECK(false, "gradsieve.decode_average_: unsupported codec ", static_cast<int>(c));
 }
 
+cuda::WireIndex to_wire_index(IndexKind kind) {
+  static_assert(cuda::kWireLocalBitmap == kLocalBitmap, "the local bitmap descriptor");
+  switch (kind) {
+    case IndexKind::kInt32: return cuda::WireIndex::kInt32;
+    case IndexKind::kCsr16: return cuda::WireIndex::kCsr16;
+    case IndexKind::kLocal: return cuda::WireIndex::kLocal;
+  }
+  TORCH_CHECK(false, "gradsieve.decode_average_: unsupported index ", static_cast<int>(kind));
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
                                                        const at::Tensor& gathered_in,
                                                        int64_t slots, c10::string_view values,
@@ -35,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
                                                        bool checksum, double divisor) {
   const Codec codec = check_decode_average(out, gathered_in, slots, values, chunk, index,
                                            checksum, divisor);
-  const bool csr16 = is_csr16(index);
+  const IndexKind kind = index_of("decode_average_", index);
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor gathered = gathered_in.contiguous();
   const int64_t world = gathered.size(0), numel = out.numel();
@@ -43,7 +53,11 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
   at::Tensor finite = at::empty({world}, flag_options);
   at::Tensor well_formed = at::empty({world}, flag_options);
   if (world == 0 && numel == 0) return {finite, well_formed};
-  const PackLayout<int64_t> l = pack_layout<int64_t>(slots, codec, chunk, csr16, numel, checksum);
+  const PackLayout<int64_t> l = pack_layout<int64_t>(slots, codec, chunk, kind, numel, checksum);
+  // The units counted per payload: csr16 blocks, the local index's chunks or bitmap words.
+  const bool local = kind == IndexKind::kLocal;
+  const int64_t blocks =
+      local ? (l.local.bitmap ? l.local.offsets_bytes / 4 : l.local.chunks) : l.blocks;
   cuda::DecodeAverageArgs args{};
   args.out = out.data_ptr<float>();
   args.numel = numel;
@@ -53,9 +67,10 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
   args.slots = slots;
   args.values = to_wire_values(codec);
   args.chunk = chunk;
-  args.csr16 = csr16;
+  args.index = to_wire_index(kind);
   args.checksum = checksum;
-  args.blocks = l.blocks;
+  args.blocks = blocks;
+  args.local_bits = local ? static_cast<int>(l.local.bits) : 0;
   args.index_offset = l.index_offset;
   args.offsets_offset = l.offsets_offset;
   args.scales_offset = l.scales_offset;
@@ -64,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
   args.divisor = static_cast<float>(divisor);
   args.finite = world > 0 ? finite.data_ptr<bool>() : nullptr;
   args.well_formed = world > 0 ? well_formed.data_ptr<bool>() : nullptr;
-  const size_t bytes = cuda::decode_average_workspace_bytes(world, l.blocks);
+  const size_t bytes = cuda::decode_average_workspace_bytes(world, blocks);
   at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, out.options().dtype(at::kByte));
   const cudaError_t err =
       cuda::decode_average(args, ws.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream());

@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_meta(const at::Tensor& finite,
   const Codec codec =
       check_pack_payload(finite, indices, values, valid, wire, chunk, index, numel, checksum);
   const auto layout =
-      pack_layout(values.sym_numel(), codec, chunk, is_csr16(index), numel, checksum);
+      pack_layout(values.sym_numel(), codec, chunk, index_of("pack_payload", index), numel, checksum);
   return {at::empty_symint({layout.nbytes}, values.options().dtype(at::kByte)),
           at::empty_symint({values.sym_numel()}, values.options())};
 }

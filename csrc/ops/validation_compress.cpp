@@ -144,8 +144,7 @@ Codec check_pack_payload(const at::Tensor& finite, const at::Tensor& indices,
   const Codec codec = codec_of(op, "wire", wire);
   TORCH_CHECK(chunk >= 1 && chunk <= (int64_t(1) << 20),
               "gradsieve.pack_payload: chunk must be in [1, 2^20], got ", chunk);
-  TORCH_CHECK(index == "int32" || index == "csr16",
-              "gradsieve.pack_payload: index must be 'int32' or 'csr16', got '", index, "'");
+  index_of(op, index);
   TORCH_CHECK(numel >= 0 && numel <= kMaxNumel,
               "gradsieve.pack_payload: numel must be in [0, 2^31 - 1], got ", numel);
   (void)checksum;

@@ -33,18 +33,21 @@ Codec check_decode_average(const at::Tensor& out, const at::Tensor& gathered, in
   TORCH_CHECK(!codec_scaled(codec) || (chunk > 0 && chunk <= (int64_t(1) << 20)),
               "gradsieve.decode_average_: chunk must be in [1, 2^20] with ",
               std::string(values.data(), values.size()), " values, got ", chunk);
-  const std::string index_name(index.data(), index.size());
-  TORCH_CHECK(index_name == "int32" || index_name == "csr16",
-              "gradsieve.decode_average_: index must be \"int32\" or \"csr16\", got \"",
-              index_name, "\"");
+  const IndexKind kind = index_of("decode_average_", index);
   TORCH_CHECK(std::isfinite(divisor) && divisor > 0.0,
               "gradsieve.decode_average_: divisor must be a finite number > 0, got ", divisor);
-  const bool csr16 = index_name == "csr16";
-  // The payload size, as SymInt: the csr16 block count follows out's (possibly symbolic) size.
-  const c10::SymInt blocks = csr16 ? (out.sym_numel() + (kCsr16Block - 1)) / kCsr16Block
+  // The payload size, as SymInt: the csr16 block count follows out's (possibly symbolic) size; the
+  // local index's layout needs its concrete value.
+  c10::SymInt nbytes;
+  if (kind == IndexKind::kLocal) {
+    nbytes = pack_layout<int64_t>(slots, codec, chunk, kind, concrete_size(out.sym_numel()), checksum)
+                 .nbytes;
+  } else {
+    const c10::SymInt blocks = kind == IndexKind::kCsr16
+                                   ? (out.sym_numel() + (kCsr16Block - 1)) / kCsr16Block
                                    : c10::SymInt(0);
-  const int64_t fixed = pack_layout<int64_t>(slots, codec, chunk, csr16, 0, checksum).nbytes;
-  const c10::SymInt nbytes = blocks * 4 + fixed;
+    nbytes = blocks * 4 + pack_layout<int64_t>(slots, codec, chunk, kind, 0, checksum).nbytes;
+  }
   TORCH_CHECK(gathered.sym_size(1) == nbytes, "gradsieve.decode_average_: gathered must have ",
               nbytes, " bytes per payload (slots ", slots, ", ",
               std::string(values.data(), values.size()), " values, ", index, " indices over ",

@@ -15,7 +15,7 @@
 namespace gradsieve {
 
 // Validates every argument and returns the codec named by `values` (the layout of one payload is
-// then pack_layout(slots, codec, chunk, is_csr16(index), out.numel(), checksum)).
+// then pack_layout(slots, codec, chunk, index_of(op, index), out.numel(), checksum)).
 Codec check_decode_average(const at::Tensor& out, const at::Tensor& gathered, int64_t slots,
                            c10::string_view values, int64_t chunk, c10::string_view index,
                            bool checksum, double divisor);

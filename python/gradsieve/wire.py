@@ -11,6 +11,11 @@ Layout of one payload (a flat uint8 tensor; every rank's has the same size for a
         or  int32[B]          index="csr16": entries per block of 65536 (B = ceil(numel / 65536)),
             int16[K]          then each entry's offset in its block (unsigned bits), block order;
                               padded to a multiple of 4 bytes
+        or  int32             index="local" (:func:`local_layout`): a descriptor, b or 256, then
+            uint16[C]         entries per chunk of 2^b positions (C = ceil(numel / 2^b)), padded
+                              to 4 bytes, and K offsets of b bits in their chunks, LSB first,
+                              padded to 4 bytes; or (descriptor 256) a bitmap of the numel
+                              positions, padded to 4 bytes
     scales  float32[S]        scaled codecs only: one per chunk of ``chunk`` slots, S = ceil(K / chunk)
                               (the last chunk may be partial)
     values  ceil(K * bits / 8) bytes: K fp32/fp16/bf16 values, or K codes of ``bits`` bits packed
@@ -56,7 +61,8 @@ CODECS = {
     "int8": Codec(8, qmax=127), "int4": Codec(4, qmax=7), "int2": Codec(2, qmax=1), "sign": Codec(1),
 }
 VALUE_CODECS = tuple(CODECS)
-INDEX_FORMATS = ("int32", "csr16")
+INDEX_FORMATS = ("int32", "csr16", "local")
+LOCAL_BITMAP = 256  # the descriptor of a local index section in bitmap mode (offsets mode: b)
 HEADER_BYTES = 8
 CSR16_BLOCK = 1 << 16
 
@@ -76,6 +82,56 @@ def checksum_of(payloads: torch.Tensor) -> torch.Tensor:
 
 def csr16_blocks(numel: int) -> int:
     return -(-numel // CSR16_BLOCK)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalLayout:
+    """The chunk-local index of K entries over ``numel`` positions: chunks of ``2^bits`` positions,
+    a uint16 count per chunk and a ``bits``-bit offset per entry (``bits`` in [1, 15], the smallest
+    section, the smallest ``bits`` on a tie), or a bitmap of the positions where that is smaller."""
+
+    bits: int  # 0 in bitmap mode
+    bitmap: bool
+    chunks: int
+    counts_bytes: int
+    offsets_bytes: int  # or the bitmap's bytes
+
+    @property
+    def nbytes(self) -> int:
+        return 4 + self.counts_bytes + self.offsets_bytes
+
+    @property
+    def descriptor(self) -> int:
+        return LOCAL_BITMAP if self.bitmap else self.bits
+
+
+def local_layout(entries: int, numel: int) -> LocalLayout:
+    best = None
+    for bits in range(1, 16):
+        chunks = -(-numel // (1 << bits))
+        candidate = LocalLayout(bits, False, chunks, 4 * -(-chunks // 2), 4 * -(-entries * bits // 32))
+        if best is None or candidate.nbytes < best.nbytes:
+            best = candidate
+    bitmap = LocalLayout(0, True, 0, 0, 4 * -(-numel // 32))
+    return bitmap if bitmap.nbytes < best.nbytes else best
+
+
+def pack_bits(fields: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
+    """``fields`` (int64[n], each below ``2^bits``) as ``nbytes`` bytes (zero padded), ``bits`` bits
+    each, least significant bit first."""
+    shifts = torch.arange(bits, device=fields.device)
+    flat = ((fields[:, None] >> shifts) & 1).reshape(-1)
+    padded = torch.zeros(8 * nbytes, dtype=torch.int64, device=fields.device)
+    padded[:flat.numel()] = flat
+    return (padded.view(-1, 8) << torch.arange(8, device=fields.device)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(section: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` fields of ``bits`` bits (int64[..., n]) of sections (uint8[..., nbytes])."""
+    flat = ((section.to(torch.int64)[..., None] >> torch.arange(8, device=section.device)) & 1)
+    flat = flat.reshape(*section.shape[:-1], -1)[..., :n * bits]
+    weights = torch.ones(1, dtype=torch.int64, device=section.device) << torch.arange(bits, device=section.device)
+    return (flat.reshape(*section.shape[:-1], n, bits) * weights).sum(dim=-1)
 
 
 def quantize(values: torch.Tensor, codec: Codec, chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -191,9 +247,31 @@ class PayloadFormat:
         return csr16_blocks(self.numel) if self.index == "csr16" else 0
 
     @property
+    def local(self) -> LocalLayout:
+        """The layout of a local index section (``index="local"``)."""
+        return local_layout(self.entries, self.numel)
+
+    @property
+    def local_bits(self) -> int:
+        """b of a local index in offsets mode (0 in bitmap mode)."""
+        return self.local.bits
+
+    @property
+    def local_bitmap(self) -> bool:
+        return self.local.bitmap
+
+    @property
+    def positional(self) -> bool:
+        """Whether the index gives positions by their order (csr16, local): entries go on the wire
+        in ascending position order."""
+        return self.index in ("csr16", "local")
+
+    @property
     def index_bytes(self) -> int:
         if self.index == "int32":
             return 4 * self.slots
+        if self.index == "local":
+            return self.local.nbytes
         return 4 * self.blocks + -(-2 * self.slots // 4) * 4
 
     @property
@@ -232,7 +310,7 @@ class PayloadFormat:
         if not self._fused_pack_takes(finite, indices, values, valid):
             return self.pack_reference(finite, indices, values, valid, ordered)
         order = None
-        if not ordered and (valid is not None or self.index == "csr16"):
+        if not ordered and (valid is not None or self.positional):
             indices, values, valid, order = self._wire_order(indices, values, valid)
         payload, sent = ops.pack_payload(finite, indices, values, valid, self.values, self.chunk, self.index,
                                          self.numel, self.checksum)
@@ -282,9 +360,9 @@ class PayloadFormat:
         against."""
         k, device, codec = indices.numel(), indices.device, self.codec
         order = None
-        if not ordered and (valid is not None or self.index == "csr16"):
+        if not ordered and (valid is not None or self.positional):
             indices, values, valid, order = self._wire_order(indices, values, valid)
-        elif self.index == "csr16":
+        elif self.positional:
             if valid is None:
                 valid = torch.ones(k, dtype=torch.bool, device=device)
             indices = torch.where(valid, indices, torch.zeros_like(indices))
@@ -298,6 +376,8 @@ class PayloadFormat:
         offset = self.header_bytes
         if self.index == "int32":
             payload[offset:offset + 4 * k].view(torch.int32).copy_(indices)
+        elif self.index == "local":
+            payload[offset:offset + self.index_bytes].copy_(self._local_section(indices, valid))
         else:
             blocks = self.blocks
             counts = torch.zeros(blocks, dtype=torch.int32, device=device)
@@ -326,6 +406,57 @@ class PayloadFormat:
         if self.checksum:
             header[2] = checksum_of(payload.view(1, -1))[0]
         return payload, sent
+
+    def _local_section(self, indices: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The local index section of entries in wire order: a slot that carries no entry, or whose
+        position is outside the bucket, is neither counted nor marked (offset 0)."""
+        layout, device = self.local, indices.device
+        section = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+        section[:4].view(torch.int32)[0] = layout.descriptor
+        carried = valid & (indices >= 0) & (indices < self.numel)
+        if layout.bitmap:
+            marks = torch.zeros(8 * layout.offsets_bytes, dtype=torch.int64, device=device)
+            marks.index_add_(0, torch.where(carried, indices, 0), carried.to(torch.int64))
+            section[4:].copy_(pack_bits(marks.clamp(max=1), 1, layout.offsets_bytes))
+            return section
+        counts = torch.zeros(layout.chunks, dtype=torch.int64, device=device)
+        if indices.numel() and layout.chunks:
+            counts.scatter_add_(0, torch.where(carried, indices >> layout.bits, 0), carried.to(torch.int64))
+        if layout.chunks:
+            low = counts & 0xFFFF
+            section[4:4 + 2 * layout.chunks].view(torch.int16).copy_(torch.where(low >= 1 << 15, low - (1 << 16), low))
+        fields = torch.where(carried, indices & ((1 << layout.bits) - 1), 0)
+        section[4 + layout.counts_bytes:].copy_(pack_bits(fields, layout.bits, layout.offsets_bytes))
+        return section
+
+    def _local_positions(self, section: torch.Tensor, used: torch.Tensor):
+        """Slot positions (int64[world, K], -1 where a slot in use has none) of local index
+        sections (uint8[world, index_bytes]) and whether each section is well formed."""
+        layout, k, world, device = self.local, self.slots, section.shape[0], section.device
+        slot = torch.arange(k, device=device).expand(world, k)
+        well_formed = section[:, :4].contiguous().view(torch.int32)[:, 0] == layout.descriptor
+        body = section[:, 4 + layout.counts_bytes:]
+        if layout.bitmap:
+            marks = unpack_bits(body, 1, 8 * layout.offsets_bytes)
+            well_formed &= (marks[:, self.numel:] == 0).all(dim=1)
+            inside = marks[:, :self.numel]
+            ends = torch.cumsum(inside, dim=1)
+            well_formed &= inside.sum(dim=1) == used
+            # Slot j is the (j + 1)-th set bit: the first position whose running count reaches j + 1.
+            positions = torch.searchsorted(ends.contiguous(), (slot + 1).contiguous())
+            has = positions < self.numel
+        else:
+            counts = section[:, 4:4 + 2 * layout.chunks].contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+            ends = torch.cumsum(counts, dim=1)
+            total = ends[:, -1] if layout.chunks else torch.zeros(world, dtype=torch.int64, device=device)
+            well_formed &= total == used
+            chunk = torch.searchsorted(ends.contiguous(), slot.contiguous(), right=True)
+            fields = unpack_bits(body, layout.bits, k) if layout.chunks else torch.zeros_like(slot)
+            positions = (chunk << layout.bits) + fields
+            has = (chunk < layout.chunks) & (positions < self.numel)
+        in_use = slot < used[:, None]
+        well_formed &= (has | ~in_use).all(dim=1)
+        return torch.where(has & in_use, positions, -1), well_formed
 
     def decode_sum(self, gathered: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Adds every rank's payload (``gathered``: uint8[world, nbytes]) into ``out`` (float32).
@@ -370,6 +501,12 @@ class PayloadFormat:
             indices = column(offset, 4 * slots, torch.int32).view(world, slots)
             valid = in_use
             indices = torch.where(valid, indices, torch.zeros_like(indices))
+        elif self.index == "local":
+            section = column(offset, self.index_bytes, torch.uint8).view(world, self.index_bytes)
+            indices, formed = self._local_positions(section, used.to(torch.int64))
+            well_formed &= formed
+            valid = indices >= 0
+            indices = indices.clamp_(min=0)
         else:
             blocks = self.blocks
             counts = column(offset, 4 * blocks, torch.int32).view(world, blocks)
@@ -425,7 +562,7 @@ class PayloadFormat:
         if out.dtype != torch.float32 or not out.is_contiguous() or out.device != gathered.device:
             raise ValueError(f"decode_average: out must be a contiguous float32 tensor on {gathered.device}, "
                              f"got {out.dtype} on {out.device} (contiguous: {out.is_contiguous()})")
-        if self.index == "csr16" and out.numel() != self.numel:
+        if self.positional and out.numel() != self.numel:
             raise ValueError(f"decode_average: out must have the bucket's {self.numel} entries, got "
                              f"{out.numel()}")
         return ops.decode_average_(out, gathered, self.slots, self.values, self.chunk, self.index,

@@ -253,11 +253,25 @@ __host__ __device__ constexpr int wire_qmax(WireValues v) {
   return v == WireValues::kInt8 ? 127 : v == WireValues::kInt4 ? 7 : v == WireValues::kInt2 ? 1 : 0;
 }
 
+// The index formats of a payload (csrc/ops/wire_layout.h's IndexKind, in the same order): int32
+// positions; csr16 (int32 counts per block of 65536 positions, then an int16 offset per slot); or
+// the chunk-local index (an int32 descriptor, then a uint16 count per chunk of 2^b positions and a
+// b-bit offset per slot packed LSB first, or a bitmap of the positions; wire_layout.h's
+// local_layout picks b or the bitmap).
+enum class WireIndex : int { kInt32 = 0, kCsr16 = 1, kLocal = 2 };
+
+// The local index's descriptor word in bitmap mode (wire_layout.h's kLocalBitmap); in offsets mode
+// it is b.
+constexpr int32_t kWireLocalBitmap = 256;
+
 // pack_payload: a whole payload of K entries (python/gradsieve/wire.py's layout, offsets from
 // pack_layout in csrc/ops/wire_layout.h; K slots, no padding) and the values as decoded (sent, K
 // floats, 0 at slots that are not valid). indices: K int64 (indices_int64) or int32; valid: K
 // bools or null (every slot valid); codec's values (scaled codecs: a scale per chunk of slots,
-// the last chunk partial); csr16 (blocks counts, then int16 offsets) or int32 positions.
+// the last chunk partial); int32 positions, csr16 (blocks counts, then int16 offsets) or the
+// local index (a slot not valid, or whose position is outside [0, numel), is neither counted nor
+// marked and has offset 0; counts wrap modulo 2^16 as uint16 do). The payload must be 4-byte
+// aligned (torch's allocations are).
 struct PackPayloadArgs {
   const bool* finite;
   const void* indices;
@@ -267,10 +281,13 @@ struct PackPayloadArgs {
   int64_t k;                // entries, = slots
   WireValues codec;
   int64_t chunk;            // scaled codecs: slots per scale
-  bool csr16;
-  int64_t blocks;           // csr16 blocks
-  int64_t index_offset;     // int32 positions, or csr16's int32 block counts
-  int64_t offsets_offset;   // csr16's int16 offsets
+  WireIndex index;
+  int64_t numel;            // the bucket's positions (the local index covers [0, numel))
+  int64_t blocks;           // csr16 blocks; local offsets mode: chunks of 2^local_bits positions
+  int local_bits;           // local index: b in [1, 15], or 0 in bitmap mode
+  int64_t index_offset;     // int32 positions, csr16's int32 block counts, or the local
+                            // descriptor (its uint16 counts 4 bytes on)
+  int64_t offsets_offset;   // csr16's int16 offsets; local: the b-bit offsets, or the bitmap
   int64_t scales_offset;    // scaled codecs' float32 scales
   int64_t values_offset;
   uint8_t* payload;

@@ -9,7 +9,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "gradsieve/cuda_kernels.h"  // WireValues
+#include "gradsieve/cuda_kernels.h"  // WireValues, WireIndex
 
 namespace gradsieve {
 namespace cuda {
@@ -26,11 +26,16 @@ struct DecodeAverageArgs {
   int64_t slots;            // K
   WireValues values;
   int64_t chunk;            // scaled codecs: slots per scale (the last chunk partial)
-  bool csr16;
+  WireIndex index;
   bool checksum;            // the header holds a checksum of the payload (bytes 8..11)
-  int64_t blocks;           // csr16 blocks
-  int64_t index_offset;     // int32 indices, or csr16's int32 block counts
-  int64_t offsets_offset;   // csr16's int16 offsets
+  int64_t blocks;           // the counted units of an index, a running sum kept per payload
+                            // for each: csr16 blocks; local: its chunks of 2^local_bits
+                            // positions (offsets mode) or its 32-bit bitmap words (bitmap
+                            // mode, ceil(numel / 32)); 0 for int32 indices
+  int local_bits;           // local index: b in [1, 15], or 0 in bitmap mode
+  int64_t index_offset;     // int32 indices, csr16's int32 block counts, or the local
+                            // descriptor (its uint16 counts 4 bytes on)
+  int64_t offsets_offset;   // csr16's int16 offsets; local: the b-bit offsets, or the bitmap
   int64_t scales_offset;    // scaled codecs' float32 scales
   int64_t num_scales;       // scaled codecs: ceil(slots / chunk); 0 otherwise
   int64_t values_offset;    // values_bytes = ceil(slots * B / 8) bytes from here
@@ -39,6 +44,7 @@ struct DecodeAverageArgs {
   bool* well_formed;        // world bools
 };
 
+// blocks: DecodeAverageArgs::blocks.
 size_t decode_average_workspace_bytes(int64_t world, int64_t blocks);
 cudaError_t decode_average(const DecodeAverageArgs& args, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream);
