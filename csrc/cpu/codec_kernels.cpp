@@ -19,23 +19,11 @@
 #include <mutex>
 
 #include "../ops/validation.h"
+#include "codec_cpu.h"
 #include "gradsieve/radix_key.h"
 
 namespace gradsieve {
 namespace cpu {
-namespace {
-
-constexpr int64_t kSerialPayload = int64_t(1) << 15;
-constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
-
-// The hot loops are plain float loops, cloned for AVX2 where the compiler supports function
-// multi-versioning (the loader picks the clone the machine runs), so they vectorise as wide as the
-// hardware allows without building the whole extension for one instruction set.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GRADSIEVE_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GRADSIEVE_CLONES
-#endif
 
 // max |x| of a chunk as the bit pattern of |x|: for floats without sign the integer order is the
 // numeric order, and NaN/Inf patterns (>= 0x7f800000) sort above every finite value, so one
@@ -50,6 +38,12 @@ GRADSIEVE_CLONES uint32_t chunk_abs_bits_max(const float* __restrict x, int64_t 
   }
   return m;
 }
+
+namespace {
+
+constexpr int64_t kSerialPayload = int64_t(1) << 15;
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
 
 // Round half to even, exactly, for |r| < 2^22 (here |r| <= 127): adding 1.5 * 2^23 moves r where
 // the float spacing is 1. Built with -ffp-contract=off and no fast-math, so nothing reorders it.

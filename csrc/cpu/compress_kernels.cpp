@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../ops/validation_compress.h"
+#include "codec_cpu.h"
 #include "radix_select_cpu.h"
 
 namespace gradsieve {
@@ -214,14 +215,7 @@ inline W to_wire(float v) { return static_cast<W>(v); }
 // the chunk holds NaN or Inf; intB: max |x| / qmax (quantize_int8's for int8); sign: the mean |x|
 // of the chunk's nonzero entries, summed in slot order (0 when none is nonzero).
 float chunk_scale(const float* x, int64_t n, Codec codec) {
-  // max |x| by its bits: NaN and Inf sort above every number.
-  uint32_t bits_max = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t b;
-    std::memcpy(&b, x + j, sizeof(b));
-    b &= 0x7fffffffu;
-    bits_max = b > bits_max ? b : bits_max;
-  }
+  const uint32_t bits_max = chunk_abs_bits_max(x, n);
   if (bits_max >= 0x7f800000u) return std::numeric_limits<float>::quiet_NaN();
   if (codec != Codec::kSign) {
     float amax;
