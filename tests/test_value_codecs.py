@@ -6,7 +6,6 @@ hand-built payloads, no padding, the rounding bounds, non-finite chunks, and hos
 (never a raise, never a write outside ``out``, the two decodes agreeing)."""
 
 import itertools
-import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wire_reference as W
+from wire_checks import (GUARD, SENTINEL, assert_same_bytes, assert_same_floats, bits, check_guards, decode_both,
+                         make_values, seeded)
 from conftest import requires_cuda
 from gradsieve.wire import PayloadFormat
 
@@ -25,46 +26,6 @@ INDEXES = ["int32", "csr16"]
 KS = [1, 5, 13, 256, 300]
 CHUNKS = [4, 7, 256]
 NUMELS = [1000, 70_000]  # 70000: two csr16 blocks
-GUARD = 16
-SENTINEL = -1234.5
-
-
-def seeded(*key) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def make_values(rng: np.random.Generator, k: int) -> np.ndarray:
-    """float32 values of varied magnitude, with zeros, a -0.0 and a repeated maximum."""
-    values = rng.standard_normal(k) * 10.0 ** rng.uniform(-3, 3)
-    values[rng.random(k) < 0.1] = 0.0
-    if k > 2:
-        values[rng.integers(0, k)] = -0.0
-        values[rng.integers(0, k)] = -np.abs(values).max()
-    return values.astype(np.float32)
-
-
-def bits(x) -> np.ndarray:
-    """float32 tensor or array as uint32 bits, NaNs made one pattern (their payload bits are
-    the hardware's choice)."""
-    a = np.array(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
-    a = a.reshape(-1).copy()
-    a[np.isnan(a)] = np.float32("nan")
-    return a.view(np.uint32)
-
-
-def assert_same_floats(got, want, what=""):
-    g, w = bits(got), bits(want)
-    assert g.shape == w.shape, what
-    bad = np.flatnonzero(g != w)
-    assert bad.size == 0, (f"{what}: {bad.size} entries differ, first at {bad[:5].tolist()}: "
-                           f"{g[bad[:5]].view(np.float32).tolist()} vs {w[bad[:5]].view(np.float32).tolist()}")
-
-
-def assert_same_bytes(got: torch.Tensor, want: np.ndarray, what=""):
-    g = got.cpu().numpy()
-    assert g.dtype == np.uint8 and g.shape == want.shape, (what, g.shape, want.shape)
-    bad = np.flatnonzero(g != want)
-    assert bad.size == 0, f"{what}: {bad.size} bytes differ, first at {bad[:8].tolist()}"
 
 
 def payload_format(k, codec, chunk, index, numel, checksum) -> PayloadFormat:
@@ -165,34 +126,6 @@ def reference_world(rng, world, k, codec, chunk, index, numel, checksum, spread)
     return np.stack(rows)
 
 
-def guarded(numel, fill):
-    big = torch.full((numel + 2 * GUARD,), SENTINEL)
-    out = big[GUARD:GUARD + numel]
-    out.fill_(fill)
-    return big, out
-
-
-def check_guards(big):
-    assert torch.equal(big[:GUARD], torch.full((GUARD,), SENTINEL)), "wrote before out"
-    assert torch.equal(big[-GUARD:], torch.full((GUARD,), SENTINEL)), "wrote after out"
-
-
-def decode_both(fmt, gathered: np.ndarray, divisor):
-    """decode_sum (into zeros) and decode_average (into garbage), both between guards; checks that
-    they agree bit for bit (average == zero + sum, then / divisor) and have the same flags."""
-    g = torch.from_numpy(np.ascontiguousarray(gathered))
-    big, out = guarded(fmt.numel, 0.0)
-    finite, well_formed = fmt.decode_sum(g, out)
-    check_guards(big)
-    big_avg, avg = guarded(fmt.numel, float("nan"))
-    finite_avg, well_formed_avg = fmt.decode_average(g, avg, divisor)
-    check_guards(big_avg)
-    assert finite.dtype == torch.bool and well_formed.dtype == torch.bool
-    assert finite.tolist() == finite_avg.tolist() and well_formed.tolist() == well_formed_avg.tolist()
-    assert_same_floats(avg, out / divisor, "decode_average vs decode_sum / divisor")
-    return out, avg, finite, well_formed
-
-
 @pytest.mark.parametrize("checksum", [False, True])
 @pytest.mark.parametrize("index", INDEXES)
 @pytest.mark.parametrize("codec", CODECS)
@@ -214,10 +147,11 @@ def test_decode_is_the_reference(codec, index, checksum):
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_what_pack_sends_is_what_decode_adds(codec):
-    rng = seeded("roundtrip", codec)
-    numel, k = 5000, 300
-    fmt = payload_format(k, codec, 7, "csr16", numel, True)
+@pytest.mark.parametrize("index, k, numel", [("csr16", 300, 5000), ("local", 300, 5000), ("local", 300, 1000),
+                                           ("local", 50, 70_000)])
+def test_what_pack_sends_is_what_decode_adds(codec, index, k, numel):
+    rng = seeded("roundtrip", codec, index, k, numel)
+    fmt = payload_format(k, codec, 7, index, numel, True)
     rows, want = [], torch.zeros(numel)
     for _ in range(3):
         idx = torch.from_numpy(rng.permutation(numel)[:k].astype(np.int64))

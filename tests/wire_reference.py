@@ -8,6 +8,7 @@ Layout (little-endian)::
                        zeroed, then 0
     index   int32[K]                                            (index="int32")
         or  int32[blocks] + int16[K] padded to 4 bytes          (index="csr16")
+        or  int32 descriptor + chunk-local offsets or a bitmap  (index="local", see below)
     scales  float32[ceil(K / chunk)]                            (scaled codecs only)
     values  ceil(K * B / 8) bytes                               (B bits per entry)
 
@@ -18,6 +19,13 @@ means negative.
 Decoding (:func:`decode_payloads`) adds, in float32, rank 0's slots in slot order, then rank 1's,
 ... into a float32 buffer starting at +0.0: the order a sequential decoder adds in, so that a sum
 can be compared bit for bit.
+
+index="local" (chunk-local indices; a function of K and numel only, :func:`local_layout`)::
+
+    int32 descriptor   b (offsets mode) or 256 (bitmap mode)
+    offsets mode       uint16 counts[ceil(numel / 2^b)] padded to 4 bytes, then K fields of b bits
+                       (LSB first; position & (2^b - 1); 0 at padding slots) padded to 4 bytes
+    bitmap mode        ceil(numel / 32) * 4 bytes, bit p set iff position p carries an entry
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ CODECS = {
     "int2": (2, True, 1),
     "sign": (1, True, None),
 }
-INDEXES = ("int32", "csr16")
+INDEXES = ("int32", "csr16", "local")
 HEADER = 8
 BLOCK = 1 << 16
+LOCAL_BITMAP = 256  # the descriptor of a local index in bitmap mode (offsets mode: b)
+LOCAL_MAX_BITS = 15
 
 
 # ------------------------------------------------------------------------------------ sizes
@@ -61,11 +71,46 @@ def blocks_of(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
+def local_nchunks(numel: int, b: int) -> int:
+    """Chunks of 2^b positions covering [0, numel)."""
+    return -(-numel // (1 << b))
+
+
+def local_offsets_bytes(K: int, numel: int, b: int) -> int:
+    """offsets_bytes(b): the uint16 counts padded to 4 bytes plus K b-bit fields padded to 4."""
+    return 4 * -(-local_nchunks(numel, b) // 2) + 4 * -(-K * b // 32)
+
+
+def local_bitmap_bytes(numel: int) -> int:
+    return 4 * -(-numel // 32)
+
+
+def local_layout(K: int, numel: int) -> Tuple[int, bool]:
+    """(b, bitmap) of a local index: b is the smallest of the b in 1..15 with the fewest
+    offsets bytes (0 in bitmap mode); bitmap mode iff its bytes are strictly fewer."""
+    best = min(range(1, LOCAL_MAX_BITS + 1), key=lambda b: (local_offsets_bytes(K, numel, b), b))
+    if local_bitmap_bytes(numel) < local_offsets_bytes(K, numel, best):
+        return 0, True
+    return best, False
+
+
+def local_descriptor(K: int, numel: int) -> int:
+    b, bitmap = local_layout(K, numel)
+    return LOCAL_BITMAP if bitmap else b
+
+
+def local_index_bytes(K: int, numel: int) -> int:
+    b, bitmap = local_layout(K, numel)
+    return 4 + (local_bitmap_bytes(numel) if bitmap else local_offsets_bytes(K, numel, b))
+
+
 def index_bytes(K: int, index: str, numel: int) -> int:
     if index == "int32":
         return 4 * K
     if index == "csr16":
         return 4 * blocks_of(numel) + -(-2 * K // 4) * 4
+    if index == "local":
+        return local_index_bytes(K, numel)
     raise ValueError(index)
 
 
@@ -185,33 +230,107 @@ def decode_codes(codes: np.ndarray, scales: np.ndarray, codec: str, chunk: int) 
         return (factor * s).astype(np.float32)
 
 
+def pack_fields(fields: np.ndarray, b: int, nbytes: int) -> np.ndarray:
+    """b-bit fields, LSB first (field j at bit j * b), into nbytes bytes (the rest 0)."""
+    fields = np.asarray(fields, dtype=np.int64).reshape(-1)
+    out = np.zeros(nbytes, dtype=np.uint8)
+    if fields.size and b:
+        assert ((fields >= 0) & (fields < (1 << b))).all()
+        bitarr = ((fields[:, None] >> np.arange(b, dtype=np.int64)) & 1).astype(np.uint8).reshape(-1)
+        packed = np.packbits(bitarr, bitorder="little")
+        out[:packed.size] = packed
+    return out
+
+
+def unpack_fields(raw: np.ndarray, b: int, n: int) -> np.ndarray:
+    """The first n b-bit fields (LSB first) of raw."""
+    if n == 0 or b == 0:
+        return np.zeros(n, dtype=np.int64)
+    bitarr = np.unpackbits(np.asarray(raw, dtype=np.uint8), bitorder="little")[:n * b]
+    assert bitarr.size == n * b
+    return (bitarr.reshape(n, b).astype(np.int64) << np.arange(b, dtype=np.int64)).sum(axis=1)
+
+
 def pack_codes(codes: np.ndarray, B: int, K: int) -> np.ndarray:
     """B-bit fields, LSB first, into ceil(K * B / 8) bytes (unused high bits 0)."""
-    out = np.zeros(-(-K * B // 8), dtype=np.uint8)
-    mask = (1 << B) - 1
-    for j in range(K):
-        field = int(codes[j]) & mask
-        bit = j * B
-        if B == 8:
-            out[j] = field
-        else:
-            out[bit // 8] |= np.uint8(field << (bit % 8))
-    return out
+    fields = np.asarray(codes, dtype=np.int64)[:K] & ((1 << B) - 1)  # two's complement in B bits
+    return pack_fields(fields, B, -(-K * B // 8))
 
 
 def unpack_codes(raw: np.ndarray, codec: str, K: int) -> np.ndarray:
     """The K codes of a values section (int codes sign-extended; sign: the bit)."""
     B = bits_per_entry(codec)
-    raw = np.asarray(raw, dtype=np.uint8)
-    mask = (1 << B) - 1
-    codes = np.zeros(K, dtype=np.int64)
-    for j in range(K):
-        bit = j * B
-        field = (int(raw[bit // 8]) >> (bit % 8)) & mask
-        if codec != "sign" and field >= 1 << (B - 1):
-            field -= 1 << B
-        codes[j] = field
-    return codes
+    codes = unpack_fields(np.asarray(raw, dtype=np.uint8)[:-(-K * B // 8)], B, K)
+    if codec != "sign":
+        codes = np.where(codes >= 1 << (B - 1), codes - (1 << B), codes)
+    return codes.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------ local index
+def encode_local(indices: np.ndarray, count: int, K: int, numel: int) -> np.ndarray:
+    """The local index section (descriptor included) of K slots in wire order, the first
+    ``count`` carrying entries at ``indices[:count]`` (ascending, distinct, in [0, numel))."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    used = indices[:count]
+    assert ((used >= 0) & (used < numel)).all(), "positions outside the bucket"
+    assert (np.diff(used) > 0).all(), "local indices go on the wire ascending and distinct"
+    b, bitmap = local_layout(K, numel)
+    section = np.zeros(local_index_bytes(K, numel), dtype=np.uint8)
+    section[0:4] = np.array([LOCAL_BITMAP if bitmap else b], dtype="<i4").view(np.uint8)
+    if bitmap:
+        bitarr = np.zeros(8 * local_bitmap_bytes(numel), dtype=np.uint8)
+        bitarr[used] = 1
+        section[4:] = np.packbits(bitarr, bitorder="little")
+        return section
+    nchunks = local_nchunks(numel, b)
+    counts = np.bincount(used >> b, minlength=nchunks).astype(np.int64)
+    assert counts.size == nchunks and (counts <= 0xFFFF).all()
+    counts_bytes = 4 * -(-nchunks // 2)
+    section[4:4 + 2 * nchunks] = counts.astype("<u2").view(np.uint8)
+    fields = np.zeros(K, dtype=np.int64)
+    fields[:count] = used & ((1 << b) - 1)  # padding slots: field 0
+    fields_bytes = 4 * -(-K * b // 32)
+    section[4 + counts_bytes:] = pack_fields(fields, b, fields_bytes)
+    return section
+
+
+def parse_local(section: np.ndarray, K: int, numel: int, used: int) -> Tuple[np.ndarray, bool]:
+    """(positions int64[K] with -1 where a slot has none, whether the index is well formed) of a
+    local index section, whatever its bytes. Only the first ``used`` slots get positions."""
+    section = np.ascontiguousarray(section, dtype=np.uint8)
+    assert section.size == local_index_bytes(K, numel)
+    b, bitmap = local_layout(K, numel)
+    positions = np.full(K, -1, dtype=np.int64)
+    descriptor = int(section[0:4].view("<i4")[0])
+    if descriptor != (LOCAL_BITMAP if bitmap else b):
+        return positions, False  # nothing can be read by a layout it does not claim
+    ok = True
+    if bitmap:
+        bitarr = np.unpackbits(section[4:], bitorder="little")
+        if bitarr[numel:].any():  # a bit set at p >= numel
+            ok = False
+        setbits = np.flatnonzero(bitarr[:numel])
+        if int(np.count_nonzero(bitarr)) != used:  # the number of set bits (all of them)
+            ok = False
+        n = min(used, setbits.size)
+        positions[:n] = setbits[:n]  # slot j: the (j+1)-th set bit below numel
+        if n < used:
+            ok = False  # slots in use without a position
+        return positions, ok
+    nchunks = local_nchunks(numel, b)
+    counts_bytes = 4 * -(-nchunks // 2)
+    counts = section[4:4 + 2 * nchunks].view("<u2").astype(np.int64)
+    if int(counts.sum()) != used:
+        ok = False
+    fields = unpack_fields(section[4 + counts_bytes:], b, K)
+    ends = np.cumsum(counts)
+    chunk_of = np.searchsorted(ends, np.arange(used), side="right")  # ends[c-1] <= j < ends[c]
+    pos = (chunk_of.astype(np.int64) << b) + fields[:used]
+    has = (chunk_of < nchunks) & (pos < numel)  # no such chunk, or past the bucket: no position
+    positions[:used] = np.where(has, pos, -1)
+    if not has.all():
+        ok = False
+    return positions, ok
 
 
 # ----------------------------------------------------------------------------------- encode
@@ -220,10 +339,11 @@ def encode_payload(finite: bool, indices, values, count: int, codec: str, chunk:
     """One payload from K slots in wire order.
 
     ``indices`` (int64[K]) and ``values`` (float32[K]) are the slots as they go on the wire; the
-    first ``count`` carry entries (for csr16 in ascending index order); the rest are padding:
-    their value is taken as 0 (whatever is given), their index written as given (int32) or as
-    its offset in its block (csr16; callers give 0). Returns ``(payload uint8[nbytes], sent
-    float32[K])``, ``sent`` being what a receiver decodes for each slot, 0 at padding slots.
+    first ``count`` carry entries (for csr16 and local in ascending index order); the rest are
+    padding: their value is taken as 0 (whatever is given), their index written as given (int32)
+    or as its offset in its block (csr16; callers give 0), or not at all (local: field 0, no
+    bit). Returns ``(payload uint8[nbytes], sent float32[K])``, ``sent`` being what a receiver
+    decodes for each slot, 0 at padding slots.
     """
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     values = np.asarray(values, dtype=np.float32).reshape(-1)
@@ -234,6 +354,8 @@ def encode_payload(finite: bool, indices, values, count: int, codec: str, chunk:
     payload[0:8] = np.array([1 if finite else 0, count], dtype="<i4").view(np.uint8)
     if index == "int32":
         payload[index_at:index_at + 4 * K] = indices.astype("<i4").view(np.uint8)
+    elif index == "local":
+        payload[index_at:scales_at] = encode_local(indices, count, K, numel)
     else:
         blocks = blocks_of(numel)
         counts = np.zeros(blocks, dtype=np.int64)
@@ -303,6 +425,8 @@ def parse_payload(row: np.ndarray, codec: str, chunk: int, index: str, numel: in
     assert row.size == nbytes
     flag, count = (int(v) for v in row[0:8].view("<i4"))
     ok = flag in (0, 1) and 0 <= count <= K
+    # Slots past the count decode at index 0, which an empty bucket does not have.
+    ok &= not (numel == 0 and K > 0)
     used = min(max(count, 0), K)
     if checksum_on:
         zeroed = row.copy()
@@ -316,6 +440,9 @@ def parse_payload(row: np.ndarray, codec: str, chunk: int, index: str, numel: in
                 positions[j] = idx[j]
             else:
                 ok = False
+    elif index == "local":
+        positions, index_ok = parse_local(row[index_at:scales_at], K, numel, used)
+        ok &= index_ok
     else:
         blocks = blocks_of(numel)
         counts = row[index_at:index_at + 4 * blocks].view("<i4").astype(np.int64)
@@ -396,7 +523,8 @@ def _self_check() -> None:  # pragma: no cover  (python tests/wire_reference.py)
     rng = np.random.default_rng(0)
     for codec in CODECS:
         for index in INDEXES:
-            for K, chunk, numel in [(1, 4, 10), (13, 4, 1000), (300, 7, 70000)]:
+            for K, chunk, numel in [(1, 4, 10), (13, 4, 1000), (300, 7, 70000), (300, 7, 1000),
+                                    (1000, 8, 1000), (3000, 256, 300000), (33, 5, 33)]:
                 idx = np.sort(rng.choice(numel, K, replace=False))
                 val = (rng.standard_normal(K) * 3).astype(np.float32)
                 payload, sent = encode_payload(True, idx, val, K, codec, chunk, index, numel, True)
@@ -404,6 +532,12 @@ def _self_check() -> None:  # pragma: no cover  (python tests/wire_reference.py)
                 want = np.zeros(numel, np.float32)
                 want[idx] = sent
                 assert ok.all() and fin.all() and np.array_equal(total, want), (codec, index, K)
+    # local layouts worked out by hand from the spec
+    assert local_layout(10_000, 1_000_000) == (10, False) and local_index_bytes(10_000, 1_000_000) == 14460
+    assert local_layout(300, 1000) == (0, True) and local_index_bytes(300, 1000) == 4 + 128
+    assert local_layout(3, 1000) == (9, False) and local_index_bytes(3, 1000) == 4 + 4 + 4
+    assert local_layout(3, 10) == (0, True) and local_layout(0, 10) == (3, False)
+    assert local_layout(0, 0) == (1, False) and local_index_bytes(0, 0) == 4
     print("ok")
 
 

@@ -338,6 +338,7 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
     const int64_t grain = std::max<int64_t>(1, kChunk / (group * step));
     at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
       std::vector<int64_t> local_counts(static_cast<size_t>(layout.blocks), 0);
+      std::vector<float> zeroed;  // a chunk with its padding slots as 0
       int64_t local_valid = 0;
       bool local_nan = false;
       for (int64_t g = t0 * step; g < std::min(groups, t1 * step); ++g) {
@@ -345,7 +346,13 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
         const int64_t stop = std::min(k, start + group);
         float scale = 0.0f;
         if (scaled) {
-          scale = chunk_scale(vals + start, stop - start, codec);
+          const float* chunk_values = vals + start;
+          if (ok != nullptr) {
+            zeroed.resize(static_cast<size_t>(stop - start));
+            for (int64_t j = start; j < stop; ++j) zeroed[j - start] = ok[j] ? vals[j] : 0.0f;
+            chunk_values = zeroed.data();
+          }
+          scale = chunk_scale(chunk_values, stop - start, codec);
           scales[g] = scale;
         }
         for (int64_t j = start; j < stop; ++j) {
@@ -363,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
           } else if (!local) {  // the local index is written below, in one pass
             index32[j] = static_cast<int32_t>(position);
           }
-          const float v = vals[j];
+          const float v = carries ? vals[j] : 0.0f;  // a padding slot goes on the wire as 0
           float got;
           switch (codec) {
             case Codec::kF16: {
@@ -421,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
     // exactly what PayloadFormat.pack writes.
     const auto dtype = codec == Codec::kF16 ? at::kHalf : at::kBFloat16;
     at::Tensor section = payload.narrow(0, layout.values_offset, 2 * k).view(dtype);
-    section.copy_(values);
+    section.copy_(has_valid ? at::where(valid, values, at::zeros({}, values.options())) : values);
     if (has_valid) {
       sent.copy_(at::where(valid, section.to(at::kFloat), at::zeros({}, sent.options())));
     } else {

@@ -155,6 +155,11 @@ __device__ __forceinline__ float decoded(int32_t code, float scale) {
   }
 }
 
+// Slot j's value as it goes on the wire: 0 at a slot that carries no entry (compress_kernels.cpp).
+__device__ __forceinline__ float wire_value(const PackPayloadArgs& a, int64_t j) {
+  return (a.valid == nullptr || a.valid[j]) ? a.values[j] : 0.0f;
+}
+
 // Adds n to the local index's uint16 count c (count c is the low half of little-endian 32-bit
 // word c / 2 for an even c, the high half for an odd one), modulo 2^16 as compress_kernels.cpp's
 // uint16 does: the high count's carry leaves the word; the low count's carry into the high one is
@@ -220,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
       // any order): NaN and Inf sort above every number.
       uint32_t bits_max = 0;
       for (int64_t j = start + threadIdx.x; j < stop; j += kThreads) {
-        const uint32_t bits = __float_as_uint(a.values[j]) & 0x7fffffffu;
+        const uint32_t bits = __float_as_uint(wire_value(a, j)) & 0x7fffffffu;
         bits_max = bits > bits_max ? bits : bits_max;
       }
       const uint32_t block_max =
@@ -237,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
           float sum = 0.0f;
           long long nonzero = 0;
           for (int64_t j = start; j < stop; ++j) {
-            const float v = a.values[j];
+            const float v = wire_value(a, j);
             sum = __fadd_rn(sum, fabsf(v));
             nonzero += v != 0.0f ? 1 : 0;
           }
@@ -279,7 +284,7 @@ __global__ void __launch_bounds__(kThreads)
         } else {
           index32[j] = static_cast<int32_t>(position);
         }
-        const float v = a.values[j];
+        const float v = carries ? a.values[j] : 0.0f;
         float got;
         if constexpr (kScaled) {
           const int32_t code = code_of<kCodec>(v, scale);
@@ -343,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) pack_codes_kernel(const PackPayloadA
     for (int t = 0; t < kPerByte; ++t) {
       const int64_t j = y * kPerByte + t;
       if (j < a.k) {
-        const int32_t code = code_of<kCodec>(a.values[j], scales[j / a.chunk]);
+        const int32_t code = code_of<kCodec>(wire_value(a, j), scales[j / a.chunk]);
         byte |= (static_cast<uint32_t>(code) & ((1u << kBits) - 1u)) << (t * kBits);
       }
     }

@@ -607,7 +607,8 @@ def decode_average_(
         values: the value codec: ``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``,
             ``"int2"`` or ``"sign"``.
         chunk: values per scale for the scaled codecs, in ``[1, 2^20]`` (ignored otherwise).
-        index: ``"int32"`` or ``"csr16"`` (blocks of 65536 over ``out.numel()`` entries).
+        index: ``"int32"``, ``"csr16"`` (blocks of 65536 over ``out.numel()`` entries) or
+            ``"local"`` (its layout a function of ``slots`` and ``out.numel()``).
         checksum: the header carries the payload's checksum (16 header bytes instead of 8).
         divisor: what the sum is divided by (the world size for an average), finite and > 0.
 
@@ -647,8 +648,9 @@ def pack_payload(
 
     Writes the header (finite flag; the number of slots that carry an entry: ``valid.sum()``, or
     K without ``valid``; with ``checksum`` a zeroed checksum field), the index section (int32
-    positions, or csr16 per-block counts of the valid entries then 16-bit offsets, padding slots
-    as position 0), the scales and the values or codes, bit for bit as
+    positions; csr16 per-block counts of the valid entries then 16-bit offsets; or the local index:
+    a descriptor, per-chunk counts and b-bit offsets, or a bitmap; padding slots as position 0 and
+    value 0), the scales and the values or codes, bit for bit as
     :meth:`~gradsieve.wire.PayloadFormat.pack` does with ``ordered=True``: the entries must
     already be valid first in ascending position order (not checked: that would synchronise), or
     the index int32 with no ``valid``. int8 values are quantized exactly as :func:`quantize_int8`
@@ -665,8 +667,8 @@ def pack_payload(
         wire: the value codec: ``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``,
             ``"int2"`` or ``"sign"``.
         chunk: entries per scale, in ``[1, 2^20]`` (read for the scaled codecs only).
-        index: ``"int32"`` or ``"csr16"``.
-        numel: the bucket's size (csr16 needs it for its block counts).
+        index: ``"int32"``, ``"csr16"`` or ``"local"``.
+        numel: the bucket's size (csr16 and local need it).
         checksum: the header has the 8-byte checksum field (zeroed here).
 
     Returns:

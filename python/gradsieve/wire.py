@@ -294,7 +294,7 @@ class PayloadFormat:
         """Encodes ``values`` (float32, the exact values chosen) at ``indices`` (int64).
 
         ``valid`` (bool, like ``indices``) marks the slots that carry an entry; the others are
-        padding and are not decoded. Entries go on the wire valid first (and, for csr16, in
+        padding: they go on the wire as value 0 (whatever is passed there) and are not decoded. Entries go on the wire valid first (and, for csr16, in
         ascending index order); no host synchronisation. ``ordered=True`` promises that they
         already are (valid entries first, in ascending index order), which saves a sort.
 
@@ -366,6 +366,8 @@ class PayloadFormat:
             if valid is None:
                 valid = torch.ones(k, dtype=torch.bool, device=device)
             indices = torch.where(valid, indices, torch.zeros_like(indices))
+        if valid is not None:
+            values = torch.where(valid, values, 0.0)  # a padding slot goes on the wire as 0
         payload = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
         header = payload[:self.header_bytes].view(torch.int32)
         header[0] = finite.to(torch.int32)
@@ -416,7 +418,8 @@ class PayloadFormat:
         carried = valid & (indices >= 0) & (indices < self.numel)
         if layout.bitmap:
             marks = torch.zeros(8 * layout.offsets_bytes, dtype=torch.int64, device=device)
-            marks.index_add_(0, torch.where(carried, indices, 0), carried.to(torch.int64))
+            if marks.numel():
+                marks.index_add_(0, torch.where(carried, indices, 0), carried.to(torch.int64))
             section[4:].copy_(pack_bits(marks.clamp(max=1), 1, layout.offsets_bytes))
             return section
         counts = torch.zeros(layout.chunks, dtype=torch.int64, device=device)
