@@ -46,7 +46,7 @@ def summary(_args) -> None:
             values = [r.get(metric) for r in records]
             gap = "-"
             if name != "none" and dense:
-                gap = f"{(statistics.mean(values) - statistics.mean(dense)) * scale:+.3g}"
+                gap = f"{(statistics.mean(values) - statistics.mean(dense)) * scale:+.{2 if scale > 1 else 3}f}"
             print(f"| {name.split(':')[0]} | {mean_std(values, scale)} | {gap} | {len(records)} |")
 
 
