@@ -80,8 +80,6 @@ inline IndexKind index_of(const char* op, c10::string_view name) {
               std::string(name.data(), name.size()), "'");
 }
 
-inline bool is_csr16(c10::string_view index) { return index == "csr16"; }
-
 // The descriptor word of a local index section in bitmap mode (in offsets mode it is b).
 constexpr int32_t kLocalBitmap = 256;
 

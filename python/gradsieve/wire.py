@@ -36,6 +36,7 @@ slot is padding for the codec's sake: the payload ends at the byte its last code
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -105,6 +106,7 @@ class LocalLayout:
         return LOCAL_BITMAP if self.bitmap else self.bits
 
 
+@functools.lru_cache(maxsize=1024)
 def local_layout(entries: int, numel: int) -> LocalLayout:
     best = None
     for bits in range(1, 16):
@@ -183,12 +185,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (int8[K]) as the values section: ``bits`` bits each, least significant bit first."""
     if bits == 8:
         return codes.view(torch.uint8)
-    per = 8 // bits
-    k = codes.numel()
-    fields = torch.zeros(-(-k // per) * per, dtype=torch.int32, device=codes.device)
-    fields[:k] = codes.to(torch.int32) & ((1 << bits) - 1)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (fields.view(-1, per) << shifts).sum(dim=1).to(torch.uint8)
+    return pack_bits(codes.to(torch.int64) & ((1 << bits) - 1), bits, -(-codes.numel() * bits // 8))
 
 
 def unpack_codes(section: torch.Tensor, bits: int, k: int, signed: bool) -> torch.Tensor:
@@ -196,10 +193,7 @@ def unpack_codes(section: torch.Tensor, bits: int, k: int, signed: bool) -> torc
     fields sign-extended when ``signed``, else the bits as they are."""
     if bits == 8:
         return section.view(torch.int8)[..., :k]
-    per = 8 // bits
-    shifts = torch.arange(per, device=section.device, dtype=torch.int32) * bits
-    fields = (section.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
-    fields = fields.reshape(*section.shape[:-1], -1)[..., :k]
+    fields = unpack_bits(section, bits, k)
     if signed:
         fields = torch.where(fields >= 1 << (bits - 1), fields - (1 << bits), fields)
     return fields.to(torch.int8)
