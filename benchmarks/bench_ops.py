@@ -16,8 +16,10 @@ For each size n and density k/n it times, on CPU and (when present) CUDA:
                   the rho blend; float32 grad, a Hessian diagonal given)
   segment_mean    vs eager float64 per-segment sums (repeat_interleave ids, index_add_) over a
                   bucket cut into 256 random segments (some of them empty)
-  csr16_pack / csr16_decode: the wire format with index="csr16" vs index="int32" (k entries, int8
-                  values; decode of 8 payloads), whole PayloadFormat.pack / decode_sum calls
+  csr16_pack / csr16_decode, local_pack / local_decode: the wire format with index="csr16" or
+                  "local" vs index="int32" (k entries, int8 values; decode of 8 payloads); and
+                  int4l_pack / int4l_decode: the recommended low-bit wire (int4 values, chunk 32,
+                  local index) vs the same int32/int8 one; whole PayloadFormat.pack / decode_sum
 Timings are medians over repeats after warm-up (CUDA: device events). With --threads the CPU
 rows are measured at each of the given thread counts (default: torch's default count only),
 gradsieve and its baseline alike under torch.set_num_threads; the `thr` column says which, and a
@@ -291,11 +293,13 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
         # Reads: grad, residual, average, momentum; writes: average_out, residual_out.
         add("adaptive_select", density, ours, {"eager_adaptive": base}, n * (elem + 20) + cap * 12)
 
-        # The wire: k entries at sorted random positions, int8 values, csr16 against int32.
+        # The wire: k entries at sorted random positions, int8 values, csr16 and local against
+        # int32; and int4 values with chunk 32 and the local index.
         positions = torch.randperm(n, device=device)[:k].sort().values
         entry_values = torch.randn(k, device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
-        formats = {index: PayloadFormat(k, "int8", 256, index, n) for index in ("int32", "csr16")}
+        formats = {index: PayloadFormat(k, "int8", 256, index, n) for index in ("int32", "csr16", "local")}
+        formats["int4l"] = PayloadFormat(k, "int4", min(32, k), "local", n)
         packed = {index: fmt.pack(finite, positions, entry_values, None, True)[0] for index, fmt in formats.items()}
         pack_t = {index: timer(device, lambda fmt=fmt: fmt.pack(finite, positions, entry_values, None, True), repeats)
                   for index, fmt in formats.items()}
@@ -304,10 +308,11 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
         decode_t = {index: timer(device, lambda fmt=fmt, index=index: fmt.decode_sum(gathered[index], decode_out),
                                  repeats) for index, fmt in formats.items()}
         bytes_entry = {index: (fmt.nbytes - 8) / k for index, fmt in formats.items()}
-        add("csr16_pack", density, pack_t["csr16"], {"int32_pack": pack_t["int32"]}, 0)
-        rows[-1].update(bytes_per_entry=bytes_entry["csr16"], int32_bytes_per_entry=bytes_entry["int32"])
-        add("csr16_decode", density, decode_t["csr16"], {"int32_decode": decode_t["int32"]}, 0)
-        rows[-1].update(bytes_per_entry=bytes_entry["csr16"], int32_bytes_per_entry=bytes_entry["int32"])
+        for wire in ("csr16", "local", "int4l"):
+            add(f"{wire}_pack", density, pack_t[wire], {"int32_pack": pack_t["int32"]}, 0)
+            rows[-1].update(bytes_per_entry=bytes_entry[wire], int32_bytes_per_entry=bytes_entry["int32"], wire=wire)
+            add(f"{wire}_decode", density, decode_t[wire], {"int32_decode": decode_t["int32"]}, 0)
+            rows[-1].update(bytes_per_entry=bytes_entry[wire], int32_bytes_per_entry=bytes_entry["int32"], wire=wire)
         del decode_out, gathered
 
     rank = n - max(1, int(n * densities[0]))
@@ -385,7 +390,7 @@ def print_table(rows):
         print(f"{r['device']:6} {r['op']:18} {threads:>3} {r['n']:>11} {density:>6} {r['gradsieve_ms']:13.3f} "
               f"{r['baseline']:>15} {r['baseline_ms']:12.3f} {r['speedup']:7.2f}x {floor}  {met}")
         if "bytes_per_entry" in r:
-            print(f"{'':6} {'':18} {'':>3} {'':>11} {'':>6} bytes/entry: csr16 {r['bytes_per_entry']:.2f}, "
+            print(f"{'':6} {'':18} {'':>3} {'':>11} {'':>6} bytes/entry: {r.get('wire', 'csr16')} {r['bytes_per_entry']:.2f}, "
                   f"int32 {r['int32_bytes_per_entry']:.2f}")
         if "topk_unsorted_ms" in r:
             print(f"{'':6} {'':18} {'':>3} {'':>11} {'':>6} {'':>13} {'sorted=False':>15} "

@@ -120,13 +120,15 @@ def test_bench_ops_ran_with_sparse_accumulate_and_targets(dry_run):
     ops = {row["op"] for row in rows}
     assert ops == {"topk_abs", "quantile_abs", "ef_topk_", "regtopk_select_", "quantize_int8",
                    "sparse_accumulate_", "adaptive_select", "csr16_pack", "csr16_decode",
+                   "local_pack", "local_decode", "int4l_pack", "int4l_decode",
                    "predictive_score", "influence_update", "segment_mean"}
     sparse = [row for row in rows if row["op"] == "sparse_accumulate_"]
     assert [row["density"] for row in sparse] == [0.001, 0.01]
     assert all(row["baseline"] == "index_add_" and row["n"] == 4096 and row["gradsieve_ms"] > 0
                for row in sparse)
-    # Every kernel op has CUDA targets; the csr16 rows compare two wire formats and have none.
-    assert set(result["machine"]["targets"]) == ops - {"csr16_pack", "csr16_decode"}
+    # Every kernel op has CUDA targets; the wire rows compare two wire formats and have none.
+    wire_rows = {f"{wire}_{step}" for wire in ("csr16", "local", "int4l") for step in ("pack", "decode")}
+    assert set(result["machine"]["targets"]) == ops - wire_rows
     assert all("met" not in row for row in rows), "targets are for CUDA rows only"
 
 

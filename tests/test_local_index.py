@@ -2,9 +2,10 @@
 tests/wire_reference.py: the choice of the layout (b, offsets or bitmap mode) and the sizes, the
 bytes and ``sent`` of ``PayloadFormat.pack`` / ``pack_reference`` (ordered and with a ``valid``
 mask) for every codec, the sums and flags of ``decode_sum`` / ``decode_average`` bit for bit,
-hand-built payloads of both modes, each well-formedness rule of the local index, hostile bytes
-(never a raise, never a write outside ``out``, the flags of the reference) and the bits an entry's
-index takes at density 0.01."""
+hand-built payloads of both modes (the spec's worked example among them), each well-formedness rule
+of the local index (offsets mode: the descriptor, the unary part's set bits, padding bits included,
+the chunks and positions they give), hostile bytes (never a raise, never a write outside ``out``,
+the flags of the reference) and the bits an entry's index takes at density 0.01."""
 
 import itertools
 
@@ -24,10 +25,10 @@ CODECS = ["fp32", "fp16", "int8", "int4", "int2", "sign"]
 ALL_CODECS = CODECS + ["bf16"]
 SCALED = ["int8", "int4", "int2", "sign"]
 
-# (K, numel): offsets mode at densities 0.0005 to 0.05, then bitmap mode (density >= 0.2)
+# (K, numel): offsets mode at densities 0.0005 to 0.2, then bitmap mode (density >= 0.3)
 OFFSETS_CONFIGS = [(1, 1000), (5, 1000), (50, 1000), (35, 70_000), (700, 70_000), (150, 300_000),
-                   (1500, 300_000)]
-BITMAP_CONFIGS = [(200, 1000), (300, 1000), (1000, 1000), (40, 200)]
+                   (1500, 300_000), (200, 1000), (40, 200)]
+BITMAP_CONFIGS = [(300, 1000), (1000, 1000), (70, 200)]
 CONFIGS = OFFSETS_CONFIGS + BITMAP_CONFIGS
 
 
@@ -66,29 +67,47 @@ def test_the_configurations_cover_both_modes():
 
 
 def test_layouts_worked_out_by_hand():
-    # density 0.01 over 1e6: b=10 (977 chunks: 1956 bytes of counts; 12500 bytes of offsets)
+    # offsets_bytes(b) = 4 * ceil((K + nchunks) / 32) + 4 * ceil(K * b / 32), nchunks = ceil(numel / 2^b)
+    # density 0.01 over 1e6: b=6 (15625 chunks: 25625 unary bits in 3204 bytes; 60000 bits of offsets
+    # in 7500 bytes: 10704); b=5 takes 5160 + 6252, b=7 2228 + 8752
     fmt = local_format(10_000, "fp32", 256, 1_000_000)
-    assert (fmt.local_bits, fmt.local_bitmap) == (10, False)
-    assert fmt.nbytes == 8 + 4 + 1956 + 12500 + 4 * 10_000
-    # K=300 over 1000: a bitmap of 128 bytes beats any b
+    assert (fmt.local_bits, fmt.local_bitmap) == (6, False)
+    assert fmt.nbytes == 8 + 4 + 3204 + 7500 + 4 * 10_000
+    # K=300 over 1000: a bitmap of 128 bytes beats any b (b=1: 800 unary bits, 100 bytes, + 40)
     fmt = local_format(300, "int4", 7, 1000)
     assert (fmt.local_bits, fmt.local_bitmap) == (0, True)
     assert fmt.nbytes == 8 + 4 + 128 + 4 * 43 + 150
-    # K=3 over 1000: b=9 and b=10 both take 8 bytes; the smaller b wins
+    # K=200 over 1000 (density 0.2): b=2 (250 chunks: 450 bits in 60 bytes; 400 bits in 52) beats
+    # the bitmap's 128 and b=1 (88 + 28), b=3 (44 + 76)
+    fmt = local_format(200, "fp32", 256, 1000)
+    assert (fmt.local_bits, fmt.local_bitmap) == (2, False)
+    assert fmt.nbytes == 8 + 4 + 60 + 52 + 4 * 200
+    # K=70 over 200 (density 0.35): the bitmap (28 bytes) beats b=1 (170 bits: 24 + 12) and b=2
+    # (120 bits: 16; 140 bits: 20)
+    fmt = local_format(70, "fp32", 256, 200)
+    assert (fmt.local_bits, fmt.local_bitmap) == (0, True) and fmt.nbytes == 8 + 4 + 28 + 4 * 70
+    # K=3 over 1000 (the spec's worked example): b=6 (16 chunks: 19 bits in 4 bytes; 18 bits in 4);
+    # every b <= 5 has 32 chunks or more: 8 bytes of unary part alone
     fmt = local_format(3, "sign", 256, 1000, True)
-    assert (fmt.local_bits, fmt.local_bitmap) == (9, False)
+    assert (fmt.local_bits, fmt.local_bitmap) == (6, False)
     assert fmt.nbytes == 16 + 4 + 4 + 4 + 4 + 1
-    # K=3 over 10: offsets take 8 bytes at best (b=3), the bitmap 4
+    # K=13 over 1000: b=6 (29 unary bits in 4 bytes; 78 bits of offsets in 12); b=7 (21 bits; 91
+    # bits) takes as many bytes, b=5 (45 bits: 8; 65 bits: 12) more
+    fmt = local_format(13, "fp32", 256, 1000)
+    assert (fmt.local_bits, fmt.local_bitmap) == (6, False) and fmt.nbytes == 8 + 4 + 4 + 12 + 4 * 13
+    # K=3 over 10: offsets take 8 bytes at best (4 + 4), the bitmap 4
     assert (local_format(3, "fp32", 256, 10).local_bits, local_format(3, "fp32", 256, 10).local_bitmap) == (0, True)
-    # K=0 over 10: b=3 (2 chunks) takes 4 bytes, the bitmap 4 too: a tie is offsets mode
+    # K=0 over 10: b=1 (5 chunks: 5 bits in 4 bytes; no offsets) takes 4 bytes, the bitmap 4 too: a
+    # tie is offsets mode, and the smallest b
     fmt = local_format(0, "fp32", 256, 10)
-    assert (fmt.local_bits, fmt.local_bitmap) == (3, False) and fmt.nbytes == 8 + 4 + 4
+    assert (fmt.local_bits, fmt.local_bitmap) == (1, False) and fmt.nbytes == 8 + 4 + 4
     # numel 0: no chunk, no bitmap word; b=1 and nothing but the descriptor
     fmt = local_format(0, "int8", 256, 0)
     assert (fmt.local_bits, fmt.local_bitmap) == (1, False) and fmt.nbytes == 8 + 4
-    # K=4 over 70000: b=15 (3 chunks, 8 bytes of counts; 60 bits of offsets, 8 bytes)
+    # K=4 over 70000: b=12 (18 chunks: 22 bits in 4 bytes; 48 bits in 8); b=13, 14, 15 (9, 5, 3
+    # chunks) take 12 bytes too, b=11 (35 chunks: 39 bits in 8; 44 bits in 8) 16
     fmt = local_format(4, "fp16", 256, 70_000)
-    assert (fmt.local_bits, fmt.local_bitmap) == (15, False) and fmt.nbytes == 8 + 4 + 8 + 8 + 8
+    assert (fmt.local_bits, fmt.local_bitmap) == (12, False) and fmt.nbytes == 8 + 4 + 4 + 8 + 8
 
 
 def test_layout_is_the_reference():
@@ -118,7 +137,7 @@ def test_nbytes_is_the_reference(codec, checksum):
 
 def test_index_bits_per_entry_at_density_one_percent():
     """The local index beats csr16 (about 16 bits an entry) at any density; at 0.01 over 1e6 it
-    takes under 12 bits an entry, descriptor and counts included."""
+    takes 10708 bytes, 8.57 bits an entry (under 9), descriptor and unary part included."""
     numel = 1_000_000
     table = {}
     for density in [0.0005, 0.001, 0.01, 0.05, 0.1, 0.2, 0.5]:
@@ -128,8 +147,10 @@ def test_index_bits_per_entry_at_density_one_percent():
         assert local == W.index_bytes(k, "local", numel)
         assert local < csr16, density
         table[density] = local * 8 / k
-    assert table[0.01] < 12, table
-    assert table[0.2] < 6 and table[0.5] < 2.01, table  # bitmap mode: numel / K bits an entry
+    assert local_format(10_000, "fp32", 256, numel).nbytes == 8 + 10708 + 4 * 10_000
+    assert table[0.01] < 9, table
+    assert table[0.2] < 4.3, table  # offsets mode, b=2: 1 + 1/(0.2 * 4) + 2 bits an entry
+    assert table[0.5] < 2.01, table  # bitmap mode: numel / K bits an entry
 
 
 # -------------------------------------------------------------------------------------- pack
@@ -189,6 +210,8 @@ def test_pack_is_the_reference_large(codec, checksum):
         rng = seeded("pack-large", codec, checksum, k, numel)
         fmt = local_format(k, codec, 256, numel, checksum)
         pack_cases(fmt, rng, k, codec, 256, numel, checksum, f"k={k} numel={numel}")
+        ok, _ = check_decode(fmt, reference_world(rng, 2, k, codec, 256, numel, checksum, numel), f"k={k}")
+        assert ok.all()
 
 
 # ------------------------------------------------------------------------------------ decode
@@ -331,40 +354,46 @@ def hand_check(fmt, raw, want: dict, well_formed=True):
 
 
 def test_hand_built_offsets_payload():
-    """K=3 over 1000: b=9, 2 chunks of 512. Positions 3, 511 (chunk 0), 700 (chunk 1, field
-    188): counts [2, 1]; fields at bits 0, 9, 18; fp32 values."""
+    """The spec's worked example. K=3 over 1000: b=6, 16 chunks of 64. Positions 5, 7 (chunk 0),
+    600 (chunk 9, field 24): unary bits 0, 1 and 2 + 9 = 11 (bytes 0b11, 0b1000, 0, 0); fields 5,
+    7, 24 at bits 0, 6, 12; fp32 values."""
     fmt = local_format(3, "fp32", 256, 1000)
-    assert (fmt.local_bits, fmt.local_bitmap) == (9, False)
-    raw = (header(1, 3) + le32(9) + list(np.array([2, 1], "<u2").view(np.uint8))
-           + list((3 | 511 << 9 | 188 << 18).to_bytes(4, "little"))
+    assert (fmt.local_bits, fmt.local_bitmap) == (6, False)
+    raw = (header(1, 3) + le32(6) + [0b0000_0011, 0b0000_1000, 0, 0]
+           + list((5 | 7 << 6 | 24 << 12).to_bytes(4, "little"))
            + list(np.array([1.5, -2.0, 4.0], "<f4").view(np.uint8)))
-    hand_check(fmt, raw, {3: 1.5, 511: -2.0, 700: 4.0})
-    # what pack writes is this payload
-    payload, sent = fmt.pack(torch.tensor(True), torch.tensor([700, 3, 511]), torch.tensor([4.0, 1.5, -2.0]))
+    hand_check(fmt, raw, {5: 1.5, 7: -2.0, 600: 4.0})
+    # what pack (and the reference) write is this payload
+    assert W.encode_payload(True, [5, 7, 600], [1.5, -2.0, 4.0], 3, "fp32", 256, "local", 1000,
+                            False)[0].tolist() == raw
+    payload, sent = fmt.pack(torch.tensor(True), torch.tensor([600, 5, 7]), torch.tensor([4.0, 1.5, -2.0]))
     assert payload.tolist() == raw
     assert sent.tolist() == [4.0, 1.5, -2.0]
 
 
 def test_hand_built_offsets_payload_with_an_empty_chunk_and_padding():
-    """K=4 over 70000: b=15, 3 chunks (the last partial). Positions 5, 32767 (chunk 0), 65636,
-    69999 (chunk 2, fields 100, 4463), chunk 1 empty; int2 codes 1, -1, -2, 1, scale 2 (chunk 4).
-    Then the same with a count of 3: the 4th slot is padding (counts [2, 0, 1], field 0)."""
+    """K=4 over 70000: b=12, 18 chunks of 4096 (the last partial). Positions 5, 4095 (chunk 0),
+    8292 (chunk 2, field 100), 69999 (chunk 17, field 367); chunks 1 and 3..16 empty: unary bits
+    0, 1, 2 + 2 = 4, 3 + 17 = 20 (bytes 0x13, 0, 0x10, 0); int2 codes 1, -1, -2, 1, scale 2 (chunk
+    4). Then the same with a count of 3: the 4th slot is padding (no bit, field 0)."""
     fmt = local_format(4, "int2", 4, 70_000)
-    assert (fmt.local_bits, fmt.local_bitmap) == (15, False)
-    counts = list(np.array([2, 0, 2, 0], "<u2").view(np.uint8))  # 3 counts + padding to 8 bytes
-    fields = list((5 | 32767 << 15 | 100 << 30 | 4463 << 45).to_bytes(8, "little"))
-    raw = header(1, 4) + le32(15) + counts + fields + list(np.array([2.0], "<f4").view(np.uint8)) + [0b01_10_11_01]
-    hand_check(fmt, raw, {5: 2.0, 32767: -2.0, 65636: -4.0, 69999: 2.0})
-    payload, _ = fmt.pack(torch.tensor(True), torch.tensor([5, 32767, 65636, 69999]),
+    assert (fmt.local_bits, fmt.local_bitmap) == (12, False)
+    unary = [0x13, 0x00, 0x10, 0x00]
+    fields = list((5 | 4095 << 12 | 100 << 24 | 367 << 36).to_bytes(8, "little"))
+    raw = header(1, 4) + le32(12) + unary + fields + list(np.array([2.0], "<f4").view(np.uint8)) + [0b01_10_11_01]
+    hand_check(fmt, raw, {5: 2.0, 4095: -2.0, 8292: -4.0, 69999: 2.0})
+    payload, _ = fmt.pack(torch.tensor(True), torch.tensor([5, 4095, 8292, 69999]),
                           torch.tensor([2.0, -2.0, -4.0, 2.0]), ordered=True)
-    assert payload[:28].tolist() == raw[:28]  # the values get scale 4 (max |x| / qmax): index only
+    assert payload[:24].tolist() == raw[:24]  # the values get scale 4 (max |x| / qmax): index only
 
-    counts = list(np.array([2, 0, 1, 0], "<u2").view(np.uint8))
-    fields = list((5 | 32767 << 15 | 100 << 30).to_bytes(8, "little"))
-    raw = (header(1, 3) + le32(15) + counts + fields + list(np.array([4.0 / 1.0], "<f4").view(np.uint8))
+    unary = [0x13, 0x00, 0x00, 0x00]
+    fields = list((5 | 4095 << 12 | 100 << 24).to_bytes(8, "little"))
+    raw = (header(1, 3) + le32(12) + unary + fields + list(np.array([4.0 / 1.0], "<f4").view(np.uint8))
            + [0b00_11_11_01])  # values 4, -4, -4 (then a padding slot): scale 4, codes 1 -1 -1 0
-    hand_check(fmt, raw, {5: 4.0, 32767: -4.0, 65636: -4.0})
-    payload, _ = fmt.pack(torch.tensor(True), torch.tensor([5, 32767, 65636, 0]), torch.tensor([4.0, -4.0, -4.0, 0.0]),
+    hand_check(fmt, raw, {5: 4.0, 4095: -4.0, 8292: -4.0})
+    assert W.encode_payload(True, [5, 4095, 8292, 0], [4.0, -4.0, -4.0, 0.0], 3, "int2", 4, "local", 70_000,
+                            False)[0].tolist() == raw
+    payload, _ = fmt.pack(torch.tensor(True), torch.tensor([5, 4095, 8292, 0]), torch.tensor([4.0, -4.0, -4.0, 0.0]),
                           torch.tensor([True, True, True, False]), ordered=True)
     assert payload.tolist() == raw
 
@@ -384,25 +413,25 @@ def test_hand_built_bitmap_payload():
 
 
 def test_hand_built_bitmap_payload_over_two_words_with_padding():
-    """K=40 over 200 (density 0.2): bitmap of 7 words; sign codec; count 3 of 40: positions 33,
+    """K=70 over 200 (density 0.35): bitmap of 7 words; sign codec; count 3 of 70: positions 33,
     64, 199 (the last position, bit 7 of byte 24)."""
-    fmt = local_format(40, "sign", 256, 200)
+    fmt = local_format(70, "sign", 256, 200)
     assert (fmt.local_bits, fmt.local_bitmap) == (0, True)
     bitmap = [0] * 28
     bitmap[4] = 0x02  # 33
     bitmap[8] = 0x01  # 64
     bitmap[24] = 0x80  # 199
-    raw = header(1, 3) + le32(256) + bitmap + list(np.array([0.75], "<f4").view(np.uint8)) + [0b010] + [0] * 4
+    raw = header(1, 3) + le32(256) + bitmap + list(np.array([0.75], "<f4").view(np.uint8)) + [0b010] + [0] * 8
     hand_check(fmt, raw, {33: 0.75, 64: -0.75, 199: 0.75})
-    valid = torch.zeros(40, dtype=torch.bool)
-    valid[[3, 17, 39]] = True
-    idx = torch.zeros(40, dtype=torch.int64)
-    idx[[3, 17, 39]] = torch.tensor([199, 33, 64])
-    x = torch.zeros(40)
-    x[[3, 17, 39]] = torch.tensor([1.0, 0.25, -1.0])
+    valid = torch.zeros(70, dtype=torch.bool)
+    valid[[3, 17, 69]] = True
+    idx = torch.zeros(70, dtype=torch.int64)
+    idx[[3, 17, 69]] = torch.tensor([199, 33, 64])
+    x = torch.zeros(70)
+    x[[3, 17, 69]] = torch.tensor([1.0, 0.25, -1.0])
     payload, sent = fmt.pack(torch.tensor(True), idx, x, valid)
     assert payload.tolist() == raw
-    assert sent[[3, 17, 39]].tolist() == [0.75, 0.75, -0.75] and not sent[~valid].any()
+    assert sent[[3, 17, 69]].tolist() == [0.75, 0.75, -0.75] and not sent[~valid].any()
 
 
 # ------------------------------------------------------------------------------- malformed
@@ -417,8 +446,18 @@ def built_payload(mode, codec, checksum, k, numel, count=None):
 
 
 def offsets_payload(codec, checksum, k=13, numel=1000, count=None):
-    """Offsets mode (K=13 over 1000: b=9, the second chunk of 512 partial)."""
+    """Offsets mode (K=13 over 1000: b=6, 16 chunks of 64, the last, 960..1023, partial; a unary
+    part of 29 bits and 3 padding bits in 4 bytes; 78 bits of offsets in 12 bytes)."""
     return built_payload("offsets-payload", codec, checksum, k, numel, count)
+
+
+def unary_bits(row: np.ndarray, at: int, nbytes: int) -> np.ndarray:
+    """The bits of the unary part (bit q: bit q % 8 of byte q // 8)."""
+    return np.unpackbits(row[at + 4:at + 4 + nbytes], bitorder="little")
+
+
+def set_unary_bits(row: np.ndarray, at: int, bitarr: np.ndarray) -> None:
+    row[at + 4:at + 4 + bitarr.size // 8] = np.packbits(bitarr, bitorder="little")
 
 
 def bitmap_payload(codec, checksum, k=300, numel=1000, count=None):
@@ -426,8 +465,11 @@ def bitmap_payload(codec, checksum, k=300, numel=1000, count=None):
 
 
 OFFSETS_MALFORMED = ["descriptor-plus-one", "descriptor-minus-one", "descriptor-bitmap", "descriptor-zero",
-                     "descriptor-negative", "counts-above", "counts-below", "counts-high-bit",
-                     "header-count-below", "position-past-numel", "counts-into-missing-chunk"]
+                     "descriptor-negative", "unary-extra-bit", "unary-extra-bit-after-the-used",
+                     "unary-cleared-bit", "unary-padding-bit", "unary-padding-bit-popcount-right",
+                     "unary-into-missing-chunk", "header-count-above", "header-count-below",
+                     "position-past-numel"]
+SHORT = ("unary-extra-bit-after-the-used", "unary-into-missing-chunk", "header-count-above")
 
 
 @pytest.mark.parametrize("checksum", [False, True])
@@ -437,15 +479,17 @@ def test_malformed_offsets_payload(what, codec, checksum):
     k, numel = 13, 1000
     fmt = local_format(k, codec, 4, numel, checksum)
     b = fmt.local_bits
-    assert (b, fmt.local_bitmap) == (9, False)
-    nchunks = 2
-    count = k - 2 if what == "counts-into-missing-chunk" else k
+    assert (b, fmt.local_bitmap) == (6, False)
+    nchunks, unary_bytes, fields_bytes = 16, 4, 12
+    count = k - 2 if what in SHORT else k
     row, idx = offsets_payload(codec, checksum, k, numel, count)
+    assert idx[count - 1] == numel - 1  # the last slot in use: chunk 15, bit count - 1 + 15
     at = index_at(checksum)
     descriptor = row[at:at + 4].view("<i4")
-    counts = row[at + 4:at + 4 + 2 * nchunks].view("<u2")
-    fields_at = at + 4 + 4
-    fields = W.unpack_fields(row[fields_at:fields_at + 4 * -(-k * b // 32)], b, k)
+    unary = unary_bits(row, at, unary_bytes)
+    assert np.flatnonzero(unary).tolist() == (np.arange(count) + (idx[:count] >> b)).tolist()
+    fields_at = at + 4 + unary_bytes
+    fields = W.unpack_fields(row[fields_at:fields_at + fields_bytes], b, k)
     if what == "descriptor-plus-one":
         descriptor[0] = b + 1
     elif what == "descriptor-minus-one":
@@ -456,22 +500,35 @@ def test_malformed_offsets_payload(what, codec, checksum):
         descriptor[0] = 0
     elif what == "descriptor-negative":
         descriptor[0] = -9
-    elif what == "counts-above":
-        counts[0] += 1
-    elif what == "counts-below":
-        counts[1] -= 1  # the last position is in chunk 1
-    elif what == "counts-high-bit":
-        counts[0] += 0x8000  # a uint16 count, not -32768 + ...
+    elif what == "unary-extra-bit":
+        unary[np.flatnonzero(unary == 0)[0]] = 1  # the first clear bit: the later slots shift a chunk
+    elif what == "unary-extra-bit-after-the-used":
+        # bit 28, the last of the K + nchunks bits, past the used slots' bits: every slot in use decodes
+        # as before, only the number of set bits (12 for a count of 11) is wrong
+        assert unary[28] == 0 and unary[:28].sum() == count
+        unary[28] = 1
+    elif what == "unary-cleared-bit":
+        unary[np.flatnonzero(unary)[count // 2]] = 0  # the last slot has no (j+1)-th set bit
+    elif what == "unary-padding-bit":
+        assert unary[29:].sum() == 0
+        unary[30] = 1  # a padding bit is read: 14 set bits for 13 slots
+    elif what == "unary-padding-bit-popcount-right":
+        unary[np.flatnonzero(unary)[-1]] = 0
+        unary[31] = 1  # 13 set bits; the last slot's: q = 31, chunk 31 - 12 = 19 >= 16
+    elif what == "unary-into-missing-chunk":
+        # the last slot in use (count 11: slot 10, chunk 15, bit 25) moved to the next chunk: bit 26,
+        # chunk 16 >= nchunks; the number of set bits is right
+        assert unary[25] == 1 and unary[26] == 0
+        unary[25], unary[26] = 0, 1
+    elif what == "header-count-above":
+        row[4:8] = np.array([count + 1], "<i4").view(np.uint8)  # 11 set bits, 12 slots in use
     elif what == "header-count-below":
-        row[4:8] = np.array([k - 1], "<i4").view(np.uint8)
+        row[4:8] = np.array([k - 1], "<i4").view(np.uint8)  # 13 set bits, 12 slots in use
     elif what == "position-past-numel":
-        assert counts[1] > 0 and idx[k - 1] == numel - 1
-        fields[k - 1] = (1 << b) - 1  # 512 + 511 = 1023 >= 1000
-        row[fields_at:fields_at + 4 * -(-k * b // 32)] = W.pack_fields(fields, b, 4 * -(-k * b // 32))
-    elif what == "counts-into-missing-chunk":
-        # counts add up to the count, but the header claims two slots more: they fall past the last
-        # chunk (j >= ends[last]); the sum rule flags it too
-        row[4:8] = np.array([k], "<i4").view(np.uint8)
+        fields[k - 1] = numel - 15 * 64  # chunk 15, field 40: position 1000 = numel
+        row[fields_at:fields_at + fields_bytes] = W.pack_fields(fields, b, fields_bytes)
+    if what.startswith("unary"):
+        set_unary_bits(row, at, unary)
     refresh_checksum(row, checksum)
     ok, _ = check_decode(fmt, np.stack([offsets_payload(codec, checksum, k, numel, 5)[0], row]), what)
     assert ok.tolist() == [True, False], what
@@ -522,27 +579,43 @@ def test_malformed_bitmap_payload(what, codec, checksum):
 
 @pytest.mark.parametrize("codec", ["fp32", "int4"])
 def test_moved_entries_stay_well_formed(codec):
-    """Changes that keep every rule: a count moved to the other chunk (positions shift), a field
-    changed, a bitmap bit moved. Well formed, and decoded where the reference decodes them."""
+    """Changes that keep every rule: an entry moved to the next chunk (a 1 of the unary part swapped
+    with the 0 that follows it) or to the previous one (with the 0 before it), a field changed, a
+    bitmap bit moved. Well formed, and decoded where the reference decodes them."""
     k, numel = 13, 1000
+    b = 6
     fmt = local_format(k, codec, 4, numel)
+    assert (fmt.local_bits, fmt.local_bitmap) == (b, False)
     row, idx = offsets_payload(codec, False, k, numel)
     at = index_at(False)
-    counts = row[at + 4:at + 8].view("<u2")
+    unary = unary_bits(row, at, 4)
+    ones = np.flatnonzero(unary)
+    assert (ones - np.arange(k)).tolist() == (idx >> b).tolist()
+    # a slot whose chunk is below 14 (its position a chunk later is below numel), followed by a 0
+    later = [j for j in range(k) if (idx[j] >> b) < 14 and unary[ones[j] + 1] == 0][0]
     moved = row.copy()
-    if counts[0] > 0:
-        c = moved[at + 4:at + 8].view("<u2")
-        c[0] -= 1
-        c[1] += 1  # slot counts[0]-1 now lies in chunk 1: position 512 + its field
+    bitarr = unary.copy()
+    bitarr[ones[later]], bitarr[ones[later] + 1] = 0, 1
+    set_unary_bits(moved, at, bitarr)
+    want = idx.copy()
+    want[later] += 1 << b
+    assert W.parse_local(moved[at:at + 20], k, numel, k)[0].tolist() == want.tolist()
+    # a slot in a chunk above 0, preceded by a 0: a chunk earlier
+    earlier = [j for j in range(k) if (idx[j] >> b) > 0 and unary[ones[j] - 1] == 0][0]
+    back = row.copy()
+    bitarr = unary.copy()
+    bitarr[ones[earlier]], bitarr[ones[earlier] - 1] = 0, 1
+    set_unary_bits(back, at, bitarr)
+    want = idx.copy()
+    want[earlier] -= 1 << b
+    assert W.parse_local(back[at:at + 20], k, numel, k)[0].tolist() == want.tolist()
     field = row.copy()
-    fields = W.unpack_fields(field[at + 8:at + 8 + 4 * -(-k * 9 // 32)], 9, k)
+    fields = W.unpack_fields(field[at + 8:at + 20], b, k)
     fields[0] = 0
-    field[at + 8:at + 8 + 4 * -(-k * 9 // 32)] = W.pack_fields(fields, 9, 4 * -(-k * 9 // 32))
-    gathered = np.stack([row, moved, field])
+    field[at + 8:at + 20] = W.pack_fields(fields, b, 12)
+    gathered = np.stack([row, moved, back, field])
     ok, out = check_decode(fmt, gathered)
-    want_ok = W.decode_payloads(gathered, codec, 4, "local", numel, False, k)[2]
-    assert ok.tolist() == want_ok.tolist()
-    assert ok[0] and ok[2]
+    assert ok.tolist() == [True] * 4
 
     k = 300
     fmt = local_format(k, codec, 4, numel)
@@ -557,34 +630,43 @@ def test_moved_entries_stay_well_formed(codec):
 
 
 def test_bytes_the_spec_does_not_read_are_ignored():
-    """The spec's well-formedness rules name the descriptor, the counts' sum, the set bits and the
-    bits past numel; bytes it never reads (the counts' padding, the offsets' padding bits, the
-    fields of padding slots) are not among them: a payload with them set stays well formed and
-    decodes the same."""
-    k, numel = 13, 1000  # b=9: 2 counts (no padding), 117 bits of fields in 16 bytes
+    """The spec's well-formedness rules name the descriptor, every bit of the unary part (its
+    padding included), the chunks and positions of the slots in use, the set bits and the bits past
+    numel of a bitmap; bytes it never reads (the offsets' padding bits, the fields of padding slots)
+    are not among them: a payload with them set stays well formed and decodes the same. A set bit
+    in the unary part's padding is read: that payload is not well formed."""
+    k, numel = 13, 1000  # b=6: 29 unary bits in 4 bytes, 78 bits of fields in 12 bytes
     fmt = local_format(k, "fp32", 256, numel)
+    assert fmt.local_bits == 6
     row, _ = offsets_payload("fp32", False, k, numel, count=10)
     at = index_at(False)
-    fields = W.unpack_fields(row[at + 8:at + 24], 9, k)
-    fields[10:] = [5, 511, 7]  # padding slots
+    fields = W.unpack_fields(row[at + 8:at + 20], 6, k)
+    fields[10:] = [5, 63, 7]  # padding slots
     changed = row.copy()
-    changed[at + 8:at + 24] = W.pack_fields(fields, 9, 16)
-    changed[at + 8 + 14] |= 0xE0  # bits 117.. of the fields' part
-    changed[at + 8 + 15] = 0xFF
+    changed[at + 8:at + 20] = W.pack_fields(fields, 6, 12)
+    changed[at + 8 + 9] |= 0xC0  # bits 78.. of the fields' part
+    changed[at + 8 + 10:at + 8 + 12] = 0xFF
+    unary_padding = row.copy()
+    unary_padding[at + 4 + 3] |= 0x20  # bit 29: the unary part's first padding bit
     ok, out = check_decode(fmt, np.stack([row, changed]))
     assert ok.tolist() == [True, True]
     clean, _, _, _ = decode_both(fmt, row[None], 1)
     assert_same_floats(out, clean * 2, "ignored bytes")
-    # odd chunk count: 3 counts, 2 bytes of padding (K=5 over 70000, b=15)
+    ok, _ = check_decode(fmt, np.stack([changed, unary_padding]))
+    assert ok.tolist() == [True, False]
+    # K=5 over 70000: b=12, 23 unary bits in 4 bytes, 60 bits of fields in 8 (4 bits of padding)
     k, numel = 5, 70_000
     fmt = local_format(k, "int8", 4, numel)
-    assert fmt.local_bits == 15
+    assert fmt.local_bits == 12
     rng = seeded("ignored")
     idx = np.sort(rng.choice(numel, k, replace=False))
     row = W.encode_payload(True, idx, make_values(rng, k), k, "int8", 4, "local", numel, False)[0]
-    row[at + 4 + 6:at + 4 + 8] = [0xAB, 0xCD]
-    ok, _ = check_decode(fmt, row[None])
-    assert ok.tolist() == [True]
+    assert row[at + 8 + 7] >> 4 == 0
+    row[at + 8 + 7] |= 0xF0
+    unary_padding = row.copy()
+    unary_padding[at + 4 + 2] |= 0x80  # bit 23
+    ok, _ = check_decode(fmt, np.stack([row, unary_padding]))
+    assert ok.tolist() == [True, False]
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -625,9 +707,19 @@ def random_bytes(codec, checksum, shape, chunk, world, seed):
     if seed % 2:  # plausible headers and descriptor, so the checks past them are reached
         gathered[:, :8] = np.array([(seed // 2) % 2, seed % (k + 1)], "<i4").view(np.uint8)
         gathered[:, at:at + 4] = np.array([W.local_descriptor(k, numel)], "<i4").view(np.uint8)
-        if seed % 3 == 0:  # and sparse index bytes: small counts, few bits
+        b, bitmap = W.local_layout(k, numel)
+        if seed % 3 == 0:  # and sparse index bytes: few bits
             end = at + W.index_bytes(k, "local", numel)
             gathered[:, at + 4:end] &= rng.integers(0, 256, (world, end - at - 4), dtype=np.uint8) & np.uint8(0x11)
+        elif seed % 3 == 1 and not bitmap:  # a unary part with as many set bits as slots in use
+            count = seed % (k + 1)
+            nbits = 8 * W.local_unary_bytes(k, numel, b)
+            spread = nbits if seed % 5 == 0 else k + W.local_nchunks(numel, b)  # padding bits too, or not
+            for r in range(world):
+                bitarr = np.zeros(nbits, np.uint8)
+                bitarr[rng.choice(spread, count, replace=False)] = 1
+                gathered[r, at + 4:at + 4 + nbits // 8] = np.packbits(bitarr, bitorder="little")
+                refresh_checksum(gathered[r], checksum)
     check_decode(fmt, gathered)
 
 

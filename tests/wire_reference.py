@@ -23,9 +23,17 @@ can be compared bit for bit.
 index="local" (chunk-local indices; a function of K and numel only, :func:`local_layout`)::
 
     int32 descriptor   b (offsets mode) or 256 (bitmap mode)
-    offsets mode       uint16 counts[ceil(numel / 2^b)] padded to 4 bytes, then K fields of b bits
-                       (LSB first; position & (2^b - 1); 0 at padding slots) padded to 4 bytes
+    offsets mode       a unary part of 4 * ceil((K + nchunks) / 32) bytes (nchunks = ceil(numel /
+                       2^b); bit q is bit q % 8 of byte q // 8): slot j carrying position p sets
+                       bit j + (p >> b), every other bit 0 (chunk by chunk: count[c] ones, then a
+                       zero); then K fields of b bits (LSB first; p & (2^b - 1); 0 at padding
+                       slots) padded to 4 bytes
     bitmap mode        ceil(numel / 32) * 4 bytes, bit p set iff position p carries an entry
+
+Decoding slot j < used of an offsets-mode index: q_j = the position of the (j+1)-th set bit of the
+unary part (all of its bits, its padding included), chunk q_j - j, position chunk * 2^b + field_j.
+Well formed iff the descriptor is b, the unary part has exactly ``used`` set bits and every slot in
+use gets a chunk below nchunks and a position below numel.
 """
 
 from __future__ import annotations
@@ -76,9 +84,15 @@ def local_nchunks(numel: int, b: int) -> int:
     return -(-numel // (1 << b))
 
 
+def local_unary_bytes(K: int, numel: int, b: int) -> int:
+    """unary_bytes(b): K + nchunks(b) bits (K ones at most, one zero closing each chunk) padded
+    to 4 bytes."""
+    return 4 * -(-(K + local_nchunks(numel, b)) // 32)
+
+
 def local_offsets_bytes(K: int, numel: int, b: int) -> int:
-    """offsets_bytes(b): the uint16 counts padded to 4 bytes plus K b-bit fields padded to 4."""
-    return 4 * -(-local_nchunks(numel, b) // 2) + 4 * -(-K * b // 32)
+    """offsets_bytes(b): the unary part plus K b-bit fields padded to 4 bytes."""
+    return local_unary_bytes(K, numel, b) + 4 * -(-K * b // 32)
 
 
 def local_bitmap_bytes(numel: int) -> int:
@@ -282,15 +296,15 @@ def encode_local(indices: np.ndarray, count: int, K: int, numel: int) -> np.ndar
         bitarr[used] = 1
         section[4:] = np.packbits(bitarr, bitorder="little")
         return section
-    nchunks = local_nchunks(numel, b)
-    counts = np.bincount(used >> b, minlength=nchunks).astype(np.int64)
-    assert counts.size == nchunks and (counts <= 0xFFFF).all()
-    counts_bytes = 4 * -(-nchunks // 2)
-    section[4:4 + 2 * nchunks] = counts.astype("<u2").view(np.uint8)
+    unary_bytes = local_unary_bytes(K, numel, b)
+    unary = np.zeros(8 * unary_bytes, dtype=np.uint8)
+    slots = np.arange(count, dtype=np.int64)
+    unary[slots + (used >> b)] = 1  # slot j in chunk p >> b: bit j + chunk
+    section[4:4 + unary_bytes] = np.packbits(unary, bitorder="little")
     fields = np.zeros(K, dtype=np.int64)
     fields[:count] = used & ((1 << b) - 1)  # padding slots: field 0
     fields_bytes = 4 * -(-K * b // 32)
-    section[4 + counts_bytes:] = pack_fields(fields, b, fields_bytes)
+    section[4 + unary_bytes:] = pack_fields(fields, b, fields_bytes)
     return section
 
 
@@ -318,17 +332,17 @@ def parse_local(section: np.ndarray, K: int, numel: int, used: int) -> Tuple[np.
             ok = False  # slots in use without a position
         return positions, ok
     nchunks = local_nchunks(numel, b)
-    counts_bytes = 4 * -(-nchunks // 2)
-    counts = section[4:4 + 2 * nchunks].view("<u2").astype(np.int64)
-    if int(counts.sum()) != used:
+    unary_bytes = local_unary_bytes(K, numel, b)
+    setbits = np.flatnonzero(np.unpackbits(section[4:4 + unary_bytes], bitorder="little"))  # padding too
+    if setbits.size != used:
         ok = False
-    fields = unpack_fields(section[4 + counts_bytes:], b, K)
-    ends = np.cumsum(counts)
-    chunk_of = np.searchsorted(ends, np.arange(used), side="right")  # ends[c-1] <= j < ends[c]
-    pos = (chunk_of.astype(np.int64) << b) + fields[:used]
+    fields = unpack_fields(section[4 + unary_bytes:], b, K)
+    n = min(used, setbits.size)  # slots past the last set bit: no (j+1)-th set bit, no position
+    chunk_of = setbits[:n].astype(np.int64) - np.arange(n, dtype=np.int64)  # q_j - j
+    pos = (chunk_of << b) + fields[:n]
     has = (chunk_of < nchunks) & (pos < numel)  # no such chunk, or past the bucket: no position
-    positions[:used] = np.where(has, pos, -1)
-    if not has.all():
+    positions[:n] = np.where(has, pos, -1)
+    if n < used or not has.all():
         ok = False
     return positions, ok
 
@@ -533,10 +547,15 @@ def _self_check() -> None:  # pragma: no cover  (python tests/wire_reference.py)
                 want[idx] = sent
                 assert ok.all() and fin.all() and np.array_equal(total, want), (codec, index, K)
     # local layouts worked out by hand from the spec
-    assert local_layout(10_000, 1_000_000) == (10, False) and local_index_bytes(10_000, 1_000_000) == 14460
+    assert local_layout(10_000, 1_000_000) == (6, False) and local_index_bytes(10_000, 1_000_000) == 10708
     assert local_layout(300, 1000) == (0, True) and local_index_bytes(300, 1000) == 4 + 128
-    assert local_layout(3, 1000) == (9, False) and local_index_bytes(3, 1000) == 4 + 4 + 4
-    assert local_layout(3, 10) == (0, True) and local_layout(0, 10) == (3, False)
+    assert local_layout(3, 1000) == (6, False) and local_index_bytes(3, 1000) == 4 + 4 + 4
+    assert local_layout(3, 10) == (0, True) and local_layout(0, 10) == (1, False)
+    assert local_layout(4, 70_000) == (12, False) and local_index_bytes(4, 70_000) == 4 + 4 + 8
+    # the spec's worked example: positions 5, 7, 600 (chunks 0, 0, 9; fields 5, 7, 24)
+    section = encode_local(np.array([5, 7, 600]), 3, 3, 1000)
+    assert section.tolist() == [6, 0, 0, 0, 0b11, 0b1000, 0, 0] + list((5 | 7 << 6 | 24 << 12).to_bytes(4, "little"))
+    assert parse_local(section, 3, 1000, 3)[0].tolist() == [5, 7, 600]
     assert local_layout(0, 0) == (1, False) and local_index_bytes(0, 0) == 4
     print("ok")
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../ops/validation_compress.h"
+#include "gradsieve/radix_key.h"
 #include "codec_cpu.h"
 #include "radix_select_cpu.h"
 
@@ -231,12 +232,21 @@ float chunk_scale(const float* x, int64_t n, Codec codec) {
   return nonzero > 0 ? sum / static_cast<float>(nonzero) : 0.0f;
 }
 
-// The code of v under a chunk's scale: intB rounds half to even and clamps to +-qmax (0 under a
-// zero or NaN scale); sign: 1 for a negative v (0 under a NaN scale).
-inline int32_t code_of(float v, float scale, Codec codec, int32_t qmax) {
+// The code of v (slot j) under a chunk's scale: intB rounds v / scale half to even, or with a
+// seed floor(v / scale + u), u = rounding_draw(seed, j, bits of v), and clamps to +-qmax (0 under
+// a zero or NaN scale); sign: 1 for a negative v (0 under a NaN scale).
+inline int32_t code_of(float v, float scale, Codec codec, int32_t qmax, const uint64_t* seed,
+                       int64_t j) {
   if (codec == Codec::kSign) return (v < 0.0f && !std::isnan(scale)) ? 1 : 0;
   if (!(scale > 0.0f)) return 0;
-  const float r = (v / scale + kRoundMagic) - kRoundMagic;
+  float r;
+  if (seed != nullptr) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    r = std::floor(v / scale + rounding_draw(*seed, j, bits));
+  } else {
+    r = (v / scale + kRoundMagic) - kRoundMagic;
+  }
   const float q = static_cast<float>(qmax);
   return static_cast<int32_t>(std::min(q, std::max(-q, r)));
 }
@@ -260,8 +270,8 @@ inline void put_bits(uint8_t* base, int64_t bit, uint32_t value, int64_t bits) {
 }
 
 // The local index section (wire_layout.h) of the K slots, at `section` (zeroed): the descriptor,
-// then the counts per chunk and each slot's offset in its chunk, or the bitmap. A slot that
-// carries no entry, or whose position is outside [0, numel), is neither counted nor marked
+// then the unary counts (slot j of chunk c sets bit j + c) and each slot's offset in its chunk, or
+// the bitmap. A slot that carries no entry, or whose position is outside [0, numel), sets no bit
 // (offset 0).
 template <typename index_t>
 void write_local_index(const PackLayout<int64_t>& layout, int64_t numel, const index_t* idx,
@@ -278,10 +288,8 @@ void write_local_index(const PackLayout<int64_t>& layout, int64_t numel, const i
     if (l.bitmap) {
       offsets[p >> 3] = static_cast<uint8_t>(offsets[p >> 3] | (1u << (p & 7)));
     } else {
-      uint16_t c;
-      std::memcpy(&c, counts + 2 * (p >> l.bits), sizeof(c));
-      ++c;
-      std::memcpy(counts + 2 * (p >> l.bits), &c, sizeof(c));
+      const int64_t q = j + (p >> l.bits);
+      counts[q >> 3] = static_cast<uint8_t>(counts[q >> 3] | (1u << (q & 7)));
       put_bits(offsets, j * l.bits, static_cast<uint32_t>(p) & mask, l.bits);
     }
   }
@@ -293,9 +301,11 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
                                                     const c10::optional<at::Tensor>& valid_in,
                                                     c10::string_view wire_name, int64_t chunk,
                                                     c10::string_view index, int64_t numel,
-                                                    bool checksum) {
+                                                    bool checksum, c10::optional<int64_t> seed_in) {
   const Codec codec = check_pack_payload(finite_in, indices_in, values_in, valid_in, wire_name,
-                                         chunk, index, numel, checksum);
+                                         chunk, index, numel, checksum, seed_in);
+  const uint64_t seed_value = seed_in.has_value() ? static_cast<uint64_t>(*seed_in) : 0;
+  const uint64_t* seed = seed_in.has_value() ? &seed_value : nullptr;
   const at::Tensor values = values_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   const bool has_valid = valid_in.has_value() && valid_in->defined();
@@ -392,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cpu(const at::Tensor& finite_in,
               got = v;
               break;
             default: {
-              const int32_t code = code_of(v, scale, codec, qmax);
+              const int32_t code = code_of(v, scale, codec, qmax, seed, j);
               if (bits == 8) {
                 reinterpret_cast<int8_t*>(wire)[j] = static_cast<int8_t>(code);
               } else {

@@ -4,7 +4,8 @@
 //
 // Pass 1 (one task per rank): the header (finite flag 0 or 1, count in [0, K]), the checksum when
 // the format has one, csr16's block counts (none negative, adding up to the count) or the local
-// index (its descriptor; counts adding up to the count, or as many bits set, none past numel), the scales
+// index (its descriptor; as many bits set in its unary counts or its bitmap as the count, none
+// of the bitmap's past numel), the scales
 // and every slot in use (its index inside the bucket; a finite value under a header that says
 // finite): one read of each payload. Pass 2 (the output split in ranges across threads): each
 // thread zeroes its range, applies the entries that land in it, rank 0 first and each rank's slots
@@ -86,10 +87,8 @@ struct Format {
   bool bitmap() const { return local() && layout.local.bitmap; }
   // Slots whose position the index may not give (csr16, local): they add their zero value.
   bool positional() const { return csr16 || local(); }
-  // Running sums kept per payload: csr16's blocks, or the local index's chunks.
-  int64_t counted() const {
-    return csr16 ? layout.blocks : (local() && !layout.local.bitmap ? layout.local.chunks : 0);
-  }
+  // Running sums kept per payload: csr16's blocks.
+  int64_t counted() const { return csr16 ? layout.blocks : 0; }
 };
 
 // The `bits`-bit field at bit `bit` of `base` (LSB first).
@@ -107,10 +106,11 @@ inline uint32_t bits_at(const uint8_t* base, int64_t bit, int64_t bits) {
 }
 
 // Slot j's bucket position, for the slots of one payload in order (j = 0, 1, ...): int32 indices
-// as they are (possibly outside the bucket); csr16 positions block * 65536 + offset and local
-// positions chunk * 2^b + offset, -1 beyond the counts or the bucket (`ends` holds the running
-// sums of the counts, one per block or chunk); local bitmap: the position of the (j + 1)-th set
-// bit, -1 when there is none below numel.
+// as they are (possibly outside the bucket); csr16 positions block * 65536 + offset, -1 beyond
+// the counts or the bucket (`ends` holds the running sums of the block counts); local positions
+// chunk * 2^b + offset with chunk = q - j, q the (j + 1)-th set bit of the unary counts, -1 when
+// there is none, or the chunk or the position is past the bucket; local bitmap: the position of
+// the (j + 1)-th set bit, -1 when there is none below numel.
 class SlotIndex {
  public:
   SlotIndex(const Format& f, const uint8_t* payload, const int64_t* ends)
@@ -123,14 +123,22 @@ class SlotIndex {
       if (cursor_ >= f_.numel) return -1;
       return cursor_++;
     }
+    if (f_.local()) {
+      const uint8_t* unary = p_ + l.index_offset + 4;
+      const int64_t end = 8 * l.local.counts_bytes;
+      while (cursor_ < end && !((unary[cursor_ >> 3] >> (cursor_ & 7)) & 1u)) ++cursor_;
+      if (cursor_ >= end) return -1;
+      const int64_t chunk = cursor_++ - j;
+      if (chunk >= l.local.chunks) return -1;
+      const int64_t pos =
+          (chunk << l.local.bits) + bits_at(p_ + l.offsets_offset, j * l.local.bits, l.local.bits);
+      return pos < f_.numel ? pos : -1;
+    }
     const int64_t counted = f_.counted();
     if (counted == 0 && !f_.positional()) return load<int32_t>(p_ + l.index_offset + 4 * j);
     while (block_ < counted && ends_[block_] <= j) ++block_;
     if (block_ >= counted) return -1;
-    const int64_t pos =
-        f_.csr16 ? block_ * kCsr16Block + load<uint16_t>(p_ + l.offsets_offset + 2 * j)
-                 : (block_ << l.local.bits) +
-                       bits_at(p_ + l.offsets_offset, j * l.local.bits, l.local.bits);
+    const int64_t pos = block_ * kCsr16Block + load<uint16_t>(p_ + l.offsets_offset + 2 * j);
     return pos < f_.numel ? pos : -1;
   }
 
@@ -177,9 +185,10 @@ void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finit
         total += __builtin_popcount(inside);
       }
     } else {
-      for (int64_t c = 0; c < l.local.chunks; ++c) {
-        total += load<uint16_t>(p + l.index_offset + 4 + 2 * c);
-        ends[c] = total;
+      // Set bits of the unary counts, its padding included.
+      const uint8_t* unary = p + l.index_offset + 4;
+      for (int64_t byte = 0; byte < l.local.counts_bytes; ++byte) {
+        total += __builtin_popcount(static_cast<uint32_t>(unary[byte]));
       }
     }
     ok &= total == used;

@@ -15,9 +15,8 @@
 // max |x| / qmax by a block-wide max of the bits (intB), or for sign the sum of |x| by one thread
 // in slot order (the CPU's float32 sum bit for bit) over the number of nonzero entries. The block
 // then writes the positions (or csr16 offsets; the block counts by warp-aggregated integer
-// atomics; or the local index: its chunk counts by warp-aggregated integer atomics on the 32-bit
-// word holding two uint16 counts, its b-bit offsets or bitmap bits by atomicOr on 32-bit words of
-// the zeroed section), float values or int8 codes, and decoded values (0 at slots not valid), and
+// atomics; or the local index: its unary counts' bit j + chunk, its b-bit offsets or its bitmap
+// bits by atomicOr on 32-bit words of the zeroed section), float values or int8 codes, and decoded values (0 at slots not valid), and
 // adds its number of valid slots to the header with one integer atomic. Codes below a byte (int4, int2,
 // sign) are written by a second kernel, one thread per byte of the values section. Integer
 // atomics only, so the bytes do not depend on the schedule. Cost: the K entries read once per slot
@@ -130,16 +129,21 @@ __device__ __forceinline__ int64_t floor_mod_block(int64_t p) {
   return r < 0 ? r + kCsr16Block : r;
 }
 
-// The code of v under its chunk's scale (compress_kernels.cpp's code_of): intB rounds v / scale
-// half to even and clamps it to +-qmax (0 under a zero or NaN scale); sign: 1 for a negative v (0
-// under a NaN scale).
+// The code of v (slot j) under its chunk's scale (compress_kernels.cpp's code_of): intB rounds
+// v / scale half to even, or stochastically floor(v / scale + rounding_draw(seed, j, bits of v)),
+// and clamps it to +-qmax (0 under a zero or NaN scale); sign: 1 for a negative v (0 under a NaN
+// scale).
 template <WireValues kCodec>
-__device__ __forceinline__ int32_t code_of(float v, float scale) {
+__device__ __forceinline__ int32_t code_of(float v, float scale, const PackPayloadArgs& a,
+                                           int64_t j) {
   if constexpr (kCodec == WireValues::kSign) {
     return (v < 0.0f && !isnan(scale)) ? 1 : 0;
   } else {
     if (!(scale > 0.0f)) return 0;
-    const float r = __fsub_rn(__fadd_rn(__fdiv_rn(v, scale), kRoundMagic), kRoundMagic);
+    const float r =
+        a.stochastic
+            ? floorf(__fadd_rn(__fdiv_rn(v, scale), rounding_draw(a.seed, j, __float_as_uint(v))))
+            : __fsub_rn(__fadd_rn(__fdiv_rn(v, scale), kRoundMagic), kRoundMagic);
     const float q = static_cast<float>(wire_qmax(kCodec));
     return static_cast<int32_t>(fminf(q, fmaxf(-q, r)));
   }
@@ -160,20 +164,6 @@ __device__ __forceinline__ float wire_value(const PackPayloadArgs& a, int64_t j)
   return (a.valid == nullptr || a.valid[j]) ? a.values[j] : 0.0f;
 }
 
-// Adds n to the local index's uint16 count c (count c is the low half of little-endian 32-bit
-// word c / 2 for an even c, the high half for an odd one), modulo 2^16 as compress_kernels.cpp's
-// uint16 does: the high count's carry leaves the word; the low count's carry into the high one is
-// taken back by a second atomic (the adds commute, so the word ends the same in any order).
-__device__ __forceinline__ void add_count16(uint32_t* words, int64_t c, uint32_t n) {
-  uint32_t* word = words + (c >> 1);
-  if (c & 1) {
-    atomicAdd(word, n << 16);
-  } else {
-    const uint32_t old = atomicAdd(word, n);
-    if ((old & 0xFFFFu) + n > 0xFFFFu) atomicSub(word, 0x10000u);
-  }
-}
-
 // ORs the `bits`-bit field (bits <= 15, field < 2^bits) into `words` at bit `bit` (LSB first:
 // bit b of the section is bit b % 32 of little-endian word b / 32): one word, or two when the
 // field crosses into the next.
@@ -186,7 +176,7 @@ __device__ __forceinline__ void or_field(uint32_t* words, int64_t bit, uint32_t 
 
 // One block per group of slots (a chunk of a scaled codec, else kPackGroup slots): the group's
 // scale, then per slot its position (or csr16 offset and block count, or its local index entry:
-// chunk count and offset, or bitmap bit), its value (float codecs; int8 codes, a byte each) and
+// unary count bit and offset, or bitmap bit), its value (float codecs; int8 codes, a byte each) and
 // what it decodes to. Codes below a byte are left to pack_codes_kernel.
 template <WireValues kCodec>
 __global__ void __launch_bounds__(kThreads)
@@ -203,7 +193,7 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* counts = reinterpret_cast<int32_t*>(a.payload + a.index_offset);
   int32_t* index32 = reinterpret_cast<int32_t*>(a.payload + a.index_offset);
   uint16_t* offsets = reinterpret_cast<uint16_t*>(a.payload + a.offsets_offset);
-  // The local index: the 32-bit words of its uint16 counts, and of its offsets or bitmap.
+  // The local index: the 32-bit words of its unary counts, and of its offsets or bitmap.
   uint32_t* local_counts = reinterpret_cast<uint32_t*>(a.payload + a.index_offset + 4);
   uint32_t* local_words = reinterpret_cast<uint32_t*>(a.payload + a.offsets_offset);
   const bool csr16 = a.index == WireIndex::kCsr16;
@@ -257,7 +247,7 @@ __global__ void __launch_bounds__(kThreads)
     // Every thread runs the same number of rounds (the warp votes below need whole warps).
     for (int64_t first = start; first < stop; first += kThreads) {
       const int64_t j = first + threadIdx.x;
-      int64_t block = -1;  // the count this slot adds 1 to: csr16's block or the local chunk
+      int64_t block = -1;  // the csr16 block count this slot adds 1 to
       if (j < stop) {
         const bool carries = a.valid == nullptr || a.valid[j];
         carried += carries ? 1 : 0;
@@ -271,12 +261,13 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t b = (p - low) / kCsr16Block;
           if (carries && b >= 0 && b < a.blocks) block = b;
         } else if (local) {
-          // A slot not valid, or outside the bucket, is neither counted nor marked (offset 0).
+          // A slot not valid, or outside the bucket, sets no bit (offset 0).
           if (carries && position >= 0 && position < a.numel) {
             if (a.local_bits == 0) {
               atomicOr(local_words + (position >> 5), 1u << (position & 31));
             } else {
-              block = position >> a.local_bits;
+              const int64_t q = j + (position >> a.local_bits);
+              atomicOr(local_counts + (q >> 5), 1u << (q & 31));
               const uint32_t field = static_cast<uint32_t>(position) & ((1u << a.local_bits) - 1u);
               or_field(local_words, j * a.local_bits, field, a.local_bits);
             }
@@ -287,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
         const float v = carries ? a.values[j] : 0.0f;
         float got;
         if constexpr (kScaled) {
-          const int32_t code = code_of<kCodec>(v, scale);
+          const int32_t code = code_of<kCodec>(v, scale, a, j);
           if constexpr (kCodec == WireValues::kInt8) {
             reinterpret_cast<int8_t*>(wire)[j] = static_cast<int8_t>(code);
           }
@@ -307,17 +298,13 @@ __global__ void __launch_bounds__(kThreads)
         // A slot that carries no entry is not decoded: nothing was sent for it.
         a.sent[j] = carries ? got : 0.0f;
       }
-      if (csr16 || local) {
-        // Lanes counting into the same block (or chunk) add once, together.
+      if (csr16) {
+        // Lanes counting into the same block add once, together.
         const unsigned lanes = __ballot_sync(0xFFFFFFFFu, block >= 0);
         if (block >= 0) {
           const unsigned peers = __match_any_sync(lanes, static_cast<long long>(block));
           if (static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
-            if (csr16) {
-              atomicAdd(&counts[block], static_cast<int32_t>(__popc(peers)));
-            } else {
-              add_count16(local_counts, block, static_cast<uint32_t>(__popc(peers)));
-            }
+            atomicAdd(&counts[block], static_cast<int32_t>(__popc(peers)));
           }
         }
       }
@@ -348,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) pack_codes_kernel(const PackPayloadA
     for (int t = 0; t < kPerByte; ++t) {
       const int64_t j = y * kPerByte + t;
       if (j < a.k) {
-        const int32_t code = code_of<kCodec>(wire_value(a, j), scales[j / a.chunk]);
+        const int32_t code = code_of<kCodec>(wire_value(a, j), scales[j / a.chunk], a, j);
         byte |= (static_cast<uint32_t>(code) & ((1u << kBits) - 1u)) << (t * kBits);
       }
     }
@@ -474,7 +461,8 @@ cudaError_t pack_payload(const PackPayloadArgs& a, cudaStream_t stream) {
   }
   if (a.index == WireIndex::kLocal) {
     // The local index's sections inside the payload, as 32-bit words (atomics need 4-byte
-    // alignment): offsets mode, ceil(chunks / 2) words of counts then ceil(K * b / 32) of offsets;
+    // alignment): offsets mode, ceil((K + chunks) / 32) words of unary counts then
+    // ceil(K * b / 32) of offsets;
     // bitmap mode, ceil(numel / 32) words.
     const bool bitmap = a.local_bits == 0;
     const int64_t words = bitmap ? (a.numel + 31) / 32 : (a.k * a.local_bits + 31) / 32;
@@ -482,7 +470,7 @@ cudaError_t pack_payload(const PackPayloadArgs& a, cudaStream_t stream) {
         a.local_bits >= 0 && a.local_bits <= 15 && a.numel >= 0 && a.index_offset >= 0 &&
         (bitmap ? a.offsets_offset >= a.index_offset + 4
                 : a.blocks == (a.numel + (int64_t(1) << a.local_bits) - 1) >> a.local_bits &&
-                      a.offsets_offset >= a.index_offset + 4 + 4 * ((a.blocks + 1) / 2)) &&
+                      a.offsets_offset >= a.index_offset + 4 + 4 * ((a.k + a.blocks + 31) / 32)) &&
         a.offsets_offset + 4 * words <= a.nbytes;
     const bool aligned = reinterpret_cast<uintptr_t>(a.payload) % 4 == 0 &&
                          a.index_offset % 4 == 0 && a.offsets_offset % 4 == 0;

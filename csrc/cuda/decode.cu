@@ -6,14 +6,16 @@
 //      ranks) checks payload r's header (finite flag 0 or 1, count in [0, K]), its checksum (a
 //      block reduction over its bytes), csr16's block counts (a block scan into the running sums
 //      of max(count, 0), kept in the workspace: none negative, adding up to the count), or the
-//      local index (its descriptor; offsets mode: the running sums of its uint16 chunk counts,
-//      adding up to the count; bitmap mode: the running sums of the set bits below numel per
-//      32-bit word, none set at or past numel, as many as the count) and the scales of a scaled
+//      local index (its descriptor; offsets mode: the running sums of the set bits of its unary
+//      counts per 32-bit word, as many as the count; bitmap mode: the running sums of the set
+//      bits below numel per 32-bit word, none set at or past numel, as many as the count) and
+//      the scales of a scaled
 //      codec (all ceil(K / chunk) finite under a header that says finite), and writes the flags
 //      and the slots in use.
 //   2. scatter: one thread per (rank, slot): the slot's position (int32; csr16's block, or the
-//      local index's chunk or bitmap word, found by binary search in the running sums; then the
-//      int16 offset, the b-bit offset, or the set bit of that rank within the word), its value
+//      local index's unary or bitmap word, found by binary search in the running sums; then the
+//      int16 offset; the set bit q of rank j, so chunk q - j, and the b-bit offset; or the set
+//      bit of rank j in the bitmap), its value
 //      (float codecs; scaled codecs: the code, an
 //      int8 byte or a B-bit field sign-extended, or a sign bit as -1 or 1, times the scale of the
 //      slot's chunk) and an atomic add into out. A position outside the bucket, or a non-finite
@@ -29,9 +31,10 @@
 // reference.
 // Payload rows may start at any byte (an odd nbytes): the kernels then read bytes and assemble.
 // Every read stays inside its payload row whatever the bytes say: slot j < K reads index bytes
-// below scales_offset (local offsets mode: the bytes of bits j * b .. j * b + b - 1 of a section
-// of ceil(K * b / 8) bytes or more; bitmap mode: word w < ceil(numel / 32) of the bitmap, found
-// by a binary search over the workspace's running sums), the scale j / chunk < ceil(K / chunk),
+// below scales_offset (local offsets mode: word w < ceil((K + chunks) / 32) of the unary counts,
+// found by a binary search over the workspace's running sums, and the bytes of bits j * b ..
+// j * b + b - 1 of a section of ceil(K * b / 8) bytes or more; bitmap mode: word w <
+// ceil(numel / 32) of the bitmap, found the same way), the scale j / chunk < ceil(K / chunk),
 // and the byte (j * B) / 8 < ceil(K * B / 8) of the values section, the row's last. A slot in use
 // whose index gives no position (csr16 and local) adds a padding slot's zero and flags its
 // payload, as on the CPU.
@@ -75,8 +78,8 @@ __device__ __forceinline__ T load(const uint8_t* p) {
 }
 
 struct Workspace {
-  long long* ends;  // world * blocks running sums: of max(count, 0) per csr16 block, of the
-                    // local index's counts per chunk, or of its set bits per bitmap word
+  long long* ends;  // world * blocks running sums: of max(count, 0) per csr16 block, or of
+                    // the set bits per word of the local index's unary counts or bitmap
   int32_t* used;    // world: slots in use
   int32_t* claims;  // world: the header says finite
 };
@@ -162,8 +165,9 @@ __global__ void __launch_bounds__(kThreads) decode_prepare_kernel(DecodeAverageA
       long long* e = w.ends + r * a.blocks;
       for (int64_t base = 0; base < a.blocks; base += kThreads) {
         const int64_t b = base + threadIdx.x;
-        // The unit's count: csr16's max(count, 0) (none negative), a local chunk's uint16 count,
-        // or the set bits of a bitmap word below numel (none at or past it).
+        // The unit's count: csr16's max(count, 0) (none negative), the set bits of a word of
+        // the unary counts (its padding included), or of a bitmap word below numel (none at or
+        // past it).
         long long count = 0;
         if (b < a.blocks) {
           if (!local) {
@@ -171,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) decode_prepare_kernel(DecodeAverageA
             bad |= c < 0;
             count = c > 0 ? c : 0;
           } else if (!bitmap) {
-            count = load_bytes<uint16_t>(p + a.index_offset + 4 + 2 * b);
+            count = __popc(load_bytes<uint32_t>(p + a.index_offset + 4 + 4 * b));
           } else {
             const uint32_t word = load_bytes<uint32_t>(p + a.offsets_offset + 4 * b);
             const uint32_t inside = word & bitmap_mask(a.numel, b);
@@ -264,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) decode_scatter_kernel(DecodeAverageA
     int64_t i = -1;
     if (in_use) {
       if (a.index != WireIndex::kInt32) {
-        // The first block (csr16), chunk or bitmap word (local) whose running sum exceeds j.
+        // The first block (csr16), unary or bitmap word (local) whose running sum exceeds j.
         const long long* e = w.ends + r * a.blocks;
         int64_t lo = 0, hi = a.blocks;
         while (lo < hi) {
@@ -276,8 +280,14 @@ __global__ void __launch_bounds__(kThreads) decode_scatter_kernel(DecodeAverageA
           if (a.index == WireIndex::kCsr16) {
             pos = lo * kCsr16Block + load<kAligned, uint16_t>(p + a.offsets_offset + 2 * j);
           } else if (a.local_bits > 0) {
-            pos = (lo << a.local_bits) + field_at(p + a.offsets_offset, j * a.local_bits,
-                                                  a.local_bits);
+            // The set bit q of rank j of the unary counts: slot j is in chunk q - j.
+            const uint32_t word = load_bytes<uint32_t>(p + a.index_offset + 4 + 4 * lo);
+            const int bit = select_bit(word, j - (lo > 0 ? e[lo - 1] : 0ll));
+            const int64_t chunk = bit < 0 ? -1 : 32 * lo + bit - j;
+            pos = chunk < 0 || chunk >= a.local_chunks
+                      ? -1
+                      : (chunk << a.local_bits) +
+                            field_at(p + a.offsets_offset, j * a.local_bits, a.local_bits);
           } else {
             // The set bit of rank j - (the set bits of the words before) in word lo, below numel.
             const uint32_t word =
@@ -357,16 +367,17 @@ cudaError_t decode_average(const DecodeAverageArgs& a, void* workspace, size_t w
     return cudaErrorInvalidValue;
   }
   if (a.index == WireIndex::kLocal) {
-    // The local index's sections, below the scales: offsets mode, the descriptor, a uint16 count
-    // per chunk of 2^b positions and ceil(K * b / 8) bytes of offsets; bitmap mode, the
-    // descriptor and ceil(numel / 32) words.
+    // The local index's sections, below the scales: offsets mode, the descriptor, the unary
+    // counts (ceil((K + chunks) / 32) words, chunks = ceil(numel / 2^b)) and ceil(K * b / 8)
+    // bytes of offsets; bitmap mode, the descriptor and ceil(numel / 32) words.
     const int b = a.local_bits;
     const bool fits =
         b >= 0 && b <= 15 && a.numel >= 0 && a.index_offset >= 0 &&
         (b == 0 ? a.blocks == (a.numel + 31) / 32 && a.offsets_offset >= a.index_offset + 4 &&
                       a.offsets_offset + 4 * a.blocks <= a.scales_offset
-                : a.blocks == (a.numel + (int64_t(1) << b) - 1) >> b &&
-                      a.offsets_offset >= a.index_offset + 4 + 2 * a.blocks &&
+                : a.local_chunks == (a.numel + (int64_t(1) << b) - 1) >> b &&
+                      a.blocks == (a.slots + a.local_chunks + 31) / 32 &&
+                      a.offsets_offset >= a.index_offset + 4 + 4 * a.blocks &&
                       a.offsets_offset + (a.slots * b + 7) / 8 <= a.scales_offset);
     if (!fits) return cudaErrorInvalidValue;
   }

@@ -46,9 +46,9 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cuda(const at::Tensor& finite_in
                                                      const c10::optional<at::Tensor>& valid_in,
                                                      c10::string_view wire, int64_t chunk,
                                                      c10::string_view index, int64_t numel,
-                                                     bool checksum) {
+                                                     bool checksum, c10::optional<int64_t> seed) {
   const Codec codec = check_pack_payload(finite_in, indices_in, values_in, valid_in, wire, chunk,
-                                         index, numel, checksum);
+                                         index, numel, checksum, seed);
   const c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor values = values_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
@@ -71,6 +71,8 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_cuda(const at::Tensor& finite_in
   args.chunk = chunk;
   args.index = to_wire_index(kind);
   args.numel = numel;
+  args.stochastic = seed.has_value();
+  args.seed = seed.has_value() ? static_cast<uint64_t>(*seed) : 0;
   const bool local = kind == IndexKind::kLocal;
   args.blocks = local ? (layout.local.bitmap ? 0 : layout.local.chunks) : layout.blocks;
   args.local_bits = local ? static_cast<int>(layout.local.bits) : 0;

@@ -32,10 +32,11 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
   at::Tensor well_formed = at::empty({world}, flag_options);
   if (world == 0 && numel == 0) return {finite, well_formed};
   const PackLayout<int64_t> l = pack_layout<int64_t>(slots, codec, chunk, kind, numel, checksum);
-  // The units counted per payload: csr16 blocks, the local index's chunks or bitmap words.
+  // The units counted per payload: csr16 blocks, the 32-bit words of the local index's unary
+  // counts or of its bitmap.
   const bool local = kind == IndexKind::kLocal;
   const int64_t blocks =
-      local ? (l.local.bitmap ? l.local.offsets_bytes / 4 : l.local.chunks) : l.blocks;
+      local ? (l.local.bitmap ? l.local.offsets_bytes : l.local.counts_bytes) / 4 : l.blocks;
   cuda::DecodeAverageArgs args{};
   args.out = out.data_ptr<float>();
   args.numel = numel;
@@ -49,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cuda(at::Tensor& out,
   args.checksum = checksum;
   args.blocks = blocks;
   args.local_bits = local ? static_cast<int>(l.local.bits) : 0;
+  args.local_chunks = local ? l.local.chunks : 0;
   args.index_offset = l.index_offset;
   args.offsets_offset = l.offsets_offset;
   args.scales_offset = l.scales_offset;

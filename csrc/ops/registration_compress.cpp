@@ -3,7 +3,8 @@
 // and csrc/cuda_launch/ops_compress_cuda.cpp (kernels in csrc/cuda/compress.cu).
 //
 //   pack_payload    a whole payload (header, index section, scales, values or codes) and the values
-//                   as decoded, in one pass (PayloadFormat.pack's ordered case).
+//                   as decoded, in one pass (PayloadFormat.pack's ordered case); with a seed, the
+//                   integer codecs round stochastically.
 //   ef21_topk       EF21's selection: the top-k of grad - estimate, with the finiteness of grad.
 //   ef21_commit     EF21's commit: the new estimate, the new global estimate and its copy.
 //   dgc_accumulate  DGC's momentum correction u = m u + g, v = v + u, with finiteness.
@@ -22,9 +23,9 @@ std::tuple<at::Tensor, at::Tensor> pack_payload_meta(const at::Tensor& finite,
                                                      const c10::optional<at::Tensor>& valid,
                                                      c10::string_view wire, int64_t chunk,
                                                      c10::string_view index, int64_t numel,
-                                                     bool checksum) {
-  const Codec codec =
-      check_pack_payload(finite, indices, values, valid, wire, chunk, index, numel, checksum);
+                                                     bool checksum, c10::optional<int64_t> seed) {
+  const Codec codec = check_pack_payload(finite, indices, values, valid, wire, chunk, index, numel,
+                                         checksum, seed);
   const auto layout =
       pack_layout(values.sym_numel(), codec, chunk, index_of("pack_payload", index), numel, checksum);
   return {at::empty_symint({layout.nbytes}, values.options().dtype(at::kByte)),
@@ -70,7 +71,7 @@ void dgc_mask_meta(at::Tensor& momentum_u, at::Tensor& velocity_v, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(gradsieve, m) {
   m.def("pack_payload(Tensor finite, Tensor indices, Tensor values, Tensor? valid, "
-        "str wire, int chunk, str index, int numel, bool checksum=False) -> "
+        "str wire, int chunk, str index, int numel, bool checksum=False, int? seed=None) -> "
         "(Tensor payload, Tensor sent)");
   m.def("ef21_topk(Tensor grad, Tensor estimate, int k) -> "
         "(Tensor values, Tensor indices, Tensor finite)");

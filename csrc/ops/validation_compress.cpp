@@ -116,7 +116,7 @@ void check_dgc_mask(const at::Tensor& momentum_u, const at::Tensor& velocity_v,
 Codec check_pack_payload(const at::Tensor& finite, const at::Tensor& indices,
                          const at::Tensor& values, const c10::optional<at::Tensor>& valid,
                          c10::string_view wire, int64_t chunk, c10::string_view index,
-                         int64_t numel, bool checksum) {
+                         int64_t numel, bool checksum, c10::optional<int64_t> seed) {
   constexpr const char* op = "pack_payload";
   TORCH_CHECK(values.defined() && values.scalar_type() == at::kFloat && values.dim() == 1,
               "gradsieve.pack_payload: values must be a 1-D float32 tensor, got ",
@@ -148,6 +148,9 @@ Codec check_pack_payload(const at::Tensor& finite, const at::Tensor& indices,
   TORCH_CHECK(numel >= 0 && numel <= kMaxNumel,
               "gradsieve.pack_payload: numel must be in [0, 2^31 - 1], got ", numel);
   (void)checksum;
+  TORCH_CHECK(!seed.has_value() || codec_qmax(codec) > 0,
+              "gradsieve.pack_payload: seed (stochastic rounding) needs wire 'int8', 'int4' or "
+              "'int2', got '", std::string(wire.data(), wire.size()), "'");
   return codec;
 }
 

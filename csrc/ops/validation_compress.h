@@ -26,10 +26,11 @@ void check_dgc_mask(const at::Tensor& momentum_u, const at::Tensor& velocity_v,
                     const at::Tensor& indices, const c10::optional<at::Tensor>& valid);
 
 // Checks pack_payload's arguments and returns the codec named by `wire` (the layout is then
-// pack_layout(indices.numel(), codec, chunk, index_of(op, index), numel, checksum)).
+// pack_layout(indices.numel(), codec, chunk, index_of(op, index), numel, checksum)). A seed
+// (stochastic rounding) needs an integer codec: int8, int4 or int2.
 Codec check_pack_payload(const at::Tensor& finite, const at::Tensor& indices,
                          const at::Tensor& values, const c10::optional<at::Tensor>& valid,
                          c10::string_view wire, int64_t chunk, c10::string_view index,
-                         int64_t numel, bool checksum);
+                         int64_t numel, bool checksum, c10::optional<int64_t> seed);
 
 }  // namespace gradsieve

@@ -3,8 +3,9 @@
 //
 //   header  int32[2] (finite flag, count C) [+ int32[2] checksum field]
 //   index   int32[K]; or csr16: int32[blocks] counts then int16[K] offsets padded to 4 bytes; or
-//           local: int32 descriptor, then uint16[chunks] counts and K b-bit offsets (each part
-//           padded to 4 bytes), or a bitmap of numel bits padded to 4 bytes (local_layout)
+//           local: int32 descriptor, then the chunk counts in unary (K + chunks bits) and K b-bit
+//           offsets (each part padded to 4 bytes), or a bitmap of numel bits padded to 4 bytes
+//           (local_layout)
 //   scales  float32[ceil(K / chunk)]           scaled codecs (int8, int4, int2, sign) only
 //   values  ceil(K * bits / 8) bytes           fp32/fp16/bf16 values, or B-bit codes packed LSB
 //                                              first (entry j's code starts at bit j * B)
@@ -83,14 +84,15 @@ inline IndexKind index_of(const char* op, c10::string_view name) {
 // The descriptor word of a local index section in bitmap mode (in offsets mode it is b).
 constexpr int32_t kLocalBitmap = 256;
 
-// The chunk-local index of K entries over numel positions: chunks of 2^bits positions with a
-// uint16 count each and a bits-bit offset per entry, bits in [1, 15] the smallest section (the
-// smallest bits on a tie); or a bitmap of the numel positions when that is smaller still.
+// The chunk-local index of K entries over numel positions: chunks of 2^bits positions, their
+// counts in unary (slot j of chunk c sets bit j + c: each chunk's count in ones, then a zero)
+// and a bits-bit offset per entry, bits in [1, 15] the smallest section (the smallest bits on a
+// tie); or a bitmap of the numel positions when that is smaller still.
 struct LocalLayout {
   int64_t bits = 0;     // b (0 in bitmap mode)
   bool bitmap = false;
   int64_t chunks = 0;   // offsets mode: ceil(numel / 2^b)
-  int64_t counts_bytes = 0;   // offsets mode: 4 * ceil(chunks / 2)
+  int64_t counts_bytes = 0;   // offsets mode: the unary counts, 4 * ceil((K + chunks) / 32)
   int64_t offsets_bytes = 0;  // offsets mode: 4 * ceil(K * b / 32); bitmap mode: 4 * ceil(numel / 32)
   int64_t bytes = 0;    // the whole section: 4 (descriptor) + counts + offsets, or 4 + the bitmap
 };
@@ -100,7 +102,7 @@ inline LocalLayout local_layout(int64_t entries, int64_t numel) {
   int64_t best_bytes = -1;
   for (int64_t b = 1; b <= 15; ++b) {
     const int64_t chunks = (numel + (int64_t(1) << b) - 1) >> b;
-    const int64_t counts = 4 * ((chunks + 1) / 2);
+    const int64_t counts = 4 * ((entries + chunks + 31) / 32);
     const int64_t offsets = 4 * ((entries * b + 31) / 32);
     if (best_bytes < 0 || counts + offsets < best_bytes) {
       best_bytes = counts + offsets;

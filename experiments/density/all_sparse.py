@@ -1,8 +1,12 @@
-"""Issue 31, the 0.1% regime: every sparse compressor with its default wire at densities 0.001 and
-0.01, against dense DDP (``none``), on a workload's default run, over seeds. ``summary`` prints the
-final metric per compressor (mean ± std) and its distance from dense.
+"""Issue 31, the 0.1% regime: every sparse compressor (its default wire, or the one ``--wire``
+names) at densities 0.001 and 0.01, against dense DDP (``none``) and, with ``--baselines``,
+PyTorch's bf16 hook and PowerSGD (rank 1 and 4), on a workload's default run, iid or
+``--heterogeneous``, over seeds. ``summary`` prints the final metric per compressor (mean ± std)
+and its distance from dense.
 
     python experiments/density/all_sparse.py run --workload digits --seeds 0 1 2
+    python experiments/density/all_sparse.py run --workload textcls --seeds 0 1 2 --baselines \
+        --heterogeneous --wire values=int4:chunk=32:index=local
     python experiments/density/all_sparse.py summary
 """
 
@@ -19,18 +23,23 @@ sys.path.insert(0, os.path.dirname(HERE))
 from sweeps import load, mean_std, train  # noqa: E402
 
 COMPRESSORS = ["topk", "dgc", "regtopk", "ef21", "adaptive", "predictive", "granular"]
+BASELINES = ["torch-bf16", "powersgd:rank=1", "powersgd:rank=4"]
 RESULTS = os.path.join(HERE, "results", "all_sparse")
 METRIC = {"digits": "accuracy", "charlm": "eval_loss", "textcls": "accuracy"}
 
 
 def run(args) -> None:
+    split = "het" if args.heterogeneous else "iid"
+    wire = f":{args.wire}" if args.wire else ""
+    tag = "wire-" if args.wire else ""
     for density in args.densities:
         for seed in args.seeds:
-            out = os.path.join(RESULTS, f"{args.workload}-iid-d{density}-s{seed}")
+            out = os.path.join(RESULTS, f"{args.workload}-{split}-{tag}d{density}-s{seed}")
             if os.path.exists(os.path.join(out, "metrics.json")):
                 continue
-            compare = ["none"] + [f"{name}:density={density}" for name in COMPRESSORS]
-            train(out, args.workload, False, seed, args.extra, compare)
+            compare = ["none"] + (BASELINES if args.baselines else [])
+            compare += [f"{name}:density={density}{wire}" for name in COMPRESSORS]
+            train(out, args.workload, args.heterogeneous, seed, args.extra, compare)
 
 
 def summary(_args) -> None:
@@ -47,7 +56,8 @@ def summary(_args) -> None:
             gap = "-"
             if name != "none" and dense:
                 gap = f"{(statistics.mean(values) - statistics.mean(dense)) * scale:+.{2 if scale > 1 else 3}f}"
-            print(f"| {name.split(':')[0]} | {mean_std(values, scale)} | {gap} | {len(records)} |")
+            label = name if name in BASELINES else name.split(":")[0]
+            print(f"| {label} | {mean_std(values, scale)} | {gap} | {len(records)} |")
 
 
 def main() -> None:
@@ -57,6 +67,10 @@ def main() -> None:
     r.add_argument("--workload", default="digits", choices=sorted(METRIC))
     r.add_argument("--densities", nargs="+", type=float, default=[0.001, 0.01])
     r.add_argument("--seeds", nargs="+", type=int, default=[0])
+    r.add_argument("--heterogeneous", action="store_true", help="each rank its own label skew")
+    r.add_argument("--baselines", action="store_true", help="torch-bf16 and PowerSGD rank 1 and 4 too")
+    r.add_argument("--wire", default="", help="wire options for every sparse compressor, e.g. "
+                   "values=int4:chunk=32:index=local (the results go to <workload>-<split>-wire-d...)")
     r.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more gradsieve-train arguments (e.g. --model-size small --steps 300)")
     sub.add_parser("summary")

@@ -5,6 +5,8 @@ seeds) with the bits each kept entry costs on the wire, all included, for int32,
 indices (over a bucket of 1M entries).
 
     python experiments/density/value_codecs.py run --workloads digits charlm --seeds 0 1 2
+    python experiments/density/value_codecs.py run --workloads textcls --wires int4:32 int2:8 \
+        --equal-bytes --seeds 0 1 2     # chosen (codec, chunk) pairs at int8's bytes
     python experiments/density/value_codecs.py summary
     python experiments/density/value_codecs.py plot      # results/codecs/pareto_<workload>.png
 """
@@ -15,7 +17,7 @@ import argparse
 import os
 import statistics
 import sys
-from typing import List
+from typing import List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -38,23 +40,31 @@ def variants(density: float) -> List[str]:
     return [f"topk:density={density}:values={codec}" for codec in CODECS]
 
 
-def equal_bytes_variants(density: float) -> List[str]:
-    """int8 values at ``density`` and each codec below a byte at the density that costs the same
+def equal_bytes_variants(density: float, wires: List[Tuple[str, int]] = ()) -> List[str]:
+    """int8 values (chunk 256) at ``density`` and each codec below a byte (``wires``: (codec,
+    chunk) pairs; by default int4, int2 and sign with chunk 256) at the density that costs the same
     bytes (local index, over a bucket of 1M entries): fewer bits per entry buy more entries."""
     budget = density * bits_per_entry("int8", "local", density)
     out = [f"topk:density={density}:values=int8:index=local"]
-    for codec in ("int4", "int2", "sign"):
+    for codec, chunk in wires or [(c, 256) for c in ("int4", "int2", "sign")]:
         d = density
         for _ in range(20):  # bits per entry fall slowly with the density: a fixed point
-            d = budget / bits_per_entry(codec, "local", d)
-        out.append(f"topk:density={d:.5f}:values={codec}:index=local")
+            d = budget / bits_per_entry(codec, "local", d, chunk=chunk)
+        out.append(f"topk:density={d:.5f}:values={codec}" + (f":chunk={chunk}" if chunk != 256 else "")
+                   + ":index=local")
     return out
 
 
-def bits_per_entry(codec: str, index: str, density: float, numel: int = 1_000_000) -> float:
+def wire_variants(density: float, wires: List[Tuple[str, int]]) -> List[str]:
+    """int8 (chunk 256) and each (codec, chunk) of ``wires`` at ``density``, local index."""
+    return [f"topk:density={density}:values=int8:index=local"] + [
+        f"topk:density={density}:values={codec}:chunk={chunk}:index=local" for codec, chunk in wires]
+
+
+def bits_per_entry(codec: str, index: str, density: float, numel: int = 1_000_000, chunk: int = 256) -> float:
     """Bits per kept entry of one payload over a bucket of ``numel`` entries (header included)."""
     k = max(1, round(density * numel))
-    return PayloadFormat(k, codec, 256, index, numel).bits_per_entry
+    return PayloadFormat(k, codec, min(chunk, k), index, numel).bits_per_entry
 
 
 def run(args) -> None:
@@ -63,11 +73,15 @@ def run(args) -> None:
         for density in args.densities:
             for seed in args.seeds:
                 split = "het" if args.heterogeneous else "iid"
-                tag = "bytes-" if args.equal_bytes else ""
+                wires = [(w.split(":")[0], int(w.split(":")[1])) for w in args.wires]
+                tag = ("bytes-" if args.equal_bytes else "") + ("wires-" if wires else "")
                 out = os.path.join(RESULTS, f"{workload}-{split}-{tag}d{density}-s{seed}")
                 if os.path.exists(os.path.join(out, "metrics.json")):
                     continue
-                chosen = equal_bytes_variants(density) if args.equal_bytes else variants(density)
+                if args.equal_bytes:
+                    chosen = equal_bytes_variants(density, wires)
+                else:
+                    chosen = wire_variants(density, wires) if wires else variants(density)
                 train(out, workload, args.heterogeneous, seed, extra, chosen)
 
 
@@ -83,13 +97,16 @@ def summary(_args) -> None:
         for name, records in found[setting].items():
             options = records[0].get("options", {})
             codec = options.get("values", "fp32") if "topk" in name else name
+            chunk = int(options.get("chunk", 256))
             d = float(records[0].get("density") or density)
             scale = 100.0 if metric == "accuracy" else 1.0
             value = mean_std([r.get(metric) for r in records], scale)
-            bits = (" | ".join(f"{bits_per_entry(codec, index, d):.1f}" for index in ("int32", "csr16", "local"))
+            bits = (" | ".join(f"{bits_per_entry(codec, index, d, chunk=chunk):.1f}"
+                               for index in ("int32", "csr16", "local"))
                     if codec in CODECS else "- | - | -")
             kb = mean_std([r.get("wire_bytes_per_step") for r in records], 1e-3, 3)
-            print(f"| {codec} | {d:g} | {bits} | {kb} | {value} | {len(records)} |")
+            label = codec if chunk == 256 else f"{codec} chunk {chunk}"
+            print(f"| {label} | {d:g} | {bits} | {kb} | {value} | {len(records)} |")
 
 
 def plot(_args) -> None:
@@ -135,6 +152,9 @@ def main() -> None:
     r.add_argument("--heterogeneous", action="store_true")
     r.add_argument("--equal-bytes", action="store_true",
                    help="int8 at each density against int4/int2/sign at the same bytes (local index)")
+    r.add_argument("--wires", nargs="+", default=[], metavar="CODEC:CHUNK",
+                   help="these (codec, chunk) pairs instead of every codec at chunk 256, against "
+                   "int8 (local index); with --equal-bytes, each at int8's bytes")
     sub.add_parser("summary")
     sub.add_parser("plot")
     args = parser.parse_args()

@@ -308,14 +308,21 @@ SPARSE_OPTIONS: Dict[str, Option] = {
     "compress_1d": Option(True, "compress 1-D parameters (biases, norms) too; False sends them dense",
                           kind=bool),
     "values": Option("fp32", "value encoding on the wire: fp32, fp16 or bf16 values, or codes with a "
-                     "float32 scale per chunk: int8, int4, int2 (round to nearest) or sign (1 bit, "
+                     "float32 scale per chunk: int8, int4, int2 (see rounding) or sign (1 bit, "
                      "the chunk's mean magnitude)", kind=str, choices=VALUE_CODECS),
     "chunk": Option(256, "entries per scale for int8, int4, int2 and sign values", kind=int,
                     check=lambda v: 1 <= v <= 1 << 20, allowed="an integer in [1, 2^20]"),
+    "rounding": Option("nearest", "how int8, int4 and int2 values round: to the nearest code, or "
+                       "stochastic (unbiased: up with the probability of the fraction), drawn from "
+                       "rounding_seed, the step, the bucket, the slot and the value", kind=str,
+                       choices=("nearest", "stochastic")),
+    "rounding_seed": Option(0, "seed of stochastic rounding", kind=int,
+                            check=lambda v: 0 <= v < 1 << 62, allowed="an integer in [0, 2^62)"),
     "index": Option("int32", "index encoding on the wire: int32 positions (4 bytes per entry), "
                     "csr16 (per-block counts and 16-bit offsets: 2 bytes per entry) or local "
-                    "(chunks of 2^b positions, b chosen per bucket: a count per chunk and b-bit "
-                    "offsets, about 11.6 bits per entry at density 0.01; or a bitmap where denser)",
+                    "(chunks of 2^b positions, b chosen per bucket: the counts per chunk in unary "
+                    "and b-bit offsets, about 8.6 bits per entry at density 0.01; or a bitmap "
+                    "where denser)",
                     kind=str,
                     choices=INDEX_FORMATS),
     "checksum": Option(False, "put a checksum of each payload in its header (8 more bytes): a "
@@ -346,8 +353,22 @@ class SparseCompressor(Compressor):
         super().__init_subclass__(**kwargs)
         cls.agreed_indices = bool(cls.__dict__.get("agreed_indices", False))
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options.get("rounding") == "stochastic" and self.values not in ("int8", "int4", "int2"):
+            raise ValueError(f"compressor {self.name!r}: rounding='stochastic' needs values 'int8', "
+                             f"'int4' or 'int2', got values={self.values!r}")
+
     def density_at(self, step: int) -> float:
         return self.density
+
+    def rounding_seed_at(self, step: int, layout: BucketLayout) -> Optional[int]:
+        """The seed of this step's and bucket's stochastic rounding (None: round to nearest)."""
+        if self.options.get("rounding") != "stochastic":
+            return None
+        mixed = (self.rounding_seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9
+                 + (layout.index + 1) * 0x94D049BB133111EB)
+        return mixed % (1 << 63)
 
     def segments(self, layout: BucketLayout, step: int) -> List[Segment]:
         density = self.density_at(step)
@@ -392,7 +413,8 @@ class SparseCompressor(Compressor):
             finite = torch.isfinite(grad).all()
         valid = selection.scratch.get("valid")
         ordered = self.traits.ascending and (len(segments) == 1 or valid is None)
-        payload, sent = fmt.pack(finite, selection.indices, selection.values, valid, ordered)
+        payload, sent = fmt.pack(finite, selection.indices, selection.values, valid, ordered,
+                                 self.rounding_seed_at(step, layout))
         if self.values != "fp32":
             self.absorb_rounding(selection, selection.values - sent)
         selection.scratch["wire_values"] = sent  # the values as they went on the wire (float32[K])

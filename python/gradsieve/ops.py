@@ -643,6 +643,7 @@ def pack_payload(
     index: str,
     numel: int,
     checksum: bool = False,
+    seed: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A whole sparse payload (:mod:`gradsieve.wire`'s layout) in one pass.
 
@@ -670,6 +671,10 @@ def pack_payload(
         index: ``"int32"``, ``"csr16"`` or ``"local"``.
         numel: the bucket's size (csr16 and local need it).
         checksum: the header has the 8-byte checksum field (zeroed here).
+        seed: None: the integer codecs round to nearest (half to even). An int (its 64 bits taken
+            as unsigned): stochastic rounding, slot j's code ``floor(x / scale + u)`` with ``u`` in
+            [0, 1) drawn from (seed, j, the bits of x) by a counter-based generator, the same on
+            every backend (:func:`gradsieve.wire.rounding_draws`); only for int8, int4 and int2.
 
     Returns:
         ``(payload, sent)``: Tensor[nbytes] uint8 and Tensor[K] float32, the values as a receiver
@@ -683,8 +688,11 @@ def pack_payload(
         >>> payload[:8].view(torch.int32).tolist(), payload[8:16].view(torch.int32).tolist()
         ([1, 2], [2, 7])
     """
+    if seed is None:
+        return torch.ops.gradsieve.pack_payload(finite, indices, values, valid, str(wire), int(chunk),
+                                                str(index), int(numel), bool(checksum))
     return torch.ops.gradsieve.pack_payload(finite, indices, values, valid, str(wire), int(chunk),
-                                            str(index), int(numel), bool(checksum))
+                                            str(index), int(numel), bool(checksum), int(seed))
 
 
 def ef21_topk(grad: torch.Tensor, estimate: torch.Tensor,

@@ -12,17 +12,19 @@ Layout of one payload (a flat uint8 tensor; every rank's has the same size for a
             int16[K]          then each entry's offset in its block (unsigned bits), block order;
                               padded to a multiple of 4 bytes
         or  int32             index="local" (:func:`local_layout`): a descriptor, b or 256, then
-            uint16[C]         entries per chunk of 2^b positions (C = ceil(numel / 2^b)), padded
-                              to 4 bytes, and K offsets of b bits in their chunks, LSB first,
-                              padded to 4 bytes; or (descriptor 256) a bitmap of the numel
-                              positions, padded to 4 bytes
+            K + N bits        the entries per chunk of 2^b positions in unary (N = ceil(numel /
+                              2^b) chunks; slot j in chunk c sets bit j + c, so each chunk's
+                              count is a run of ones closed by a zero), padded to 4 bytes, and K
+                              offsets of b bits in their chunks, LSB first, padded to 4 bytes; or
+                              (descriptor 256) a bitmap of the numel positions, padded to 4 bytes
     scales  float32[S]        scaled codecs only: one per chunk of ``chunk`` slots, S = ceil(K / chunk)
                               (the last chunk may be partial)
     values  ceil(K * bits / 8) bytes: K fp32/fp16/bf16 values, or K codes of ``bits`` bits packed
                               least significant bit first (slot j's code starts at bit j * bits)
 
 Value codecs (:data:`CODECS`): ``fp32``, ``fp16``, ``bf16`` carry the values; ``int8``, ``int4`` and
-``int2`` carry ``round(x / scale)`` in two's complement, clamped to +-qmax (127, 7, 1) with
+``int2`` carry ``round(x / scale)`` (or, with a seed, ``floor(x / scale + u)``: stochastic
+rounding, :func:`rounding_draws`) in two's complement, clamped to +-qmax (127, 7, 1) with
 ``scale = max|x| / qmax`` per chunk; ``sign`` carries one bit (1: negative) with the mean |x| of the
 chunk's nonzero entries as its scale. A chunk holding NaN or Inf gets a NaN scale and zero codes.
 A slot decodes to ``code * scale`` (sign: ``+-scale``).
@@ -88,13 +90,14 @@ def csr16_blocks(numel: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class LocalLayout:
     """The chunk-local index of K entries over ``numel`` positions: chunks of ``2^bits`` positions,
-    a uint16 count per chunk and a ``bits``-bit offset per entry (``bits`` in [1, 15], the smallest
-    section, the smallest ``bits`` on a tie), or a bitmap of the positions where that is smaller."""
+    their counts in unary (K + chunks bits) and a ``bits``-bit offset per entry (``bits`` in
+    [1, 15], the smallest section, the smallest ``bits`` on a tie), or a bitmap of the positions
+    where that is smaller."""
 
     bits: int  # 0 in bitmap mode
     bitmap: bool
     chunks: int
-    counts_bytes: int
+    counts_bytes: int  # the unary counts: 4 * ceil((K + chunks) / 32)
     offsets_bytes: int  # or the bitmap's bytes
 
     @property
@@ -111,7 +114,8 @@ def local_layout(entries: int, numel: int) -> LocalLayout:
     best = None
     for bits in range(1, 16):
         chunks = -(-numel // (1 << bits))
-        candidate = LocalLayout(bits, False, chunks, 4 * -(-chunks // 2), 4 * -(-entries * bits // 32))
+        candidate = LocalLayout(bits, False, chunks, 4 * -(-(entries + chunks) // 32),
+                                4 * -(-entries * bits // 32))
         if best is None or candidate.nbytes < best.nbytes:
             best = candidate
     bitmap = LocalLayout(0, True, 0, 0, 4 * -(-numel // 32))
@@ -136,11 +140,44 @@ def unpack_bits(section: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (flat.reshape(*section.shape[:-1], n, bits) * weights).sum(dim=-1)
 
 
-def quantize(values: torch.Tensor, codec: Codec, chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with its bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def rounding_draws(seed: int, values: torch.Tensor) -> torch.Tensor:
+    """The uniform draws in [0, 1) (float32[K], 24 random bits each) that stochastic rounding adds
+    to slot j's ``x / scale`` (``values``: float32[K], in wire order): SplitMix64's finaliser over
+    ``seed + (counter + 1) * 0x9E3779B97F4A7C15``, the counter holding x's bit pattern in its high
+    32 bits and j in its low 32 (csrc/include/gradsieve/radix_key.h's rounding_draw, in int64
+    arithmetic that wraps as uint64 does)."""
+    slot = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
+    bits = values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    counter = (bits << 32) | slot
+    z = (counter + 1) * _signed64(0x9E3779B97F4A7C15) + _signed64(seed)
+    z = (z ^ _shift_right(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _signed64(0x94D049BB133111EB)
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def quantize(values: torch.Tensor, codec: Codec, chunk: int,
+             seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The codes (int8[K]: two's complement codes, or sign bits 0/1) and the scales
     (float32[ceil(K / chunk)]) of ``values`` (float32[K]) under a scaled codec, in torch ops: the
-    reference of the fused pack's quantization (the module docstring's rules, float32 arithmetic)."""
-    if codec.qmax == 127:
+    reference of the fused pack's quantization (the module docstring's rules, float32 arithmetic).
+    ``seed``: stochastic rounding of the integer codecs, ``floor(x / scale + u)`` with
+    :func:`rounding_draws`."""
+    if codec.qmax == 127 and seed is None:
         return ops.quantize_int8(values, chunk)
     k = values.numel()
     chunks = -(-k // chunk)
@@ -153,7 +190,14 @@ def quantize(values: torch.Tensor, codec: Codec, chunk: int) -> Tuple[torch.Tens
         amax = rows.abs().amax(dim=1)
         scales = torch.where(finite, amax / torch.full_like(amax, codec.qmax), nan)
         usable = (scales > 0)[:, None]
-        codes = torch.round(rows / torch.where(usable, scales[:, None], 1.0)).clamp_(-codec.qmax, codec.qmax)
+        ratio = rows / torch.where(usable, scales[:, None], 1.0)
+        if seed is None:
+            codes = torch.round(ratio)
+        else:
+            draws = torch.zeros(chunks * chunk, dtype=torch.float32, device=values.device)
+            draws[:k] = rounding_draws(seed, values)
+            codes = torch.floor(ratio + draws.view(chunks, chunk))
+        codes = codes.clamp_(-codec.qmax, codec.qmax)
         codes = torch.where(usable, codes, 0.0)
     else:
         # The mean |x| of each chunk's nonzero entries, summed in slot order one float32 add at a
@@ -283,7 +327,7 @@ class PayloadFormat:
 
     def pack(
         self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-        valid: Optional[torch.Tensor] = None, ordered: bool = False,
+        valid: Optional[torch.Tensor] = None, ordered: bool = False, seed: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Encodes ``values`` (float32, the exact values chosen) at ``indices`` (int64).
 
@@ -296,23 +340,37 @@ class PayloadFormat:
         the CPU, one kernel on CUDA), after a sort where one is needed; inputs that op does not
         take go through :meth:`pack_reference`. Both give the same bytes and ``sent``, bit for bit.
 
+        ``seed`` (int8, int4, int2 only; an int in [-2^63, 2^63)): stochastic rounding, slot j's
+        code ``floor(x / scale + u)``, ``u`` from (seed, j, the bits of x) (:func:`rounding_draws`;
+        j counts slots in wire order); None rounds to nearest.
+
         Returns:
             ``(payload, sent)``: the uint8 payload and the float32 values a receiver will decode,
             in the order of ``indices`` (0 at padding slots), so that the sender can keep
             ``values - sent`` (the rounding) in its error memory.
         """
+        self._check_seed(seed)
         if not self._fused_pack_takes(finite, indices, values, valid):
-            return self.pack_reference(finite, indices, values, valid, ordered)
+            return self.pack_reference(finite, indices, values, valid, ordered, seed)
         order = None
         if not ordered and (valid is not None or self.positional):
             indices, values, valid, order = self._wire_order(indices, values, valid)
         payload, sent = ops.pack_payload(finite, indices, values, valid, self.values, self.chunk, self.index,
-                                         self.numel, self.checksum)
+                                         self.numel, self.checksum, seed)
         if self.checksum:
             payload[HEADER_BYTES:HEADER_BYTES + 4].view(torch.int32)[0] = checksum_of(payload.view(1, -1))[0]
         if order is not None:
             sent = torch.zeros_like(sent).index_copy_(0, order, sent)
         return payload, sent
+
+    def _check_seed(self, seed: Optional[int]) -> None:
+        if seed is None:
+            return
+        if not self.codec.qmax:
+            raise ValueError(f"seed (stochastic rounding) needs values 'int8', 'int4' or 'int2', got "
+                             f"{self.values!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(1 << 63) <= seed < 1 << 63:
+            raise ValueError(f"seed must be an int in [-2^63, 2^63), got {seed!r}")
 
     def _wire_order(self, indices: torch.Tensor, values: torch.Tensor, valid: Optional[torch.Tensor]):
         """The entries in wire order: valid ones first, in ascending index order (a stable sort:
@@ -347,11 +405,12 @@ class PayloadFormat:
 
     def pack_reference(
         self, finite: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-        valid: Optional[torch.Tensor] = None, ordered: bool = False,
+        valid: Optional[torch.Tensor] = None, ordered: bool = False, seed: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`pack` in plain torch ops (7 to 14 small launches, more for sign), for every
         case: the path of inputs the fused op does not take, and the reference it is tested
         against."""
+        self._check_seed(seed)
         k, device, codec = indices.numel(), indices.device, self.codec
         order = None
         if not ordered and (valid is not None or self.positional):
@@ -386,7 +445,7 @@ class PayloadFormat:
             payload[offset + 4 * blocks:offset + 4 * blocks + 2 * k].view(torch.int16).copy_(signed)
         offset += self.index_bytes
         if codec.scaled:
-            codes, scales = quantize(values, codec, self.chunk)
+            codes, scales = quantize(values, codec, self.chunk, seed)
             payload[offset:offset + 4 * self.num_scales].view(torch.float32).copy_(scales)
             offset += 4 * self.num_scales
             payload[offset:offset + self.values_bytes].copy_(pack_codes(codes, codec.bits))
@@ -405,7 +464,7 @@ class PayloadFormat:
 
     def _local_section(self, indices: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The local index section of entries in wire order: a slot that carries no entry, or whose
-        position is outside the bucket, is neither counted nor marked (offset 0)."""
+        position is outside the bucket, sets no bit (offset 0)."""
         layout, device = self.local, indices.device
         section = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
         section[:4].view(torch.int32)[0] = layout.descriptor
@@ -416,12 +475,12 @@ class PayloadFormat:
                 marks.index_add_(0, torch.where(carried, indices, 0), carried.to(torch.int64))
             section[4:].copy_(pack_bits(marks.clamp(max=1), 1, layout.offsets_bytes))
             return section
-        counts = torch.zeros(layout.chunks, dtype=torch.int64, device=device)
-        if indices.numel() and layout.chunks:
-            counts.scatter_add_(0, torch.where(carried, indices >> layout.bits, 0), carried.to(torch.int64))
-        if layout.chunks:
-            low = counts & 0xFFFF
-            section[4:4 + 2 * layout.chunks].view(torch.int16).copy_(torch.where(low >= 1 << 15, low - (1 << 16), low))
+        marks = torch.zeros(8 * layout.counts_bytes, dtype=torch.int64, device=device)
+        if indices.numel():
+            slot = torch.arange(indices.numel(), device=device)
+            at = torch.where(carried, slot + (indices >> layout.bits), 0)
+            marks.index_add_(0, at, carried.to(torch.int64))
+        section[4:4 + layout.counts_bytes].copy_(pack_bits(marks.clamp(max=1), 1, layout.counts_bytes))
         fields = torch.where(carried, indices & ((1 << layout.bits) - 1), 0)
         section[4 + layout.counts_bytes:].copy_(pack_bits(fields, layout.bits, layout.offsets_bytes))
         return section
@@ -443,12 +502,13 @@ class PayloadFormat:
             positions = torch.searchsorted(ends.contiguous(), (slot + 1).contiguous())
             has = positions < self.numel
         else:
-            counts = section[:, 4:4 + 2 * layout.chunks].contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-            ends = torch.cumsum(counts, dim=1)
-            total = ends[:, -1] if layout.chunks else torch.zeros(world, dtype=torch.int64, device=device)
-            well_formed &= total == used
-            chunk = torch.searchsorted(ends.contiguous(), slot.contiguous(), right=True)
-            fields = unpack_bits(body, layout.bits, k) if layout.chunks else torch.zeros_like(slot)
+            # Slot j's chunk is q - j, q its (j + 1)-th set bit of the unary counts.
+            marks = unpack_bits(section[:, 4:4 + layout.counts_bytes], 1, 8 * layout.counts_bytes)
+            ends = torch.cumsum(marks, dim=1)
+            if layout.counts_bytes:  # none only for K = 0 over an empty bucket
+                well_formed &= ends[:, -1] == used
+            chunk = torch.searchsorted(ends.contiguous(), (slot + 1).contiguous()) - slot
+            fields = unpack_bits(body, layout.bits, k)
             positions = (chunk << layout.bits) + fields
             has = (chunk < layout.chunks) & (positions < self.numel)
         in_use = slot < used[:, None]

@@ -255,9 +255,9 @@ __host__ __device__ constexpr int wire_qmax(WireValues v) {
 
 // The index formats of a payload (csrc/ops/wire_layout.h's IndexKind, in the same order): int32
 // positions; csr16 (int32 counts per block of 65536 positions, then an int16 offset per slot); or
-// the chunk-local index (an int32 descriptor, then a uint16 count per chunk of 2^b positions and a
-// b-bit offset per slot packed LSB first, or a bitmap of the positions; wire_layout.h's
-// local_layout picks b or the bitmap).
+// the chunk-local index (an int32 descriptor, then the counts per chunk of 2^b positions in unary,
+// slot j of chunk c setting bit j + c, and a b-bit offset per slot packed LSB first, or a bitmap of
+// the positions; wire_layout.h's local_layout picks b or the bitmap).
 enum class WireIndex : int { kInt32 = 0, kCsr16 = 1, kLocal = 2 };
 
 // The local index's descriptor word in bitmap mode (wire_layout.h's kLocalBitmap); in offsets mode
@@ -269,9 +269,8 @@ constexpr int32_t kWireLocalBitmap = 256;
 // floats, 0 at slots that are not valid). indices: K int64 (indices_int64) or int32; valid: K
 // bools or null (every slot valid); codec's values (scaled codecs: a scale per chunk of slots,
 // the last chunk partial); int32 positions, csr16 (blocks counts, then int16 offsets) or the
-// local index (a slot not valid, or whose position is outside [0, numel), is neither counted nor
-// marked and has offset 0; counts wrap modulo 2^16 as uint16 do). The payload must be 4-byte
-// aligned (torch's allocations are).
+// local index (a slot not valid, or whose position is outside [0, numel), sets no bit and has
+// offset 0). The payload must be 4-byte aligned (torch's allocations are).
 struct PackPayloadArgs {
   const bool* finite;
   const void* indices;
@@ -283,10 +282,12 @@ struct PackPayloadArgs {
   int64_t chunk;            // scaled codecs: slots per scale
   WireIndex index;
   int64_t numel;            // the bucket's positions (the local index covers [0, numel))
+  bool stochastic;          // intB codes: floor(v / scale + rounding_draw(seed, j, v)), not rint
+  uint64_t seed;
   int64_t blocks;           // csr16 blocks; local offsets mode: chunks of 2^local_bits positions
   int local_bits;           // local index: b in [1, 15], or 0 in bitmap mode
   int64_t index_offset;     // int32 positions, csr16's int32 block counts, or the local
-                            // descriptor (its uint16 counts 4 bytes on)
+                            // descriptor (its unary counts 4 bytes on)
   int64_t offsets_offset;   // csr16's int16 offsets; local: the b-bit offsets, or the bitmap
   int64_t scales_offset;    // scaled codecs' float32 scales
   int64_t values_offset;

@@ -29,12 +29,13 @@ struct DecodeAverageArgs {
   WireIndex index;
   bool checksum;            // the header holds a checksum of the payload (bytes 8..11)
   int64_t blocks;           // the counted units of an index, a running sum kept per payload
-                            // for each: csr16 blocks; local: its chunks of 2^local_bits
-                            // positions (offsets mode) or its 32-bit bitmap words (bitmap
-                            // mode, ceil(numel / 32)); 0 for int32 indices
+                            // for each: csr16 blocks; local: the 32-bit words of its unary
+                            // counts (offsets mode, ceil((K + local_chunks) / 32)) or of its
+                            // bitmap (bitmap mode, ceil(numel / 32)); 0 for int32 indices
   int local_bits;           // local index: b in [1, 15], or 0 in bitmap mode
+  int64_t local_chunks;     // local index, offsets mode: ceil(numel / 2^b); 0 otherwise
   int64_t index_offset;     // int32 indices, csr16's int32 block counts, or the local
-                            // descriptor (its uint16 counts 4 bytes on)
+                            // descriptor (its unary counts 4 bytes on)
   int64_t offsets_offset;   // csr16's int16 offsets; local: the b-bit offsets, or the bitmap
   int64_t scales_offset;    // scaled codecs' float32 scales
   int64_t num_scales;       // scaled codecs: ceil(slots / chunk); 0 otherwise

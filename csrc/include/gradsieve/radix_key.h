@@ -73,4 +73,12 @@ GRADSIEVE_HD float uniform_from_counter(uint64_t seed, uint64_t counter) {
   return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // 24 random bits
 }
 
+// The draw stochastic rounding adds to slot `slot`'s v / scale in pack_payload: the counter holds
+// v's bit pattern (high 32 bits) and the slot (low 32 bits), so that ranks sending different
+// values under one seed draw independently.
+GRADSIEVE_HD float rounding_draw(uint64_t seed, int64_t slot, uint32_t value_bits) {
+  return uniform_from_counter(
+      seed, (static_cast<uint64_t>(value_bits) << 32) | (static_cast<uint64_t>(slot) & 0xFFFFFFFFull));
+}
+
 }  // namespace gradsieve
