@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gradsieve
+from conftest import requires_cuda
 from gradsieve import ops, wire
 from gradsieve.wire import PayloadFormat
 
@@ -171,3 +172,19 @@ def test_compressor_rounds_stochastically_and_reproducibly():
     nearest = run_simulator()
     assert not all(torch.equal(a, b) for a, b in zip(stochastic, other_seed))
     assert not all(torch.equal(a, b) for a, b in zip(stochastic, nearest))
+
+
+@requires_cuda
+@pytest.mark.parametrize("codec", INTEGER)
+@pytest.mark.parametrize("index", wire.INDEX_FORMATS)
+def test_cuda_rounds_as_the_cpu(codec, index):
+    gen = torch.Generator().manual_seed(8)
+    k, numel = 5000, 400_000
+    indices = torch.randperm(numel, generator=gen)[:k]
+    values = torch.randn(k, generator=gen)
+    valid = torch.rand(k, generator=gen) > 0.1
+    fmt = PayloadFormat(k, codec, 32, index, numel)
+    cpu = fmt.pack(torch.tensor(True), indices, values, valid, seed=2024)
+    gpu = fmt.pack(torch.tensor(True, device="cuda"), indices.cuda(), values.cuda(), valid.cuda(), seed=2024)
+    assert torch.equal(cpu[0], gpu[0].cpu())
+    assert torch.equal(cpu[1], gpu[1].cpu())
