@@ -284,6 +284,64 @@ def test_compressor_through_the_hook(tmp_path, name):
 SPARSE = [n for n in NAMES if not compressor_class(n).traits.dense]
 
 
+def low_bit_wire(name, values="int4", chunk=32, stochastic=False):
+    """``options_for(name)`` with a wire below a byte per value and the chunk-local index
+    (stochastic rounding where the compressor has the option)."""
+    options = {**options_for(name), "values": values, "chunk": chunk, "index": "local"}
+    if stochastic and "rounding" in compressor_class(name).OPTIONS:
+        options["rounding"] = "stochastic"
+    return options
+
+
+def test_low_bit_wire_through_the_hook(tmp_path):
+    """topk with int4 values (chunk 32) and the local index: the hook equals the Simulator, keeps
+    the error-feedback account, resumes, skips a bad step and catches a mismatch."""
+    check_through_the_hook(tmp_path, "topk", 2, options=low_bit_wire("topk"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SPARSE)
+@pytest.mark.parametrize("values,chunk,stochastic", [("int4", 32, False), ("int2", 8, True), ("sign", 16, False)])
+def test_every_sparse_compressor_with_a_low_bit_wire_through_the_hook(tmp_path, name, values, chunk, stochastic):
+    check_through_the_hook(tmp_path, name, 2, options=low_bit_wire(name, values, chunk, stochastic))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["topk", "dgc", "granular"])
+def test_low_bit_wire_through_the_hierarchical_exchange(tmp_path, name):
+    check_through_the_hook(tmp_path, name, 4, "hierarchical", {"local": 2},
+                           options=low_bit_wire(name, "int2", 8, stochastic=True))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if keeps_account(n)])
+@pytest.mark.parametrize("values,chunk,stochastic", [("int4", 32, False), ("int2", 8, True), ("sign", 16, False)])
+@pytest.mark.parametrize("exchange,exchange_options", [("allgather", None), ("hierarchical", {"local": 2})])
+def test_low_bit_wire_keeps_the_account_in_the_simulator(name, values, chunk, stochastic, exchange,
+                                                         exchange_options):
+    """Every sparse compressor that keeps an account, with each codec below a byte and the local
+    index, on 4 simulated workers: what was delivered plus what is held is what came in."""
+    world = 4
+    local = (exchange_options or {}).get("local", 1)
+    sim = gradsieve.Simulator(name, world_size=world, param_sizes=[600, 330, 70], param_ndims=[2, 2, 1],
+                              exchange=exchange, exchange_options=exchange_options,
+                              **low_bit_wire(name, values, chunk, stochastic))
+    gen = torch.Generator().manual_seed(4)
+    total = torch.zeros(1000, dtype=torch.float64)
+    delivered = torch.zeros(1000, dtype=torch.float64)
+    for _ in range(5):
+        grads = [torch.randn(1000, generator=gen) for _ in range(world)]
+        total += sum(g.double() for g in grads)
+        delivered += world * sim.step(grads).double()
+    held = torch.zeros(1000, dtype=torch.float64)
+    sizes = shard_sizes(1000, local)
+    for rank, bank in enumerate(sim.banks):
+        part = sim.compressor.undelivered(bank.buckets[0]).double()
+        lo = sum(sizes[:rank % local])
+        held[lo:lo + part.numel()] += local * part
+    torch.testing.assert_close(delivered + held, total, rtol=0, atol=1e-4)
+    assert float(delivered.abs().sum()) > 0
+
+
 @pytest.mark.parametrize("nodes,local", [(1, 2), (2, 1)])
 def test_hierarchical_exchange_through_the_hook(tmp_path, nodes, local):
     """The hierarchical exchange on one node of 2 and on 2 nodes of 1, topk."""
@@ -313,8 +371,8 @@ def test_hierarchical_with_allreduce_across_nodes_through_the_hook(tmp_path):
     check_through_the_hook(tmp_path, "topk", 4, "hierarchical", {"local": 2, "cross": "allreduce"})
 
 
-def check_through_the_hook(tmp_path, name, world, exchange="allgather", exchange_options=None):
-    options = options_for(name)
+def check_through_the_hook(tmp_path, name, world, exchange="allgather", exchange_options=None, options=None):
+    options = options_for(name) if options is None else options
     traits = compressor_class(name).traits
     results = run_workers(worker_conformance, world, tmp_path, name, options, *other_config(name), exchange,
                           exchange_options)

@@ -363,11 +363,15 @@ class SparseCompressor(Compressor):
         return self.density
 
     def rounding_seed_at(self, step: int, layout: BucketLayout) -> Optional[int]:
-        """The seed of this step's and bucket's stochastic rounding (None: round to nearest)."""
+        """The seed of this step's and bucket's stochastic rounding (None: round to nearest): from
+        ``rounding_seed``, the step and the bucket's first parameter key (a stable identity, as
+        DGC's sample uses, so that the hook and the Simulator draw alike whatever DDP's bucket
+        order)."""
         if self.options.get("rounding") != "stochastic":
             return None
+        first_key = layout.keys[0] if layout.keys else 0
         mixed = (self.rounding_seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9
-                 + (layout.index + 1) * 0x94D049BB133111EB)
+                 + (first_key + 1) * 0x94D049BB133111EB)
         return mixed % (1 << 63)
 
     def segments(self, layout: BucketLayout, step: int) -> List[Segment]:
