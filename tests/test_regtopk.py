@@ -274,6 +274,32 @@ def test_non_contiguous_inputs():
     assert torch.equal(residual_base[:, 1::2], untouched)  # written back into the view only
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 1001, 65537])
+def test_kept_is_the_in_place_op_out_of_place(n, dtype, device):
+    """With ``kept`` the op reads the memory from kept, leaves it as it was and writes what the
+    in-place op leaves in its residual to ``residual`` (whatever that held), with the same
+    selection; non-contiguous kept and residual too."""
+    residual, grad, idx, sent, agg = make_case(n, dtype, m_frac=0.1, seed=n + 5, kind="special", device=device)
+    for k in sorted({0, n // 7, n}):
+        in_place = residual.clone()
+        want_v, want_i = gradsieve.regtopk_select_(in_place, grad, idx, sent, agg, 2.0, k, 3, 1e8)
+        kept = residual.clone()
+        out = torch.full_like(residual, float("nan"))
+        got_v, got_i = gradsieve.regtopk_select_(out, grad, idx, sent, agg, 2.0, k, 3, 1e8, kept=kept)
+        assert torch.equal(got_i, want_i)
+        torch.testing.assert_close(got_v, want_v, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(out, in_place, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(kept, residual, rtol=0, atol=0, equal_nan=True)  # left alone
+        strided_kept, strided_out = _copy(residual), _copy(out)
+        strided_out.fill_(7.0)
+        got_v, got_i = gradsieve.regtopk_select_(strided_out, grad, idx, sent, agg, 2.0, k, 3, 1e8,
+                                                 kept=strided_kept)
+        assert torch.equal(got_i, want_i)
+        torch.testing.assert_close(strided_out, in_place, rtol=0, atol=0, equal_nan=True)
+
+
 def test_any_shape_and_zero_dim():
     x = torch.tensor(2.5)
     res = torch.tensor(0.5)
@@ -289,13 +315,13 @@ def _z(shape, dtype=torch.float32, device="cpu"):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _call(d, residual=None, grad=None, idx=None, sent=None, agg=None, mu=1.0, k=1, world=2, q=None):
+def _call(d, residual=None, grad=None, idx=None, sent=None, agg=None, mu=1.0, k=1, world=2, q=None, kept=None):
     residual = _z(5, device=d) if residual is None else residual
     grad = _z(5, device=d) if grad is None else grad
     idx = _z(2, torch.int64, d) if idx is None else idx
     sent = _z(2, device=d) if sent is None else sent
     agg = _z(2, device=d) if agg is None else agg
-    return gradsieve.regtopk_select_(residual, grad, idx, sent, agg, mu, k, world, q)
+    return gradsieve.regtopk_select_(residual, grad, idx, sent, agg, mu, k, world, q, kept=kept)
 
 
 P = "gradsieve.regtopk_select_: "
@@ -334,6 +360,10 @@ ERROR_CASES = [
     ("world_size-negative", lambda d: _call(d, world=-3), P + "world_size must be >= 1, got -3"),
     ("q-negative", lambda d: _call(d, q=-1.0), P + "q must be >= 0 (inf allowed) or None, got -1"),
     ("q-nan", lambda d: _call(d, q=math.nan), P + "q must be >= 0 (inf allowed) or None, got nan"),
+    ("kept-float16", lambda d: _call(d, kept=_z(5, torch.float16, d)),
+     P + "kept must be a float32 tensor, got Half"),
+    ("kept-numel", lambda d: _call(d, kept=_z(4, device=d)),
+     P + "kept must have as many elements as grad (5), got 4"),
 ]
 
 
@@ -357,6 +387,8 @@ def _device_mismatch_cases(dev, other):
          P + f"prev_sent must be on the same device as grad ({ref}), got {oth}"),
         (lambda: _call(dev, agg=_z(2, device=other)),
          P + f"prev_agg must be on the same device as grad ({ref}), got {oth}"),
+        (lambda: _call(dev, kept=_z(5, device=other)),
+         P + f"kept must be on the same device as grad ({ref}), got {oth}"),
     ]
 
 
@@ -437,6 +469,13 @@ def _copy(t):
 def test_opcheck(index):
     _, args = sample_inputs("cpu")[index]
     torch.library.opcheck(OP.default, args, test_utils=STATIC_OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("index", [0, 5, 14], ids=[sample_inputs("cpu")[i][0] for i in (0, 5, 14)])
+def test_opcheck_with_kept(index):
+    _, (r, g, i, s, a, mu, k, world, q) = sample_inputs("cpu")[index]
+    torch.library.opcheck(OP.default, (torch.empty_like(r), g, i, s, a, mu, k, world, q, None, _copy(r)),
+                          test_utils=STATIC_OPCHECK_UTILS)
 
 
 def test_opcheck_dynamic_shapes():

@@ -1,9 +1,10 @@
 // CPU kernel of regtopk_select_: error feedback whose selection ranks entries by the RegTop-k score
 // (Bereyhi et al., arXiv 2409.14893) instead of by |acc|; the weights are in regtopk_weight.h.
 //
-// Pass 1, parallel: acc = residual + grad (written back to the residual) and the radix key of the
-// score w_unsent * |acc| for every entry (one read of grad, one read and write of the residual, one
-// write of the keys). Then, serially over the m entries sent last step (m is the previous k, a
+// Pass 1, parallel: acc = residual + grad (written back to the residual; with `kept`, acc = kept +
+// grad written to the residual, which is then only an output: error feedback out of place, with
+// no copy of the memory) and the radix key of the score w_unsent * |acc| for every entry (one read
+// of grad, one read and write of the residual or kept, one write of the keys). Then, serially over the m entries sent last step (m is the previous k, a
 // small fraction of n), their keys are replaced by the keys of w_j * |acc_j|; an index listed more
 // than once keeps its lowest key. The exact radix select of radix_select_cpu.h then runs on the
 // keys (4 passes over them) and writes acc's value at each selected index, zeroing it in the
@@ -67,9 +68,12 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
                                                       const at::Tensor& prev_agg_in, double mu,
                                                       int64_t k, int64_t world_size,
                                                       c10::optional<double> q,
-                                                      const c10::optional<at::Tensor>& bad_in) {
+                                                      const c10::optional<at::Tensor>& bad_in,
+                                                      const c10::optional<at::Tensor>& kept_in) {
   check_regtopk_select(residual, grad_in, prev_indices_in, prev_sent_in, prev_agg_in, mu, k,
-                       world_size, q, bad_in);
+                       world_size, q, bad_in, kept_in);
+  const bool has_kept = kept_in.has_value() && kept_in->defined();
+  const at::Tensor kept = has_kept ? kept_in->contiguous() : at::Tensor();
   const bool flagged = bad_in.has_value() && bad_in->defined();
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor prev_indices = prev_indices_in.contiguous();
@@ -89,6 +93,8 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
   at::Tensor values = at::empty({k}, acc.options());
   at::Tensor indices = at::empty({k}, acc.options().dtype(at::kLong));
   float* r = acc.data_ptr<float>();
+  // The memory read: kept's, or the residual's own (in place).
+  const float* before = has_kept ? kept.data_ptr<float>() : r;
   std::unique_ptr<uint32_t[]> fresh;
   uint32_t* key = key_scratch(n, fresh);
   const float w_unsent = RegTopKWeight::unsent(q.has_value(), q.value_or(0.0), mu);
@@ -97,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
     const scalar_t* g = grad.data_ptr<scalar_t>();
     at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const float a = r[i] + static_cast<float>(g[i]);
+        const float a = before[i] + static_cast<float>(g[i]);
         r[i] = a;
         key[i] = AbsKeyTraits::from_float(w_unsent * std::fabs(a));
       }

@@ -1,8 +1,9 @@
 // RegTop-k selection fused with error feedback for the CUDA backend: regtopk_select_
 // (Bereyhi et al., arXiv 2409.14893; the weight formula and its edge cases: regtopk_weight.h).
 //
-// Algorithm. Pass 1 (one read of grad, one read and write of the residual, one write of a float
-// score buffer in the workspace): acc = residual + grad, score = w_unsent * |acc|. Two small
+// Algorithm. Pass 1 (one read of grad, one read and write of the residual, or a read of `kept`
+// and a write of the residual, one write of a float score buffer in the workspace): acc =
+// residual (or kept) + grad, score = w_unsent * |acc|. Two small
 // kernels over the m entries sent last step then give those entries their own score: the first
 // marks each listed index with the largest key (skipping, and flagging, one outside [0, n)), the
 // second takes the atomic minimum of the keys w_j * |acc_j| of its entries, so an index listed
@@ -39,14 +40,15 @@ unsigned blocks_for(int64_t count) {
   return static_cast<unsigned>(want < 1 ? 1 : (want > kMaxBlocks ? kMaxBlocks : want));
 }
 
-// acc = residual + grad (one rounding, as the CPU kernel), score = w_unsent * |acc|.
+// acc = before + grad (one rounding, as the CPU kernel; before is the residual itself, or the
+// kept memory when the residual is an output only), score = w_unsent * |acc|.
 template <typename G>
 __global__ void __launch_bounds__(kThreads)
-    regtopk_accumulate_kernel(float* __restrict__ residual, const G* __restrict__ grad, int64_t n,
-                              float w_unsent, float* __restrict__ score) {
+    regtopk_accumulate_kernel(float* residual, const float* before, const G* __restrict__ grad,
+                              int64_t n, float w_unsent, float* __restrict__ score) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float acc = __fadd_rn(residual[i], to_float(grad[i]));
+    const float acc = __fadd_rn(before[i], to_float(grad[i]));
     residual[i] = acc;
     score[i] = __fmul_rn(w_unsent, fabsf(acc));
   }
@@ -115,20 +117,21 @@ cudaError_t regtopk_select(const RegTopKArgs& a, void* workspace, size_t workspa
   }
   float* score = static_cast<float*>(workspace);
   const float w_unsent = RegTopKWeight::unsent(a.has_q, a.q, a.mu);
+  const float* before = a.kept != nullptr ? a.kept : a.residual;
   if (a.n > 0) {
     const unsigned grid = blocks_for(a.n);
     switch (a.grad_dtype) {
       case DType::kFloat32:
         regtopk_accumulate_kernel<<<grid, kThreads, 0, stream>>>(
-            a.residual, static_cast<const float*>(a.grad), a.n, w_unsent, score);
+            a.residual, before, static_cast<const float*>(a.grad), a.n, w_unsent, score);
         break;
       case DType::kFloat16:
         regtopk_accumulate_kernel<<<grid, kThreads, 0, stream>>>(
-            a.residual, static_cast<const __half*>(a.grad), a.n, w_unsent, score);
+            a.residual, before, static_cast<const __half*>(a.grad), a.n, w_unsent, score);
         break;
       case DType::kBFloat16:
         regtopk_accumulate_kernel<<<grid, kThreads, 0, stream>>>(
-            a.residual, static_cast<const __nv_bfloat16*>(a.grad), a.n, w_unsent, score);
+            a.residual, before, static_cast<const __nv_bfloat16*>(a.grad), a.n, w_unsent, score);
         break;
       default:
         return cudaErrorInvalidValue;

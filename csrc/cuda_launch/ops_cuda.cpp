@@ -135,9 +135,12 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cuda(at::Tensor& residual,
                                                        const at::Tensor& prev_agg_in, double mu,
                                                        int64_t k, int64_t world_size,
                                                        c10::optional<double> q,
-                                                       const c10::optional<at::Tensor>& bad) {
+                                                       const c10::optional<at::Tensor>& bad,
+                                                       const c10::optional<at::Tensor>& kept_in) {
   check_regtopk_select(residual, grad_in, prev_indices_in, prev_sent_in, prev_agg_in, mu, k,
-                       world_size, q, bad);
+                       world_size, q, bad, kept_in);
+  const bool has_kept = kept_in.has_value() && kept_in->defined();
+  const at::Tensor kept = has_kept ? kept_in->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor prev_indices = prev_indices_in.contiguous();
@@ -154,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cuda(at::Tensor& residual,
   at::Tensor ws = workspace(bytes, grad);
   cuda::RegTopKArgs args{};
   args.residual = acc.data_ptr<float>();
+  args.kept = has_kept ? kept.data_ptr<float>() : nullptr;
   args.grad = grad.data_ptr();
   args.grad_dtype = to_dtype(grad.scalar_type());
   args.n = n;

@@ -39,9 +39,10 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_meta(at::Tensor& residual, con
                                                        const at::Tensor& prev_agg, double mu,
                                                        int64_t k, int64_t world_size,
                                                        c10::optional<double> q,
-                                                       const c10::optional<at::Tensor>& bad) {
+                                                       const c10::optional<at::Tensor>& bad,
+                                                       const c10::optional<at::Tensor>& kept) {
   check_regtopk_select(residual, grad, prev_indices, prev_sent, prev_agg, mu, k, world_size, q,
-                       bad);
+                       bad, kept);
   return {at::empty({k}, residual.options()), at::empty({k}, residual.options().dtype(at::kLong))};
 }
 
@@ -125,7 +126,8 @@ TORCH_LIBRARY(gradsieve, m) {
   m.def("ef_topk_into(Tensor(a!) out, Tensor residual, Tensor grad, int k, float scale=1.0) -> "
         "(Tensor values, Tensor indices, Tensor finite)");
   m.def("regtopk_select_(Tensor(a!) residual, Tensor grad, Tensor prev_indices, Tensor prev_sent, "
-        "Tensor prev_agg, float mu, int k, int world_size, float? q=None, Tensor(b!)? bad=None) -> "
+        "Tensor prev_agg, float mu, int k, int world_size, float? q=None, Tensor(b!)? bad=None, "
+        "Tensor? kept=None) -> "
         "(Tensor values, Tensor indices)");
   m.def("threshold_select(Tensor x, Tensor threshold, int capacity) -> "
         "(Tensor values, Tensor indices, Tensor count)");

@@ -82,7 +82,8 @@ void check_ef_topk_into(const at::Tensor& out, const at::Tensor& residual, const
 void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
                           const at::Tensor& prev_indices, const at::Tensor& prev_sent,
                           const at::Tensor& prev_agg, double mu, int64_t k, int64_t world_size,
-                          c10::optional<double> q, const c10::optional<at::Tensor>& bad) {
+                          c10::optional<double> q, const c10::optional<at::Tensor>& bad,
+                          const c10::optional<at::Tensor>& kept) {
   constexpr const char* op = "regtopk_select_";
   check_float_input(op, "grad", grad);
   TORCH_CHECK(residual.defined() && residual.scalar_type() == at::kFloat,
@@ -116,6 +117,15 @@ void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
   TORCH_CHECK(!q.has_value() || *q >= 0.0,
               "gradsieve.regtopk_select_: q must be >= 0 (inf allowed) or None, got ", *q);
   check_bad_flags(op, bad, "prev_indices", prev_indices.sym_numel(), prev_indices);
+  if (kept.has_value() && kept->defined()) {
+    TORCH_CHECK(kept->scalar_type() == at::kFloat,
+                "gradsieve.regtopk_select_: kept must be a float32 tensor, got ",
+                c10::toString(kept->scalar_type()));
+    TORCH_CHECK(kept->sym_numel() == grad.sym_numel(),
+                "gradsieve.regtopk_select_: kept must have as many elements as grad (",
+                grad.sym_numel(), "), got ", kept->sym_numel());
+    check_same_device(op, "kept", *kept, "grad", grad);
+  }
 }
 
 void check_bad_flags(const char* op, const c10::optional<at::Tensor>& bad, const char* entries,

@@ -162,6 +162,7 @@ def regtopk_select_(
     world_size: int,
     q: Optional[float] = None,
     bad: Optional[torch.Tensor] = None,
+    kept: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RegTop-k selection fused with error feedback (Bereyhi et al., arXiv 2409.14893).
 
@@ -201,6 +202,10 @@ def regtopk_select_(
             anything is written (on CUDA after reading one flag from the device). With it such an
             entry is skipped (its position keeps the weight of an entry not sent) and sets
             ``bad[j // (M // P)] = 1``, with no host synchronisation.
+        kept: optional Tensor[...] float32 (grad's numel): the memory to read instead of
+            ``residual``, which is then an output only: ``a = kept + grad`` is written to
+            ``residual`` (error feedback out of place, in the same one pass: ``kept`` is left as
+            it was, for an undo, without a copy of it).
 
     Returns:
         ``(values, indices)``: Tensor[k] float32 (``a``'s values) and Tensor[k] int64 ascending.
@@ -215,9 +220,14 @@ def regtopk_select_(
         >>> indices.tolist(), values.tolist(), residual.tolist()
         ([1], [-2.0], [3.0, 0.0, 0.5, 1.0])
     """
+    if kept is None:
+        return torch.ops.gradsieve.regtopk_select_(
+            residual, grad, prev_indices, prev_sent, prev_agg, float(mu), k, world_size,
+            None if q is None else float(q), bad,
+        )
     return torch.ops.gradsieve.regtopk_select_(
         residual, grad, prev_indices, prev_sent, prev_agg, float(mu), k, world_size,
-        None if q is None else float(q), bad,
+        None if q is None else float(q), bad, kept,
     )
 
 

@@ -59,7 +59,8 @@ cudaError_t select_by_score(const float* score, float* source, int64_t n, int64_
 // residual. An index listed more than once in prev_indices takes its lowest score; an index
 // outside [0, n) is skipped (scored as not sent) and flagged in `bad` when given.
 struct RegTopKArgs {
-  float* residual;           // n float32, in and out
+  float* residual;           // n float32, in and out (with kept: out only)
+  const float* kept;         // null, or n float32 read instead of the residual (out of place)
   const void* grad;          // n entries of grad_dtype
   DType grad_dtype;
   int64_t n;

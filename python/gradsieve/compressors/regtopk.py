@@ -63,7 +63,9 @@ class RegTopKCompressor(TopKCompressor):
 
     # ------------------------------------------------------------------------ one step's work
     def select(self, grad, memory, segments, layout, step):
-        residual = memory.entries["residual"].clone()
+        # The pending residual is written out of place (the memory's stays, for an undo).
+        kept = memory.entries["residual"]
+        residual = torch.empty_like(kept)
         previous = self._previous(memory, layout, segments, grad.device)
         # Set (on the device, no host sync) where a stored position lies outside its segment: only
         # a corrupted memory (a damaged checkpoint) has one. It is scored as not sent.
@@ -72,7 +74,8 @@ class RegTopKCompressor(TopKCompressor):
         def pick(number, piece, k):
             prev_i, prev_s, prev_a = previous[number]
             return ops.regtopk_select_(residual[piece], grad[piece], prev_i, prev_s, prev_a,
-                                       self.mu, k, layout.world_size, self.q, bad=outside)
+                                       self.mu, k, layout.world_size, self.q, bad=outside,
+                                       kept=kept[piece])
 
         indices, values = per_segment(segments, pick)
         scratch = {"indices": indices, "layout": _signature(layout, segments), "prev_outside": outside}
