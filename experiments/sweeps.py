@@ -9,7 +9,8 @@ import os
 import statistics
 import subprocess
 import sys
-from typing import Dict, List
+import argparse
+from typing import Callable, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,3 +48,14 @@ def mean_std(values: List[float], scale: float = 1.0, digits: int = 4) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}g}"
     return f"{statistics.mean(values):.{digits}g} ± {statistics.stdev(values):.2g}"
+
+
+def cli(doc: str, run: Callable, summary: Callable, run_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+    """The command line of an experiment script: ``run`` (its arguments added by
+    ``run_arguments``) or ``summary``, each called with the parsed arguments."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_arguments(sub.add_parser("run"))
+    sub.add_parser("summary")
+    args = parser.parse_args()
+    (run if args.command == "run" else summary)(args)

@@ -135,18 +135,32 @@ def keeps_account(name):
 def test_error_feedback_account_in_simulator(name):
     """Nothing is lost, only delayed: over the run, what every worker's gradients added up to
     equals what reached the average plus what the workers still hold (``undelivered``)."""
-    world = 3
-    sim = gradsieve.Simulator(name, world_size=world, param_sizes=[600, 330, 70], param_ndims=[2, 2, 1],
+    sim = gradsieve.Simulator(name, world_size=3, param_sizes=[600, 330, 70], param_ndims=[2, 2, 1],
                               **options_for(name))
-    gen = torch.Generator().manual_seed(1)
+    check_simulator_account(sim, steps=6, seed=1)
+
+
+def check_simulator_account(sim, steps, seed, local=1):
+    """Runs ``sim`` (one bucket of 1000 entries) for ``steps`` random steps and checks that the
+    workers' gradients add up to what reached the average plus what they still hold; under the
+    hierarchical exchange of ``local`` ranks per node a rank holds its shard of the node's
+    average, ``local`` times its share."""
+    world = sim.world_size
+    gen = torch.Generator().manual_seed(seed)
     total = torch.zeros(1000, dtype=torch.float64)
     delivered = torch.zeros(1000, dtype=torch.float64)
-    for _ in range(6):
+    for _ in range(steps):
         grads = [torch.randn(1000, generator=gen) for _ in range(world)]
         total += sum(g.double() for g in grads)
         delivered += world * sim.step(grads).double()
-    held = [sim.compressor.undelivered(bank.buckets[0]) for bank in sim.banks]
-    torch.testing.assert_close(delivered + sum(h.double() for h in held), total, rtol=0, atol=1e-4)
+    held = torch.zeros(1000, dtype=torch.float64)
+    sizes = shard_sizes(1000, local)
+    for rank, bank in enumerate(sim.banks):
+        part = sim.compressor.undelivered(bank.buckets[0]).double()
+        lo = sum(sizes[:rank % local])
+        held[lo:lo + part.numel()] += local * part
+    torch.testing.assert_close(delivered + held, total, rtol=0, atol=1e-4)
+    assert float(delivered.abs().sum()) > 0
 
 
 def test_other_options_differ_for_every_compressor():
@@ -320,26 +334,10 @@ def test_low_bit_wire_keeps_the_account_in_the_simulator(name, values, chunk, st
                                                          exchange_options):
     """Every sparse compressor that keeps an account, with each codec below a byte and the local
     index, on 4 simulated workers: what was delivered plus what is held is what came in."""
-    world = 4
-    local = (exchange_options or {}).get("local", 1)
-    sim = gradsieve.Simulator(name, world_size=world, param_sizes=[600, 330, 70], param_ndims=[2, 2, 1],
+    sim = gradsieve.Simulator(name, world_size=4, param_sizes=[600, 330, 70], param_ndims=[2, 2, 1],
                               exchange=exchange, exchange_options=exchange_options,
                               **low_bit_wire(name, values, chunk, stochastic))
-    gen = torch.Generator().manual_seed(4)
-    total = torch.zeros(1000, dtype=torch.float64)
-    delivered = torch.zeros(1000, dtype=torch.float64)
-    for _ in range(5):
-        grads = [torch.randn(1000, generator=gen) for _ in range(world)]
-        total += sum(g.double() for g in grads)
-        delivered += world * sim.step(grads).double()
-    held = torch.zeros(1000, dtype=torch.float64)
-    sizes = shard_sizes(1000, local)
-    for rank, bank in enumerate(sim.banks):
-        part = sim.compressor.undelivered(bank.buckets[0]).double()
-        lo = sum(sizes[:rank % local])
-        held[lo:lo + part.numel()] += local * part
-    torch.testing.assert_close(delivered + held, total, rtol=0, atol=1e-4)
-    assert float(delivered.abs().sum()) > 0
+    check_simulator_account(sim, steps=5, seed=4, local=(exchange_options or {}).get("local", 1))
 
 
 @pytest.mark.parametrize("nodes,local", [(1, 2), (2, 1)])

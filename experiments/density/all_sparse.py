@@ -31,7 +31,7 @@ METRIC = {"digits": "accuracy", "charlm": "eval_loss", "textcls": "accuracy"}
 def run(args) -> None:
     split = "het" if args.heterogeneous else "iid"
     wire = f":{args.wire}" if args.wire else ""
-    tag = "wire-" if args.wire else ""
+    tag = args.wire.replace("=", "").replace(":", "_") + "-" if args.wire else ""
     for density in args.densities:
         for seed in args.seeds:
             out = os.path.join(RESULTS, f"{args.workload}-{split}-{tag}d{density}-s{seed}")
@@ -70,7 +70,7 @@ def main() -> None:
     r.add_argument("--heterogeneous", action="store_true", help="each rank its own label skew")
     r.add_argument("--baselines", action="store_true", help="torch-bf16 and PowerSGD rank 1 and 4 too")
     r.add_argument("--wire", default="", help="wire options for every sparse compressor, e.g. "
-                   "values=int4:chunk=32:index=local (the results go to <workload>-<split>-wire-d...)")
+                   "values=int4:chunk=32:index=local (the results go to <workload>-<split>-valuesint4_chunk32_indexlocal-d...)")
     r.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more gradsieve-train arguments (e.g. --model-size small --steps 300)")
     sub.add_parser("summary")

@@ -9,14 +9,13 @@ whether unbiased rounding trains any better. ``summary`` prints the final metric
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sweeps import load, mean_std, train  # noqa: E402
+from sweeps import cli, load, mean_std, train  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "rounding")
 WORKLOADS = {  # workload -> extra arguments and the metric reported
@@ -59,18 +58,12 @@ def summary(_args) -> None:
                   f"{mean_std([r.get(metric) for r in records], scale)} | {len(records)} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
+def run_arguments(r) -> None:
     r.add_argument("--workload", default="textcls", choices=sorted(WORKLOADS))
     r.add_argument("--density", type=float, default=0.01)
     r.add_argument("--seeds", nargs="+", type=int, default=[0])
     r.add_argument("--wires", nargs="+", default=list(WIRES), metavar="CODEC:CHUNK")
-    sub.add_parser("summary")
-    args = parser.parse_args()
-    run(args) if args.command == "run" else summary(args)
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, run, summary, run_arguments)
