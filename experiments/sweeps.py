@@ -50,12 +50,16 @@ def mean_std(values: List[float], scale: float = 1.0, digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}g} ± {statistics.stdev(values):.2g}"
 
 
-def cli(doc: str, run: Callable, summary: Callable, run_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+def cli(doc: str, run: Callable, summary: Callable, run_arguments: Callable[[argparse.ArgumentParser], None],
+        **more: Callable) -> None:
     """The command line of an experiment script: ``run`` (its arguments added by
-    ``run_arguments``) or ``summary``, each called with the parsed arguments."""
+    ``run_arguments``), ``summary`` or one of ``more`` (e.g. ``plot=...``), each called with the
+    parsed arguments."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run_arguments(sub.add_parser("run"))
     sub.add_parser("summary")
+    for name in more:
+        sub.add_parser(name)
     args = parser.parse_args()
-    (run if args.command == "run" else summary)(args)
+    {"run": run, "summary": summary, **more}[args.command](args)

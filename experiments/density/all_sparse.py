@@ -8,6 +8,7 @@ and its distance from dense.
     python experiments/density/all_sparse.py run --workload textcls --seeds 0 1 2 --baselines \
         --heterogeneous --wire values=int4:chunk=32:index=local
     python experiments/density/all_sparse.py summary
+    python experiments/density/all_sparse.py plot     # results/all_sparse/pareto_<workload>-<split>.png
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sweeps import load, mean_std, train  # noqa: E402
+from sweeps import cli, load, mean_std, train  # noqa: E402
 
 COMPRESSORS = ["topk", "dgc", "regtopk", "ef21", "adaptive", "predictive", "granular"]
 BASELINES = ["torch-bf16", "powersgd:rank=1", "powersgd:rank=4"]
@@ -60,23 +61,63 @@ def summary(_args) -> None:
             print(f"| {label} | {mean_std(values, scale)} | {gap} | {len(records)} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
+def plot(_args) -> None:
+    """Final metric against KB sent per step (mean over seeds), one point per compressor, wire and
+    density, the baselines in black: results/all_sparse/pareto_<workload>-<split>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = load(RESULTS)
+    panels = {}
+    for setting, runs in found.items():
+        workload, split = setting.split("-")[:2]
+        wire = setting.split("-")[2] if setting.count("-") > 2 else "default wire"
+        for name, records in runs.items():
+            panels.setdefault((workload, split), []).append((name, wire, records))
+    markers = dict(zip(COMPRESSORS, "osD^v<>"))
+    for (workload, split), points in panels.items():
+        metric = METRIC[workload]
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        seen = set()
+        for name, wire, records in points:
+            compressor = name.split(":")[0]
+            x = statistics.mean(r["wire_bytes_per_step"] for r in records) / 1e3
+            y = statistics.mean(r[metric] for r in records)
+            if compressor in COMPRESSORS:
+                color = {"default wire": "tab:blue", "valuesint8_indexlocal": "tab:orange"}.get(wire, "tab:green")
+                pretty = wire.replace("values", "").replace("_chunk", "/").replace("_indexlocal", ", local index")
+                label = pretty if wire not in seen else None
+                seen.add(wire)
+                ax.scatter([x], [y], marker=markers[compressor], color=color, label=label, s=22)
+                ax.annotate(compressor, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            elif (name, "ref") not in seen:
+                seen.add((name, "ref"))
+                ax.scatter([x], [y], marker="*", color="black", s=40)
+                ax.annotate(name, (x, y), fontsize=6, xytext=(2, -8), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("KB sent per step (wire_bytes_per_step)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{workload} {split}: every sparse compressor at 0.001 and 0.01, by wire")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, f"pareto_{workload}-{split}.png"), dpi=120)
+        plt.close(fig)
+
+
+def run_arguments(r) -> None:
     r.add_argument("--workload", default="digits", choices=sorted(METRIC))
     r.add_argument("--densities", nargs="+", type=float, default=[0.001, 0.01])
     r.add_argument("--seeds", nargs="+", type=int, default=[0])
     r.add_argument("--heterogeneous", action="store_true", help="each rank its own label skew")
     r.add_argument("--baselines", action="store_true", help="torch-bf16 and PowerSGD rank 1 and 4 too")
     r.add_argument("--wire", default="", help="wire options for every sparse compressor, e.g. "
-                   "values=int4:chunk=32:index=local (the results go to <workload>-<split>-valuesint4_chunk32_indexlocal-d...)")
+                   "values=int4:chunk=32:index=local (the results go to "
+                   "<workload>-<split>-valuesint4_chunk32_indexlocal-d...)")
     r.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more gradsieve-train arguments (e.g. --model-size small --steps 300)")
-    sub.add_parser("summary")
-    args = parser.parse_args()
-    run(args) if args.command == "run" else summary(args)
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, run, summary, run_arguments, plot=plot)
