@@ -19,7 +19,8 @@ For each size n and density k/n it times, on CPU and (when present) CUDA:
   csr16_pack / csr16_decode, local_pack / local_decode: the wire format with index="csr16" or
                   "local" vs index="int32" (k entries, int8 values; decode of 8 payloads); and
                   int4l_pack / int4l_decode: the recommended low-bit wire (int4 values, chunk 32,
-                  local index) vs the same int32/int8 one; whole PayloadFormat.pack / decode_sum
+                  local index) vs the same int32/int8 one; whole PayloadFormat.pack / decode_average
+                  calls (decode_average: the fused op the hook runs, the average of the payloads)
 Timings are medians over repeats after warm-up (CUDA: device events). With --threads the CPU
 rows are measured at each of the given thread counts (default: torch's default count only),
 gradsieve and its baseline alike under torch.set_num_threads; the `thr` column says which, and a
@@ -305,7 +306,8 @@ def bench_size(device: str, n: int, densities: List[float], repeats: int, bandwi
                   for index, fmt in formats.items()}
         gathered = {index: p.repeat(PAYLOADS, 1) for index, p in packed.items()}
         decode_out = torch.zeros(n, device=device)
-        decode_t = {index: timer(device, lambda fmt=fmt, index=index: fmt.decode_sum(gathered[index], decode_out),
+        decode_t = {index: timer(device, lambda fmt=fmt, index=index: fmt.decode_average(gathered[index], decode_out,
+                                                                                   PAYLOADS),
                                  repeats) for index, fmt in formats.items()}
         bytes_entry = {index: (fmt.nbytes - 8) / k for index, fmt in formats.items()}
         for wire in ("csr16", "local", "int4l"):

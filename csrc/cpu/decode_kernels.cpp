@@ -7,10 +7,10 @@
 // index (its descriptor; as many bits set in its unary counts or its bitmap as the count, none
 // of the bitmap's past numel), the scales
 // and every slot in use (its index inside the bucket; a finite value under a header that says
-// finite): one read of each payload. Pass 2 (the output split in ranges across threads): each
-// thread zeroes its range, applies the entries that land in it, rank 0 first and each rank's slots
-// in order, then divides its range by the divisor: one write of out plus one read of the payloads
-// per thread. Every entry is added exactly as PayloadFormat.decode_sum and sparse_accumulate_ add
+// finite), each slot's position kept in a buffer of world * K int32: one read of each payload.
+// Pass 2 (the output split in ranges across threads): each thread zeroes its range, applies the
+// entries that land in it, rank 0 first and each rank's slots in order, then divides its range by
+// the divisor: one write of out plus one read of the values and of the positions per thread. Every entry is added exactly as PayloadFormat.decode_sum and sparse_accumulate_ add
 // it (padding slots included: index 0, value 0, times the chunk's scale for scaled codecs), so the result
 // is bitwise `out.zero_(); fmt.decode_sum(gathered, out); out.div_(divisor)`, malformed payloads
 // included. Nothing is written outside out and no byte pattern raises.
@@ -105,6 +105,19 @@ inline uint32_t bits_at(const uint8_t* base, int64_t bit, int64_t bits) {
   return v;
 }
 
+// The first set bit at or after bit `from` of an LSB-first bit field (bit b is bit b % 8 of byte
+// b / 8) of `end` bits or more, a multiple of 32 bits long; `end` when there is none below `end`.
+// A 32-bit word at a time.
+inline int64_t next_set_bit(const uint8_t* base, int64_t from, int64_t end) {
+  while (from < end) {
+    const int64_t word = from >> 5;
+    const uint32_t bits = load<uint32_t>(base + 4 * word) >> (from & 31);
+    if (bits != 0) return std::min<int64_t>(from + __builtin_ctz(bits), end);
+    from = (word + 1) << 5;
+  }
+  return end;
+}
+
 // Slot j's bucket position, for the slots of one payload in order (j = 0, 1, ...): int32 indices
 // as they are (possibly outside the bucket); csr16 positions block * 65536 + offset, -1 beyond
 // the counts or the bucket (`ends` holds the running sums of the block counts); local positions
@@ -118,15 +131,13 @@ class SlotIndex {
   int64_t operator()(int64_t j) {
     const PackLayout<int64_t>& l = f_.layout;
     if (f_.bitmap()) {
-      const uint8_t* bitmap = p_ + l.offsets_offset;
-      while (cursor_ < f_.numel && !((bitmap[cursor_ >> 3] >> (cursor_ & 7)) & 1u)) ++cursor_;
+      cursor_ = next_set_bit(p_ + l.offsets_offset, cursor_, f_.numel);
       if (cursor_ >= f_.numel) return -1;
       return cursor_++;
     }
     if (f_.local()) {
-      const uint8_t* unary = p_ + l.index_offset + 4;
       const int64_t end = 8 * l.local.counts_bytes;
-      while (cursor_ < end && !((unary[cursor_ >> 3] >> (cursor_ & 7)) & 1u)) ++cursor_;
+      cursor_ = next_set_bit(p_ + l.index_offset + 4, cursor_, end);
       if (cursor_ >= end) return -1;
       const int64_t chunk = cursor_++ - j;
       if (chunk >= l.local.chunks) return -1;
@@ -151,8 +162,8 @@ class SlotIndex {
 };
 
 // Pass 1 for one payload: its flags and the number of slots in use; csr16's block ends.
-void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finite,
-                   bool* well_formed, int64_t* used_out) {
+void check_payload(const Format& f, const uint8_t* p, int64_t* ends, int32_t* positions,
+                   bool* finite, bool* well_formed, int64_t* used_out) {
   const PackLayout<int64_t>& l = f.layout;
   const int32_t flag = load<int32_t>(p), count = load<int32_t>(p + 4);
   *finite = flag != 0;
@@ -202,8 +213,10 @@ void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finit
   }
   SlotIndex index_of(f, p, ends);
   const uint8_t* values = p + l.values_offset;
-  for (int64_t j = 0; j < used && ok; ++j) {
+  for (int64_t j = 0; j < used; ++j) {
     const int64_t i = index_of(j);
+    positions[j] = static_cast<int32_t>(i);  // an int32 index as it is, or a position, or -1
+    if (!ok) continue;
     if (i < 0 || i >= f.numel) {
       ok = false;
     } else if (claims_finite && !codec_scaled(f.codec)) {
@@ -216,14 +229,13 @@ void check_payload(const Format& f, const uint8_t* p, int64_t* ends, bool* finit
 // Pass 2 for one payload, restricted to out[lo, hi): every slot in order, as decode_sum feeds it
 // to sparse_accumulate_ (a slot not in use, or a csr16 slot without a position, adds its zero
 // value, times its scale for a scaled codec, at index 0; an int32 index outside the bucket adds nothing).
-void apply_payload(const Format& f, const uint8_t* p, const int64_t* ends, int64_t used,
+void apply_payload(const Format& f, const uint8_t* p, const int32_t* positions, int64_t used,
                    float* out, int64_t lo, int64_t hi) {
   const PackLayout<int64_t>& l = f.layout;
   const uint8_t* values = p + l.values_offset;
   const bool scaled = codec_scaled(f.codec);
-  SlotIndex index_of(f, p, ends);
   for (int64_t j = 0; j < l.entries; ++j) {
-    int64_t i = j < used ? index_of(j) : -1;
+    int64_t i = j < used ? positions[j] : -1;
     float v;
     if (j < used && (i >= 0 || !f.positional())) {
       v = value_at(values, j, f.codec);
@@ -259,10 +271,13 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cpu(at::Tensor& out,
   const int64_t nbytes = f.layout.nbytes, blocks = f.counted();
   std::vector<int64_t> ends(static_cast<size_t>(std::max<int64_t>(world * blocks, 1)));
   std::vector<int64_t> used(static_cast<size_t>(std::max<int64_t>(world, 1)));
+  // Each slot's position, found once per payload in pass 1 and read by every thread in pass 2.
+  const int64_t slots_per = f.layout.entries;
+  std::vector<int32_t> positions(static_cast<size_t>(std::max<int64_t>(world * slots_per, 1)));
   at::parallel_for(0, world, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      check_payload(f, base + r * nbytes, ends.data() + r * blocks, fin + r, wf + r,
-                    used.data() + r);
+      check_payload(f, base + r * nbytes, ends.data() + r * blocks, positions.data() + r * slots_per,
+                    fin + r, wf + r, used.data() + r);
     }
   });
   float* o = out.data_ptr<float>();
@@ -272,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> decode_average_cpu(at::Tensor& out,
   at::parallel_for(0, numel, grain, [&](int64_t lo, int64_t hi) {
     std::fill(o + lo, o + hi, 0.0f);
     for (int64_t r = 0; r < world; ++r) {
-      apply_payload(f, base + r * nbytes, ends.data() + r * blocks, used[r], o, lo, hi);
+      apply_payload(f, base + r * nbytes, positions.data() + r * slots_per, used[r], o, lo, hi);
     }
     // x / 1 is x, bit for bit (out holds no signalling NaN): the division is skipped.
     if (d != 1.0f) {

@@ -50,15 +50,16 @@ def summary(_args) -> None:
         scale = 100.0 if metric == "accuracy" else 1.0
         dense = [r.get(metric) for r in found[setting].get("none", [])]
         print(f"\n{setting} ({metric}, mean ± std over seeds; vs dense: the mean difference)")
-        print(f"| compressor | {metric} | vs dense | seeds |")
-        print("| --- | --- | --- | --- |")
+        print(f"| compressor | {metric} | vs dense | KB/step sent | seeds |")
+        print("| --- | --- | --- | --- | --- |")
         for name, records in found[setting].items():
             values = [r.get(metric) for r in records]
             gap = "-"
             if name != "none" and dense:
                 gap = f"{(statistics.mean(values) - statistics.mean(dense)) * scale:+.{2 if scale > 1 else 3}f}"
             label = name if name in BASELINES else name.split(":")[0]
-            print(f"| {label} | {mean_std(values, scale)} | {gap} | {len(records)} |")
+            kb = mean_std([r.get("wire_bytes_per_step") for r in records], 1e-3, 3)
+            print(f"| {label} | {mean_std(values, scale)} | {gap} | {kb} | {len(records)} |")
 
 
 def plot(_args) -> None:
