@@ -300,6 +300,47 @@ def test_kept_is_the_in_place_op_out_of_place(n, dtype, device):
         torch.testing.assert_close(strided_out, in_place, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf"])
+def test_finite_flag_from_the_same_pass(dtype, device, bad):
+    """``finite`` says whether grad is finite, as torch.isfinite(grad).all(); the selection and
+    the residual are the op's without it; a flag already False stays False."""
+    n = 70_001
+    residual, grad, idx, sent, agg = make_case(n, dtype, m_frac=0.05, seed=3, device=device)
+    if bad is not None:
+        grad = grad.clone()
+        grad[n // 3] = float(bad)
+    want_res = residual.clone()
+    want_v, want_i = gradsieve.regtopk_select_(want_res, grad, idx, sent, agg, 2.0, 700, 2)
+    flag = torch.ones(1, dtype=torch.bool, device=device)
+    got_res = residual.clone()
+    got_v, got_i = gradsieve.regtopk_select_(got_res, grad, idx, sent, agg, 2.0, 700, 2, finite=flag)
+    assert bool(flag) == bool(torch.isfinite(grad).all()) == (bad is None)
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_v, want_v, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got_res, want_res, rtol=0, atol=0, equal_nan=True)
+    stays = torch.zeros(1, dtype=torch.bool, device=device)
+    gradsieve.regtopk_select_(residual.clone(), grad, idx, sent, agg, 2.0, 700, 2, finite=stays)
+    assert not bool(stays)
+
+
+def test_compressor_takes_the_finite_flag_from_the_select():
+    """regtopk's compress reads the gradient's finiteness from its select (no isfinite pass) and
+    the payload's header says so."""
+    compressor = gradsieve.get_compressor("regtopk", density=0.05)
+    layout = BucketLayout.flat(1000, 2)
+    memory = MemoryBank().get(0, layout.keys, layout.param_numels, compressor.memory_names,
+                              torch.device("cpu"), compressor.memory_dtypes)
+    for value, finite in ((1.0, True), (float("nan"), False)):
+        grad = torch.randn(1000)
+        grad[17] = value
+        selection = compressor.select(grad, memory, compressor.segments(layout, 0), layout, 0)
+        assert selection.scratch["finite"].shape == () and bool(selection.scratch["finite"]) == finite
+        payload = compressor.compress(grad, memory, layout, 0).payload
+        assert int(payload[:4].view(torch.int32)[0]) == int(finite)
+
+
 def test_any_shape_and_zero_dim():
     x = torch.tensor(2.5)
     res = torch.tensor(0.5)
@@ -315,13 +356,14 @@ def _z(shape, dtype=torch.float32, device="cpu"):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _call(d, residual=None, grad=None, idx=None, sent=None, agg=None, mu=1.0, k=1, world=2, q=None, kept=None):
+def _call(d, residual=None, grad=None, idx=None, sent=None, agg=None, mu=1.0, k=1, world=2, q=None, kept=None,
+          finite=None):
     residual = _z(5, device=d) if residual is None else residual
     grad = _z(5, device=d) if grad is None else grad
     idx = _z(2, torch.int64, d) if idx is None else idx
     sent = _z(2, device=d) if sent is None else sent
     agg = _z(2, device=d) if agg is None else agg
-    return gradsieve.regtopk_select_(residual, grad, idx, sent, agg, mu, k, world, q, kept=kept)
+    return gradsieve.regtopk_select_(residual, grad, idx, sent, agg, mu, k, world, q, kept=kept, finite=finite)
 
 
 P = "gradsieve.regtopk_select_: "
@@ -364,6 +406,10 @@ ERROR_CASES = [
      P + "kept must be a float32 tensor, got Half"),
     ("kept-numel", lambda d: _call(d, kept=_z(4, device=d)),
      P + "kept must have as many elements as grad (5), got 4"),
+    ("finite-int", lambda d: _call(d, finite=_z(1, torch.int32, d)),
+     P + "finite must be a bool tensor of one element, got Int with 1 elements"),
+    ("finite-two", lambda d: _call(d, finite=torch.ones(2, dtype=torch.bool, device=d)),
+     P + "finite must be a bool tensor of one element, got Bool with 2 elements"),
 ]
 
 
@@ -389,6 +435,8 @@ def _device_mismatch_cases(dev, other):
          P + f"prev_agg must be on the same device as grad ({ref}), got {oth}"),
         (lambda: _call(dev, kept=_z(5, device=other)),
          P + f"kept must be on the same device as grad ({ref}), got {oth}"),
+        (lambda: _call(dev, finite=torch.ones(1, dtype=torch.bool, device=other)),
+         P + f"finite must be on the same device as grad ({ref}), got {oth}"),
     ]
 
 
@@ -472,9 +520,10 @@ def test_opcheck(index):
 
 
 @pytest.mark.parametrize("index", [0, 5, 14], ids=[sample_inputs("cpu")[i][0] for i in (0, 5, 14)])
-def test_opcheck_with_kept(index):
+def test_opcheck_with_kept_and_finite(index):
     _, (r, g, i, s, a, mu, k, world, q) = sample_inputs("cpu")[index]
-    torch.library.opcheck(OP.default, (torch.empty_like(r), g, i, s, a, mu, k, world, q, None, _copy(r)),
+    torch.library.opcheck(OP.default, (torch.empty_like(r), g, i, s, a, mu, k, world, q, None, _copy(r),
+                                       torch.ones(1, dtype=torch.bool)),
                           test_utils=STATIC_OPCHECK_UTILS)
 
 

@@ -4,7 +4,8 @@
 // Pass 1, parallel: acc = residual + grad (written back to the residual; with `kept`, acc = kept +
 // grad written to the residual, which is then only an output: error feedback out of place, with
 // no copy of the memory) and the radix key of the score w_unsent * |acc| for every entry (one read
-// of grad, one read and write of the residual or kept, one write of the keys). Then, serially over the m entries sent last step (m is the previous k, a
+// of grad, one read and write of the residual or kept, one write of the keys; with `finite`, whether
+// grad is finite from the same pass). Then, serially over the m entries sent last step (m is the previous k, a
 // small fraction of n), their keys are replaced by the keys of w_j * |acc_j|; an index listed more
 // than once keeps its lowest key. The exact radix select of radix_select_cpu.h then runs on the
 // keys (4 passes over them) and writes acc's value at each selected index, zeroing it in the
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 
@@ -69,9 +71,10 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
                                                       int64_t k, int64_t world_size,
                                                       c10::optional<double> q,
                                                       const c10::optional<at::Tensor>& bad_in,
-                                                      const c10::optional<at::Tensor>& kept_in) {
+                                                      const c10::optional<at::Tensor>& kept_in,
+                                                      const c10::optional<at::Tensor>& finite) {
   check_regtopk_select(residual, grad_in, prev_indices_in, prev_sent_in, prev_agg_in, mu, k,
-                       world_size, q, bad_in, kept_in);
+                       world_size, q, bad_in, kept_in, finite);
   const bool has_kept = kept_in.has_value() && kept_in->defined();
   const at::Tensor kept = has_kept ? kept_in->contiguous() : at::Tensor();
   const bool flagged = bad_in.has_value() && bad_in->defined();
@@ -98,17 +101,23 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cpu(at::Tensor& residual,
   std::unique_ptr<uint32_t[]> fresh;
   uint32_t* key = key_scratch(n, fresh);
   const float w_unsent = RegTopKWeight::unsent(q.has_value(), q.value_or(0.0), mu);
+  std::atomic<bool> nonfinite{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "regtopk_select_",
                                   [&] {
     const scalar_t* g = grad.data_ptr<scalar_t>();
     at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+      bool all_finite = true;
       for (int64_t i = begin; i < end; ++i) {
-        const float a = before[i] + static_cast<float>(g[i]);
+        const float gi = static_cast<float>(g[i]);
+        all_finite = all_finite && std::isfinite(gi);
+        const float a = before[i] + gi;
         r[i] = a;
         key[i] = AbsKeyTraits::from_float(w_unsent * std::fabs(a));
       }
+      if (!all_finite) nonfinite.store(true, std::memory_order_relaxed);
     });
   });
+  if (finite.has_value() && finite->defined() && nonfinite.load()) finite->fill_(false);
 
   const float* sent = prev_sent.data_ptr<float>();
   const float* agg = prev_agg.data_ptr<float>();

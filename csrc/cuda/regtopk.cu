@@ -42,16 +42,22 @@ unsigned blocks_for(int64_t count) {
 
 // acc = before + grad (one rounding, as the CPU kernel; before is the residual itself, or the
 // kept memory when the residual is an output only), score = w_unsent * |acc|.
+// With `finite`, a thread that reads a NaN or Inf gradient entry stores false there (every such
+// store writes the same value).
 template <typename G>
 __global__ void __launch_bounds__(kThreads)
     regtopk_accumulate_kernel(float* residual, const float* before, const G* __restrict__ grad,
-                              int64_t n, float w_unsent, float* __restrict__ score) {
+                              int64_t n, float w_unsent, float* __restrict__ score, bool* finite) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  bool all_finite = true;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float acc = __fadd_rn(before[i], to_float(grad[i]));
+    const float g = to_float(grad[i]);
+    all_finite = all_finite && isfinite(g);
+    const float acc = __fadd_rn(before[i], g);
     residual[i] = acc;
     score[i] = __fmul_rn(w_unsent, fabsf(acc));
   }
+  if (finite != nullptr && !all_finite) *finite = false;
 }
 
 // Every index sent last step starts from the largest key. One outside [0, n) is skipped here and
@@ -123,15 +129,16 @@ cudaError_t regtopk_select(const RegTopKArgs& a, void* workspace, size_t workspa
     switch (a.grad_dtype) {
       case DType::kFloat32:
         regtopk_accumulate_kernel<<<grid, kThreads, 0, stream>>>(
-            a.residual, before, static_cast<const float*>(a.grad), a.n, w_unsent, score);
+            a.residual, before, static_cast<const float*>(a.grad), a.n, w_unsent, score, a.finite);
         break;
       case DType::kFloat16:
         regtopk_accumulate_kernel<<<grid, kThreads, 0, stream>>>(
-            a.residual, before, static_cast<const __half*>(a.grad), a.n, w_unsent, score);
+            a.residual, before, static_cast<const __half*>(a.grad), a.n, w_unsent, score, a.finite);
         break;
       case DType::kBFloat16:
         regtopk_accumulate_kernel<<<grid, kThreads, 0, stream>>>(
-            a.residual, before, static_cast<const __nv_bfloat16*>(a.grad), a.n, w_unsent, score);
+            a.residual, before, static_cast<const __nv_bfloat16*>(a.grad), a.n, w_unsent, score,
+            a.finite);
         break;
       default:
         return cudaErrorInvalidValue;

@@ -136,9 +136,11 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cuda(at::Tensor& residual,
                                                        int64_t k, int64_t world_size,
                                                        c10::optional<double> q,
                                                        const c10::optional<at::Tensor>& bad,
-                                                       const c10::optional<at::Tensor>& kept_in) {
+                                                       const c10::optional<at::Tensor>& kept_in,
+                                                       const c10::optional<at::Tensor>& finite) {
   check_regtopk_select(residual, grad_in, prev_indices_in, prev_sent_in, prev_agg_in, mu, k,
-                       world_size, q, bad, kept_in);
+                       world_size, q, bad, kept_in, finite);
+  const bool has_finite = finite.has_value() && finite->defined();
   const bool has_kept = kept_in.has_value() && kept_in->defined();
   const at::Tensor kept = has_kept ? kept_in->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(grad_in.device());
@@ -158,6 +160,8 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_cuda(at::Tensor& residual,
   cuda::RegTopKArgs args{};
   args.residual = acc.data_ptr<float>();
   args.kept = has_kept ? kept.data_ptr<float>() : nullptr;
+  // A one-element bool tensor is contiguous: the kernel writes through its pointer.
+  args.finite = has_finite ? finite->data_ptr<bool>() : nullptr;
   args.grad = grad.data_ptr();
   args.grad_dtype = to_dtype(grad.scalar_type());
   args.n = n;

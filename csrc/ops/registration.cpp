@@ -40,9 +40,10 @@ std::tuple<at::Tensor, at::Tensor> regtopk_select_meta(at::Tensor& residual, con
                                                        int64_t k, int64_t world_size,
                                                        c10::optional<double> q,
                                                        const c10::optional<at::Tensor>& bad,
-                                                       const c10::optional<at::Tensor>& kept) {
+                                                       const c10::optional<at::Tensor>& kept,
+                                                       const c10::optional<at::Tensor>& finite) {
   check_regtopk_select(residual, grad, prev_indices, prev_sent, prev_agg, mu, k, world_size, q,
-                       bad, kept);
+                       bad, kept, finite);
   return {at::empty({k}, residual.options()), at::empty({k}, residual.options().dtype(at::kLong))};
 }
 
@@ -127,7 +128,7 @@ TORCH_LIBRARY(gradsieve, m) {
         "(Tensor values, Tensor indices, Tensor finite)");
   m.def("regtopk_select_(Tensor(a!) residual, Tensor grad, Tensor prev_indices, Tensor prev_sent, "
         "Tensor prev_agg, float mu, int k, int world_size, float? q=None, Tensor(b!)? bad=None, "
-        "Tensor? kept=None) -> "
+        "Tensor? kept=None, Tensor(c!)? finite=None) -> "
         "(Tensor values, Tensor indices)");
   m.def("threshold_select(Tensor x, Tensor threshold, int capacity) -> "
         "(Tensor values, Tensor indices, Tensor count)");

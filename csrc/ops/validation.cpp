@@ -83,7 +83,8 @@ void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
                           const at::Tensor& prev_indices, const at::Tensor& prev_sent,
                           const at::Tensor& prev_agg, double mu, int64_t k, int64_t world_size,
                           c10::optional<double> q, const c10::optional<at::Tensor>& bad,
-                          const c10::optional<at::Tensor>& kept) {
+                          const c10::optional<at::Tensor>& kept,
+                          const c10::optional<at::Tensor>& finite) {
   constexpr const char* op = "regtopk_select_";
   check_float_input(op, "grad", grad);
   TORCH_CHECK(residual.defined() && residual.scalar_type() == at::kFloat,
@@ -125,6 +126,12 @@ void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
                 "gradsieve.regtopk_select_: kept must have as many elements as grad (",
                 grad.sym_numel(), "), got ", kept->sym_numel());
     check_same_device(op, "kept", *kept, "grad", grad);
+  }
+  if (finite.has_value() && finite->defined()) {
+    TORCH_CHECK(finite->scalar_type() == at::kBool && finite->sym_numel() == 1,
+                "gradsieve.regtopk_select_: finite must be a bool tensor of one element, got ",
+                c10::toString(finite->scalar_type()), " with ", finite->sym_numel(), " elements");
+    check_same_device(op, "finite", *finite, "grad", grad);
   }
 }
 

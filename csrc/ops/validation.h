@@ -31,7 +31,8 @@ void check_regtopk_select(const at::Tensor& residual, const at::Tensor& grad,
                           const at::Tensor& prev_indices, const at::Tensor& prev_sent,
                           const at::Tensor& prev_agg, double mu, int64_t k, int64_t world_size,
                           c10::optional<double> q, const c10::optional<at::Tensor>& bad,
-                          const c10::optional<at::Tensor>& kept);
+                          const c10::optional<at::Tensor>& kept,
+                          const c10::optional<at::Tensor>& finite);
 void check_threshold_select(const at::Tensor& x, const at::Tensor& threshold, int64_t capacity);
 void check_quantize_int8(const at::Tensor& x, int64_t chunk);
 void check_dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_t chunk,

@@ -163,6 +163,7 @@ def regtopk_select_(
     q: Optional[float] = None,
     bad: Optional[torch.Tensor] = None,
     kept: Optional[torch.Tensor] = None,
+    finite: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RegTop-k selection fused with error feedback (Bereyhi et al., arXiv 2409.14893).
 
@@ -206,6 +207,9 @@ def regtopk_select_(
             ``residual``, which is then an output only: ``a = kept + grad`` is written to
             ``residual`` (error feedback out of place, in the same one pass: ``kept`` is left as
             it was, for an undo, without a copy of it).
+        finite: optional bool tensor of one element, on grad's device: set to False when
+            ``grad`` holds a NaN or Inf (read in the same pass), left as it is otherwise (the
+            caller fills it with True; several calls may share one flag).
 
     Returns:
         ``(values, indices)``: Tensor[k] float32 (``a``'s values) and Tensor[k] int64 ascending.
@@ -220,14 +224,14 @@ def regtopk_select_(
         >>> indices.tolist(), values.tolist(), residual.tolist()
         ([1], [-2.0], [3.0, 0.0, 0.5, 1.0])
     """
-    if kept is None:
+    if kept is None and finite is None:
         return torch.ops.gradsieve.regtopk_select_(
             residual, grad, prev_indices, prev_sent, prev_agg, float(mu), k, world_size,
             None if q is None else float(q), bad,
         )
     return torch.ops.gradsieve.regtopk_select_(
         residual, grad, prev_indices, prev_sent, prev_agg, float(mu), k, world_size,
-        None if q is None else float(q), bad, kept,
+        None if q is None else float(q), bad, kept, finite,
     )
 
 

@@ -61,6 +61,7 @@ cudaError_t select_by_score(const float* score, float* source, int64_t n, int64_
 struct RegTopKArgs {
   float* residual;           // n float32, in and out (with kept: out only)
   const float* kept;         // null, or n float32 read instead of the residual (out of place)
+  bool* finite;              // null, or one bool set to false when grad holds NaN or Inf
   const void* grad;          // n entries of grad_dtype
   DType grad_dtype;
   int64_t n;

@@ -63,9 +63,11 @@ class RegTopKCompressor(TopKCompressor):
 
     # ------------------------------------------------------------------------ one step's work
     def select(self, grad, memory, segments, layout, step):
-        # The pending residual is written out of place (the memory's stays, for an undo).
+        # The pending residual is written out of place (the memory's stays, for an undo), and
+        # the gradient's finite flag comes from the same pass.
         kept = memory.entries["residual"]
         residual = torch.empty_like(kept)
+        finite = torch.ones(1, dtype=torch.bool, device=grad.device)
         previous = self._previous(memory, layout, segments, grad.device)
         # Set (on the device, no host sync) where a stored position lies outside its segment: only
         # a corrupted memory (a damaged checkpoint) has one. It is scored as not sent.
@@ -75,10 +77,11 @@ class RegTopKCompressor(TopKCompressor):
             prev_i, prev_s, prev_a = previous[number]
             return ops.regtopk_select_(residual[piece], grad[piece], prev_i, prev_s, prev_a,
                                        self.mu, k, layout.world_size, self.q, bad=outside,
-                                       kept=kept[piece])
+                                       kept=kept[piece], finite=finite)
 
         indices, values = per_segment(segments, pick)
-        scratch = {"indices": indices, "layout": _signature(layout, segments), "prev_outside": outside}
+        scratch = {"indices": indices, "layout": _signature(layout, segments), "prev_outside": outside,
+                   "finite": finite.view(())}
         return Selection(indices, values, {"residual": residual}, scratch)
 
     def commit(self, memory, compressed, average, layout):
