@@ -31,7 +31,8 @@ A slot decodes to ``code * scale`` (sign: ``+-scale``).
 
 K is fixed per bucket (a capacity); only the first C slots are decoded, so a compressor that sends
 a varying number of entries pads with whatever it likes. With ``int32`` an entry costs 4 index
-bytes, with ``csr16`` 2 (plus 4 bytes per block, about 0.4 bytes per entry at density 0.01). No
+bytes, with ``csr16`` 2 (plus 4 bytes per block, about 0.4 bytes per entry at density 0.01), with
+``local`` about 1.1 at density 0.01 and 1.5 at 0.001 (unary counts and b-bit offsets). No
 slot is padding for the codec's sake: the payload ends at the byte its last code needs.
 """
 
