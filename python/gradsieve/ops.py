@@ -224,11 +224,6 @@ def regtopk_select_(
         >>> indices.tolist(), values.tolist(), residual.tolist()
         ([1], [-2.0], [3.0, 0.0, 0.5, 1.0])
     """
-    if kept is None and finite is None:
-        return torch.ops.gradsieve.regtopk_select_(
-            residual, grad, prev_indices, prev_sent, prev_agg, float(mu), k, world_size,
-            None if q is None else float(q), bad,
-        )
     return torch.ops.gradsieve.regtopk_select_(
         residual, grad, prev_indices, prev_sent, prev_agg, float(mu), k, world_size,
         None if q is None else float(q), bad, kept, finite,
@@ -702,11 +697,9 @@ def pack_payload(
         >>> payload[:8].view(torch.int32).tolist(), payload[8:16].view(torch.int32).tolist()
         ([1, 2], [2, 7])
     """
-    if seed is None:
-        return torch.ops.gradsieve.pack_payload(finite, indices, values, valid, str(wire), int(chunk),
-                                                str(index), int(numel), bool(checksum))
     return torch.ops.gradsieve.pack_payload(finite, indices, values, valid, str(wire), int(chunk),
-                                            str(index), int(numel), bool(checksum), int(seed))
+                                            str(index), int(numel), bool(checksum),
+                                            None if seed is None else int(seed))
 
 
 def ef21_topk(grad: torch.Tensor, estimate: torch.Tensor,
